@@ -1,0 +1,163 @@
+//! The contract between the event service and everything that runs or watches it.
+//!
+//! The operator sets the service's environment variables, the chart's dashboards and alerts query
+//! its metrics, and the HPA scales on two of them. Every such name lives here once, so a rename is
+//! a compile error in every crate that depends on it instead of a silent mismatch in a cluster.
+//! This crate has no dependencies and no I/O.
+
+/// Environment variables read by the event service (each is also a `--flag`; see its `--help`).
+pub mod env {
+    pub const LISTEN: &str = "EVENTROUTER_LISTEN";
+    pub const ADMIN_LISTEN: &str = "EVENTROUTER_ADMIN_LISTEN";
+    pub const SOURCE: &str = "EVENTROUTER_SOURCE";
+    pub const AMQP_URL: &str = "EVENTROUTER_AMQP_URL";
+    pub const AMQP_URL_FILE: &str = "EVENTROUTER_AMQP_URL_FILE";
+    pub const EXCHANGE: &str = "EVENTROUTER_EXCHANGE";
+    pub const DECLARE_EXCHANGE: &str = "EVENTROUTER_DECLARE_EXCHANGE";
+    pub const QUEUE_MAX_LENGTH: &str = "EVENTROUTER_QUEUE_MAX_LENGTH";
+    pub const QUEUE_MESSAGE_TTL: &str = "EVENTROUTER_QUEUE_MESSAGE_TTL";
+    pub const QUEUE_EXPIRES: &str = "EVENTROUTER_QUEUE_EXPIRES";
+    pub const PREFETCH: &str = "EVENTROUTER_PREFETCH";
+    pub const PING_INTERVAL: &str = "EVENTROUTER_PING_INTERVAL";
+    pub const IDLE_TIMEOUT: &str = "EVENTROUTER_IDLE_TIMEOUT";
+    pub const HANDSHAKE_TIMEOUT: &str = "EVENTROUTER_HANDSHAKE_TIMEOUT";
+    pub const SEND_QUEUE_BYTES: &str = "EVENTROUTER_SEND_QUEUE_BYTES";
+    pub const SLOW_CONSUMER_POLICY: &str = "EVENTROUTER_SLOW_CONSUMER_POLICY";
+    pub const MAX_FRAME_BYTES: &str = "EVENTROUTER_MAX_FRAME_BYTES";
+    pub const MAX_SUBSCRIPTIONS: &str = "EVENTROUTER_MAX_SUBSCRIPTIONS";
+    pub const MAX_PATTERN_LENGTH: &str = "EVENTROUTER_MAX_PATTERN_LENGTH";
+    pub const MAX_CONNECTIONS: &str = "EVENTROUTER_MAX_CONNECTIONS";
+    pub const MAX_PUBLISH_BYTES: &str = "EVENTROUTER_MAX_PUBLISH_BYTES";
+    pub const DRAIN_DURATION: &str = "EVENTROUTER_DRAIN_DURATION";
+    pub const SOCKET_SAMPLE_INTERVAL: &str = "EVENTROUTER_SOCKET_SAMPLE_INTERVAL";
+    pub const QUEUE_ALERT_THRESHOLD_BYTES: &str = "EVENTROUTER_QUEUE_ALERT_THRESHOLD_BYTES";
+    pub const LOG_FORMAT: &str = "EVENTROUTER_LOG_FORMAT";
+    pub const LOG: &str = "EVENTROUTER_LOG";
+    /// Set from the downward API; names the instance's RabbitMQ queue.
+    pub const POD_NAME: &str = "POD_NAME";
+}
+
+/// Ports and paths of the event service.
+pub mod http {
+    pub const DEFAULT_PORT: u16 = 8080;
+    pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+    pub const WS_PATH: &str = "/ws";
+    pub const PUBLISH_PATH: &str = "/publish";
+    pub const HEALTHZ_PATH: &str = "/healthz";
+    pub const READYZ_PATH: &str = "/readyz";
+    pub const METRICS_PATH: &str = "/metrics";
+    pub const DEBUG_CONNECTIONS_PATH: &str = "/debug/connections";
+}
+
+/// WebSocket close codes the service sends (the README documents each).
+pub mod close {
+    /// The server is shutting down or draining; reconnect (elsewhere).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client sent a binary frame; the protocol is JSON text.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// Policy violation: repeated invalid frames.
+    pub const POLICY: u16 = 1008;
+    /// A frame or message over `--max-frame-bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// An internal error on the server.
+    pub const INTERNAL: u16 = 1011;
+    /// The client did not read fast enough and its outbound queue hit `--send-queue-bytes`.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// Nothing was received from the client for `--idle-timeout`.
+    pub const IDLE_TIMEOUT: u16 = 4001;
+    /// The server asks the client to reconnect so load spreads over new instances.
+    pub const REBALANCE: u16 = 4002;
+}
+
+/// Metric names exported on the admin port. No metric carries a per-connection label.
+pub mod metrics {
+    pub const PREFIX: &str = "eventrouter_";
+    /// Gauge: open WebSocket connections. The HPA's connections-per-pod signal.
+    pub const CONNECTIONS: &str = "eventrouter_connections";
+    pub const CONNECTIONS_ACCEPTED: &str = "eventrouter_connections_accepted_total";
+    pub const CONNECTIONS_REJECTED: &str = "eventrouter_connections_rejected_total";
+    pub const DISCONNECTS: &str = "eventrouter_disconnects_total";
+    pub const SUBSCRIPTIONS: &str = "eventrouter_subscriptions";
+    pub const BINDINGS: &str = "eventrouter_bindings";
+    pub const EVENTS_RECEIVED: &str = "eventrouter_events_received_total";
+    pub const DELIVERIES: &str = "eventrouter_deliveries_total";
+    pub const DROPS: &str = "eventrouter_drops_total";
+    pub const DELIVERY_LATENCY: &str = "eventrouter_delivery_latency_seconds";
+    pub const CLIENT_FRAMES: &str = "eventrouter_client_frames_total";
+    pub const BROKER_UP: &str = "eventrouter_broker_up";
+    pub const BROKER_RECONNECTS: &str = "eventrouter_broker_reconnects_total";
+    pub const PUBLISH_CONFIRMS: &str = "eventrouter_publish_confirms_total";
+    pub const PUBLISH_FAILURES: &str = "eventrouter_publish_failures_total";
+    pub const MALFORMED_MESSAGES: &str = "eventrouter_malformed_messages_total";
+    /// Gauge: sum over connections of the kernel receive queue (Recv-Q). The HPA's second signal.
+    pub const SOCKET_RECV_QUEUE_BYTES: &str = "eventrouter_socket_recv_queue_bytes";
+    pub const SOCKET_RECV_QUEUE_MAX_BYTES: &str = "eventrouter_socket_recv_queue_max_bytes";
+    pub const SOCKET_RECV_QUEUE_OVER_THRESHOLD: &str =
+        "eventrouter_socket_recv_queue_over_threshold_connections";
+    pub const SOCKET_SEND_QUEUE_BYTES: &str = "eventrouter_socket_send_queue_bytes";
+    pub const SOCKET_SEND_QUEUE_MAX_BYTES: &str = "eventrouter_socket_send_queue_max_bytes";
+    pub const SOCKET_SEND_QUEUE_OVER_THRESHOLD: &str =
+        "eventrouter_socket_send_queue_over_threshold_connections";
+    pub const OUTBOUND_QUEUE_BYTES: &str = "eventrouter_outbound_queue_bytes";
+    pub const OUTBOUND_QUEUE_MAX_BYTES: &str = "eventrouter_outbound_queue_max_bytes";
+    pub const OUTBOUND_QUEUE_OVER_THRESHOLD: &str =
+        "eventrouter_outbound_queue_over_threshold_connections";
+    /// Gauge: Recv-Q + Send-Q over all connections: the memory the origin failure could not find.
+    pub const KERNEL_BUFFERED_BYTES: &str = "eventrouter_kernel_buffered_bytes";
+    /// Gauge: 1 while the instance is draining.
+    pub const DRAINING: &str = "eventrouter_draining";
+    /// Gauge: the configured `--max-connections` (so alerts can compare).
+    pub const MAX_CONNECTIONS: &str = "eventrouter_max_connections";
+}
+
+/// The custom-metric names the operator's HPA asks for (served by the metrics adapter).
+pub mod autoscaling {
+    /// Pods metric: open connections on each pod.
+    pub const CONNECTIONS_METRIC: &str = "eventrouter_connections";
+    /// Pods metric: bytes waiting in the kernel receive queues of each pod's connections.
+    pub const RECV_QUEUE_METRIC: &str = "eventrouter_socket_recv_queue_bytes";
+}
+
+/// Kubernetes names shared by the operator and the chart.
+pub mod kube {
+    pub const GROUP: &str = "eventrouter.io";
+    pub const VERSION: &str = "v1alpha1";
+    pub const KIND: &str = "EventRouter";
+    pub const FIELD_MANAGER: &str = "eventrouter-operator";
+    pub const FINALIZER: &str = "eventrouter.io/cleanup";
+    pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+    pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+    pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// Value of `app.kubernetes.io/name` on every router child.
+    pub const APP_NAME: &str = "event-router";
+    pub const COMPONENT_SERVICE: &str = "event-service";
+    pub const MANAGED_BY: &str = "eventrouter-operator";
+    /// Name of the container in the router Deployment (dashboards select on it).
+    pub const CONTAINER_NAME: &str = "event-service";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_the_project_prefix() {
+        for name in [
+            metrics::CONNECTIONS,
+            metrics::SOCKET_RECV_QUEUE_BYTES,
+            metrics::KERNEL_BUFFERED_BYTES,
+            autoscaling::CONNECTIONS_METRIC,
+            autoscaling::RECV_QUEUE_METRIC,
+        ] {
+            assert!(name.starts_with(metrics::PREFIX), "{name}");
+        }
+    }
+
+    #[test]
+    fn project_close_codes_are_in_the_private_range() {
+        for code in [close::SLOW_CONSUMER, close::IDLE_TIMEOUT, close::REBALANCE] {
+            assert!((4000..5000).contains(&code));
+        }
+    }
+}

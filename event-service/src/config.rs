@@ -1,0 +1,161 @@
+//! Every setting of the event service: a clap flag with an `EVENTROUTER_*` env var and a default.
+//!
+//! The operator sets these env vars (names in `eventrouter_contract::env`); the doc comment on each
+//! field is its `--help` line and the README's configuration table.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use eventrouter_contract::env;
+
+/// Where events come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// The embedded in-process bus: `POST /publish` feeds this instance's clients. No broker needed.
+    Memory,
+    /// RabbitMQ: a queue per instance, bound to exactly the patterns its clients subscribed to.
+    Amqp,
+}
+
+/// What happens to a client whose outbound queue reaches `--send-queue-bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with code 4000 (the client reconnects and can catch up elsewhere).
+    Disconnect,
+    /// Drop the oldest queued events until the new one fits (counted as drops).
+    DropOldest,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The event service's configuration.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "event-service", version, about, long_about = None)]
+pub struct Config {
+    /// Address of the main port: WebSocket upgrades (`/ws`), `POST /publish`, `/healthz`, `/readyz`.
+    #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin port: `/metrics` and `/debug/connections`. Keep it off the public Service.
+    #[arg(long, env = env::ADMIN_LISTEN, default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`).
+    #[arg(long, env = env::SOURCE, value_enum, default_value = "memory")]
+    pub source: SourceKind,
+
+    /// RabbitMQ URL (`amqp://user:pass@host:5672/vhost`). Prefer `--amqp-url-file` for Secrets.
+    #[arg(long, env = env::AMQP_URL, hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// File holding the RabbitMQ URL (a mounted Secret). Read at start; wins over `--amqp-url`.
+    #[arg(long, env = env::AMQP_URL_FILE)]
+    pub amqp_url_file: Option<PathBuf>,
+
+    /// The durable topic exchange events are published to and consumed from.
+    #[arg(long, env = env::EXCHANGE, default_value = "eventrouter")]
+    pub exchange: String,
+
+    /// Declare the exchange at start (locally handy; in a cluster the operator owns it).
+    #[arg(long, env = env::DECLARE_EXCHANGE, default_value_t = false, action = clap::ArgAction::Set)]
+    pub declare_exchange: bool,
+
+    /// Maximum messages waiting in this instance's queue; beyond it RabbitMQ drops the oldest.
+    #[arg(long, env = env::QUEUE_MAX_LENGTH, default_value_t = 100_000)]
+    pub queue_max_length: u32,
+
+    /// How long a message may wait in this instance's queue before RabbitMQ discards it.
+    #[arg(long, env = env::QUEUE_MESSAGE_TTL, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub queue_message_ttl: Duration,
+
+    /// How long this instance's queue survives unused (after the instance is gone) before deletion.
+    #[arg(long, env = env::QUEUE_EXPIRES, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub queue_expires: Duration,
+
+    /// Unacknowledged messages RabbitMQ may push to this instance at once (basic.qos prefetch).
+    #[arg(long, env = env::PREFETCH, default_value_t = 256)]
+    pub prefetch: u16,
+
+    /// Name of this instance (the pod name); names its RabbitMQ queue. Random when unset.
+    #[arg(long, env = env::POD_NAME)]
+    pub pod_name: Option<String>,
+
+    /// How often the server sends a WebSocket ping to each client.
+    #[arg(long, env = env::PING_INTERVAL, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Close a connection (code 4001) when nothing at all was received from it for this long.
+    #[arg(long, env = env::IDLE_TIMEOUT, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time a client has to complete the HTTP upgrade after connecting.
+    #[arg(long, env = env::HANDSHAKE_TIMEOUT, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Bound on each connection's outbound queue, in bytes of encoded frames.
+    #[arg(long, env = env::SEND_QUEUE_BYTES, default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
+
+    /// What to do with a client whose outbound queue is full.
+    #[arg(long, env = env::SLOW_CONSUMER_POLICY, value_enum, default_value = "disconnect")]
+    pub slow_consumer_policy: SlowConsumerPolicy,
+
+    /// Largest frame or message accepted from a client; larger closes with 1009.
+    #[arg(long, env = env::MAX_FRAME_BYTES, default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Most subscription patterns one connection may hold.
+    #[arg(long, env = env::MAX_SUBSCRIPTIONS, default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// Longest subscription pattern or event name, in bytes (RabbitMQ's routing-key limit is 255).
+    #[arg(long, env = env::MAX_PATTERN_LENGTH, default_value_t = 255)]
+    pub max_pattern_length: usize,
+
+    /// Most concurrent WebSocket connections; further upgrades get 503.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Largest `POST /publish` body; larger gets 413.
+    #[arg(long, env = env::MAX_PUBLISH_BYTES, default_value_t = 1024 * 1024)]
+    pub max_publish_bytes: usize,
+
+    /// On SIGTERM, close clients (code 1001) spread over this long so they don't reconnect at once.
+    #[arg(long, env = env::DRAIN_DURATION, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_duration: Duration,
+
+    /// How often each connection samples its kernel socket queues (SIOCINQ/SIOCOUTQ).
+    #[arg(long, env = env::SOCKET_SAMPLE_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub socket_sample_interval: Duration,
+
+    /// A connection whose Recv-Q, Send-Q or outbound queue exceeds this counts as "over threshold".
+    #[arg(long, env = env::QUEUE_ALERT_THRESHOLD_BYTES, default_value_t = 64 * 1024)]
+    pub queue_alert_threshold_bytes: u64,
+
+    /// Log format: human-readable `text` or one JSON object per line.
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `event_service=debug`.
+    #[arg(long, env = env::LOG, default_value = "info")]
+    pub log: String,
+
+    /// Demo mode: publish a sample event every second on the embedded bus (`demo.tick`).
+    #[arg(long, default_value_t = false)]
+    pub demo: bool,
+}
+
+impl Config {
+    /// A configuration with every default and both ports on `127.0.0.1:0`, for tests.
+    pub fn for_tests() -> Self {
+        let mut cfg = Self::parse_from(["event-service"]);
+        cfg.listen = "127.0.0.1:0".parse().expect("literal address");
+        cfg.admin_listen = "127.0.0.1:0".parse().expect("literal address");
+        cfg
+    }
+}

@@ -1,0 +1,103 @@
+//! Where events come from, and where a subscription is made real.
+//!
+//! A [`Source`] does three things for the rest of the service:
+//! - delivers every event this instance should see to an [`EventSink`] (the hub);
+//! - `bind`s / `unbind`s patterns: called by the hub when a pattern gets its first local
+//!   subscriber or loses its last one (the hub keeps the reference counts). `bind` returns only
+//!   once events matching the pattern will reach this instance, so the client's `subscribed` ack
+//!   can mean "from now on you get these";
+//! - `publish`es what `POST /publish` accepted, returning only once the source has taken it.
+//!
+//! Two implementations: [`memory`] (the embedded bus, the default) and [`amqp`] (RabbitMQ).
+//! The set is closed, so it is an enum rather than a trait object.
+
+pub mod amqp;
+pub mod memory;
+
+use std::sync::Arc;
+
+use crate::event::Event;
+
+/// Which source produced an event (the `source` label of `eventrouter_events_received_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Memory,
+    Amqp,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Memory => "memory",
+            Origin::Amqp => "amqp",
+        }
+    }
+}
+
+/// Receives events from a source. Implemented by the hub; must not block (fan-out only enqueues).
+pub trait EventSink: Send + Sync + 'static {
+    fn dispatch(&self, event: Event, origin: Origin);
+}
+
+/// Why a source could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The broker is not reachable right now; the caller should answer 503 / an error op and retry.
+    #[error("the event broker is unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the operation (e.g. a nack on publish, a channel error on bind).
+    #[error("the event broker refused the request: {0}")]
+    Rejected(String),
+    /// The operation did not complete within its deadline.
+    #[error("the event broker did not answer in time")]
+    Timeout,
+}
+
+/// The configured event source.
+#[derive(Clone)]
+pub enum Source {
+    Memory(memory::MemorySource),
+    Amqp(Arc<amqp::AmqpSource>),
+}
+
+impl Source {
+    /// Make events matching `pattern` reach this instance; returns once they will.
+    pub async fn bind(&self, pattern: &str) -> Result<(), SourceError> {
+        match self {
+            Source::Memory(_) => Ok(()),
+            Source::Amqp(s) => s.bind(pattern).await,
+        }
+    }
+
+    /// Stop events matching `pattern` from reaching this instance.
+    pub async fn unbind(&self, pattern: &str) -> Result<(), SourceError> {
+        match self {
+            Source::Memory(_) => Ok(()),
+            Source::Amqp(s) => s.unbind(pattern).await,
+        }
+    }
+
+    /// Hand events to the source; returns once the source has taken all of them (for AMQP: once
+    /// the broker confirmed every one).
+    pub async fn publish(&self, events: Vec<Event>) -> Result<usize, SourceError> {
+        match self {
+            Source::Memory(s) => Ok(s.publish(events)),
+            Source::Amqp(s) => s.publish(events).await,
+        }
+    }
+
+    /// True while the source can deliver and accept events (readiness follows this).
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Source::Memory(_) => true,
+            Source::Amqp(s) => s.is_up(),
+        }
+    }
+
+    pub fn origin(&self) -> Origin {
+        match self {
+            Source::Memory(_) => Origin::Memory,
+            Source::Amqp(_) => Origin::Amqp,
+        }
+    }
+}

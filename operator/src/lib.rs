@@ -1,0 +1,1 @@
+//! The EventRouter operator (being built).

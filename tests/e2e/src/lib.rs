@@ -1,0 +1,1 @@
+//! Shared harness for the cross-component tests (being built).

