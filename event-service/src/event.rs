@@ -95,11 +95,26 @@ mod tests {
     #[test]
     fn refuses_bad_names_with_the_reason() {
         assert_eq!(validate_event_name("", 255), Err(EventNameError::Empty));
-        assert_eq!(validate_event_name("a..b", 255), Err(EventNameError::EmptyWord));
-        assert_eq!(validate_event_name(".a", 255), Err(EventNameError::EmptyWord));
-        assert_eq!(validate_event_name("a.*", 255), Err(EventNameError::Wildcard));
-        assert_eq!(validate_event_name("a.#", 255), Err(EventNameError::Wildcard));
-        assert_eq!(validate_event_name("a b", 255), Err(EventNameError::BadCharacter));
+        assert_eq!(
+            validate_event_name("a..b", 255),
+            Err(EventNameError::EmptyWord)
+        );
+        assert_eq!(
+            validate_event_name(".a", 255),
+            Err(EventNameError::EmptyWord)
+        );
+        assert_eq!(
+            validate_event_name("a.*", 255),
+            Err(EventNameError::Wildcard)
+        );
+        assert_eq!(
+            validate_event_name("a.#", 255),
+            Err(EventNameError::Wildcard)
+        );
+        assert_eq!(
+            validate_event_name("a b", 255),
+            Err(EventNameError::BadCharacter)
+        );
         assert_eq!(
             validate_event_name(&"a".repeat(300), 1000),
             Err(EventNameError::TooLong { len: 300, max: 255 })
