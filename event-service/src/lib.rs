@@ -9,4 +9,6 @@
 
 pub mod config;
 pub mod event;
+pub mod protocol;
 pub mod source;
+pub mod topics;
