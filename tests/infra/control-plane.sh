@@ -54,7 +54,7 @@ sign_cert() {
 }
 
 ensure_pki() {
-  [[ -f "$PKI/complete" ]] && return
+  [[ -f "$PKI/complete-v2" ]] && return
   log "generating a test CA, serving and client certificates, service-account keys in $PKI"
   rm -rf "$PKI"
   mkdir -p "$PKI"
@@ -75,9 +75,11 @@ extendedKeyUsage=clientAuth"
   # The controller manager's own identity; RBAC's bootstrap roles grant it what it needs, and it
   # mints a service-account token per controller (--use-service-account-credentials).
   sign_cert controller-manager "/CN=system:kube-controller-manager" "$client"
+  # The API server's identity when it proxies to aggregated API servers (e.g. a metrics adapter).
+  sign_cert front-proxy-client "/CN=front-proxy-client" "$client"
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2>/dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
-  touch "$PKI/complete"
+  touch "$PKI/complete-v2"
 }
 
 # Writes a kubeconfig with embedded credentials, so it can be copied or read by any client.
@@ -186,6 +188,8 @@ cmd_start() {
   wait_for etcd "health" curl -fsS --max-time 2 "http://127.0.0.1:$etcd_port/health"
 
   log "starting kube-apiserver on https://127.0.0.1:$api_port"
+  # The requestheader/proxy-client flags let aggregated API servers (metrics adapters) be
+  # registered; aggregator routing sends to endpoint IPs because there is no kube-proxy here.
   spawn kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --bind-address=127.0.0.1 \
@@ -201,6 +205,14 @@ cmd_start() {
     --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=true \
+    --requestheader-client-ca-file="$PKI/ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file="$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --profiling=false
   wait_for kube-apiserver "/readyz" apiserver_ready
 
