@@ -118,6 +118,21 @@ pub mod autoscaling {
     pub const RECV_QUEUE_METRIC: &str = "eventrouter_socket_recv_queue_bytes";
 }
 
+/// Target labels Prometheus puts on every router series. The chart's dashboards, alerts and
+/// prometheus-adapter rules select on them, so every scrape configuration that collects router
+/// metrics (the chart's PodMonitor, the operator's ServiceMonitor, annotation-based scraping) must
+/// produce them.
+pub mod prometheus {
+    /// The pod's namespace (the Prometheus Operator adds it by default).
+    pub const NAMESPACE_LABEL: &str = "namespace";
+    /// The pod's name (the Prometheus Operator adds it by default).
+    pub const POD_LABEL: &str = "pod";
+    /// The EventRouter's name, copied by relabeling from the pod label `app.kubernetes.io/instance`.
+    pub const ROUTER_LABEL: &str = "router";
+    /// The service-discovery meta label the `router` label is copied from.
+    pub const ROUTER_LABEL_SOURCE: &str = "__meta_kubernetes_pod_label_app_kubernetes_io_instance";
+}
+
 /// Kubernetes names shared by the operator and the chart.
 pub mod kube {
     pub const GROUP: &str = "eventrouter.io";
