@@ -1,0 +1,151 @@
+//! Command-line interface: global options, the options every scenario shares, and one
+//! subcommand per scenario. Every knob is a flag with a default; its doc comment is its help.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Load generator for the event service: idle-connection memory and fan-out throughput.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version, about)]
+pub struct Cli {
+    /// Worker threads of the load generator's runtime (the machine is shared with the service).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub threads: usize,
+
+    /// Print the final report as one JSON object on stdout (the human summary goes to stderr).
+    #[arg(long, global = true, default_value_t = false)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Open N WebSocket connections, subscribe each to one pattern, hold them open reading, and
+    /// report the service's RSS per connection and the kernel socket queues.
+    Idle(IdleArgs),
+    /// S subscribers of one event, publishers posting batches to `/publish`; report
+    /// deliveries/s, per-subscriber counts, latency samples, and the service's own counters.
+    Fanout(FanoutArgs),
+}
+
+/// Options shared by every scenario.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The service's main port (WebSocket upgrades and `/publish`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// Path of the WebSocket endpoint.
+    #[arg(long, default_value = eventrouter_contract::http::WS_PATH)]
+    pub ws_path: String,
+
+    /// The service's admin port; when given, `/metrics` is scraped before and after to cross-check.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+
+    /// PID of the service; when given, its RSS and CPU time are read from `/proc` before and after.
+    #[arg(long)]
+    pub service_pid: Option<u32>,
+
+    /// Spread client connections over this many loopback source addresses (127.0.0.1, .2, ...),
+    /// each with its own ephemeral-port range. 1 lets the kernel choose.
+    #[arg(long, default_value_t = 1)]
+    pub source_ips: u8,
+
+    /// Connections being opened at once (keeps the service's accept backlog from overflowing).
+    #[arg(long, default_value_t = 128)]
+    pub connect_concurrency: usize,
+
+    /// Time allowed for one connection's connect, upgrade and subscription ack.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+}
+
+/// The `idle` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Connections to open.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub connections: usize,
+
+    /// The pattern each connection subscribes to; `{i}` becomes the connection's index, so the
+    /// default gives every connection its own pattern (the index holds N entries).
+    #[arg(long, default_value = "bench.idle.{i}")]
+    pub pattern: String,
+
+    /// Wait this long after the last subscription before measuring (lets allocations settle).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+
+    /// Then keep the connections open this long, reading, and measure again (spans server pings
+    /// when longer than `--ping-interval` of the service).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// Answer server pings with pongs, as browsers do. Off: the client reads and answers nothing.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub answer_pings: bool,
+
+    /// After closing every connection, wait this long and read the service's RSS once more.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub after_close: Duration,
+}
+
+/// The `fanout` scenario.
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Subscriber connections, all subscribed to `--event`.
+    #[arg(long, short = 's', default_value_t = 2_000)]
+    pub subscribers: usize,
+
+    /// The event name published and subscribed to.
+    #[arg(long, default_value = "bench.fanout")]
+    pub event: String,
+
+    /// Size in bytes of each event's `data` JSON (padded to exactly this size).
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+
+    /// Events per `POST /publish` request.
+    #[arg(long, default_value_t = 10)]
+    pub batch: usize,
+
+    /// Publisher connections posting concurrently (each keep-alive, one request at a time).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+
+    /// Target publish rate in events/s over all publishers; 0 publishes as fast as accepted.
+    /// Deliveries/s is this times the subscriber count.
+    #[arg(long, default_value_t = 500)]
+    pub rate: u64,
+
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// After publishing stops, wait at most this long for subscribers to receive everything.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Stop waiting early when nothing was received for this long.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub drain_quiet: Duration,
+
+    /// How many subscribers read each event's timestamp to sample publish→receive latency
+    /// (the rest only count frame headers).
+    #[arg(long, default_value_t = 8)]
+    pub latency_subscribers: usize,
+
+    /// Read buffer of each subscriber, in bytes (one `read()` drains up to this much).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub read_buffer: usize,
+}

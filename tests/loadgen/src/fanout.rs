@@ -1,0 +1,550 @@
+//! The `fanout` scenario: deliveries per second of one event to many subscribers.
+//!
+//! S subscribers subscribe to one event; publishers post batches to `/publish` over keep-alive
+//! HTTP/1.1, at a target rate or as fast as accepted, for a duration. Subscribers count frames by
+//! parsing headers only (see [`crate::frame`]) so that, on a machine shared with the service, the
+//! client is not the bottleneck. A few subscribers also read each event's publish timestamp to
+//! sample latency. The service's `/metrics` is scraped before and after as a cross-check.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use eventrouter_contract::{http::PUBLISH_PATH, metrics as m};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    task::JoinSet,
+};
+
+use crate::{
+    cli::FanoutArgs,
+    frame::{self, opcode},
+    http::HttpClient,
+    metrics::{self, Scrape},
+    open::open_subscribed,
+    procfs,
+    ws::{self, Subscribed},
+};
+
+/// Counters of one subscriber, on their own cache line: each is written by one task only.
+#[derive(Default)]
+#[repr(align(64))]
+struct SubStats {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// Nanoseconds since the run's epoch of the last read that brought a message.
+    last_message_ns: AtomicU64,
+    /// Close code + 1 once the server closed the connection (0: open).
+    closed: AtomicU64,
+}
+
+/// Latency samples of the subscribers that read timestamps, in microseconds.
+type Samples = Arc<Mutex<Vec<u32>>>;
+
+/// The fan-out report.
+#[derive(Debug, Serialize)]
+pub struct FanoutReport {
+    pub subscribers_requested: usize,
+    pub subscribers: usize,
+    pub connect_failures: BTreeMap<String, u64>,
+    pub first_failure: Option<String>,
+    pub payload_bytes: usize,
+    pub target_rate: u64,
+    pub batch: usize,
+    pub publishers: usize,
+    pub publish_seconds: f64,
+    pub published_accepted: u64,
+    pub publish_errors: BTreeMap<String, u64>,
+    pub publish_rate: f64,
+    /// Messages received by all subscribers.
+    pub received: u64,
+    pub expected: u64,
+    pub missing: i64,
+    /// Seconds from the first publish to the last message received.
+    pub delivery_seconds: f64,
+    /// received / delivery_seconds.
+    pub deliveries_per_second: f64,
+    /// Median of the per-second delivery rates while publishing (first and last second excluded).
+    pub steady_deliveries_per_second: Option<f64>,
+    pub per_second: Vec<f64>,
+    pub mean_frame_bytes: f64,
+    pub per_subscriber_min: u64,
+    pub per_subscriber_max: u64,
+    pub subscribers_missing_some: usize,
+    pub subscribers_closed: BTreeMap<String, u64>,
+    pub latency_samples: usize,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_max_ms: Option<f64>,
+    pub service: Option<ServiceCounters>,
+    pub service_cpu_seconds: Option<f64>,
+    pub loadgen_cpu_seconds: Option<f64>,
+}
+
+/// What the service counted during the run (`/metrics` after − before).
+#[derive(Debug, Serialize)]
+pub struct ServiceCounters {
+    pub events_received: f64,
+    pub deliveries: f64,
+    pub drops: f64,
+    pub drops_by_reason: BTreeMap<String, f64>,
+    pub disconnects_by_reason: BTreeMap<String, f64>,
+    pub connections_at_end: f64,
+}
+
+/// Builds one `/publish` body: a JSON array of `batch` events whose `data` is exactly
+/// `payload_bytes` long (when that is at least the unpadded size), stamped with `t_ns`.
+pub fn batch_body(event: &str, batch: usize, payload_bytes: usize, seq: u64, t_ns: u64) -> String {
+    let event_json = serde_json::to_string(event).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut body = String::with_capacity(batch * (payload_bytes + event_json.len() + 24) + 2);
+    body.push('[');
+    for k in 0..batch as u64 {
+        if k > 0 {
+            body.push(',');
+        }
+        let head = format!(r#"{{"t":{t_ns},"seq":{},"pad":""#, seq + k);
+        let pad = payload_bytes.saturating_sub(head.len() + 2);
+        let _ = write!(
+            body,
+            r#"{{"event":{event_json},"data":{head}{}"}}}}"#,
+            "x".repeat(pad)
+        );
+    }
+    body.push(']');
+    body
+}
+
+/// Finds the publish timestamp in an event frame's payload (`"data":{"t":<ns>,`).
+pub fn timestamp_of(payload: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"data\":{\"t\":";
+    let start = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    payload[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .try_fold(None, |acc: Option<u64>, b| {
+            Some(Some(
+                acc.unwrap_or(0).checked_mul(10)? + u64::from(b - b'0'),
+            ))
+        })
+        .flatten()
+}
+
+/// Runs the scenario.
+pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
+    let common = &args.common;
+    if args.batch == 0 || args.publishers == 0 {
+        bail!("--batch and --publishers must be at least 1");
+    }
+    let epoch = Instant::now();
+    eprintln!(
+        "fanout: opening {} subscribers of {:?} on {}",
+        args.subscribers, args.event, common.addr
+    );
+    let event = args.event.clone();
+    let opened = open_subscribed(common, args.subscribers, |_| vec![event.clone()]).await;
+    if let Some(first) = &opened.first_failure {
+        eprintln!("  first failure: {first}");
+    }
+    if opened.connections.is_empty() {
+        bail!(
+            "no subscriber could connect; is the service running on {}?",
+            common.addr
+        );
+    }
+    let subscribers = opened.connections.len();
+    let stats: Arc<Vec<SubStats>> =
+        Arc::new((0..subscribers).map(|_| SubStats::default()).collect());
+    let samples: Samples = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = JoinSet::new();
+    for (slot, (_, sub)) in opened.connections.into_iter().enumerate() {
+        let sampler = (slot < args.latency_subscribers).then(|| Arc::clone(&samples));
+        readers.spawn(subscriber(
+            sub,
+            slot,
+            Arc::clone(&stats),
+            sampler,
+            epoch,
+            args.read_buffer,
+        ));
+    }
+
+    let before = scrape_opt(common.admin).await;
+    let cpu_before = common
+        .service_pid
+        .and_then(|pid| procfs::cpu_seconds(pid).ok());
+    let self_cpu_before = procfs::cpu_seconds(std::process::id()).ok();
+    let received_before: u64 = total(&stats);
+
+    // Publish.
+    eprintln!(
+        "  publishing {} events/s ({}) in batches of {} over {} connection(s) for {:?}",
+        args.rate,
+        if args.rate == 0 {
+            "full speed"
+        } else {
+            "target"
+        },
+        args.batch,
+        args.publishers,
+        args.duration
+    );
+    let publish_start = Instant::now();
+    let start_ns = nanos_since(epoch);
+    let deadline = publish_start + args.duration;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let mut publishers = JoinSet::new();
+    for p in 0..args.publishers {
+        let mut client = HttpClient::connect(common.addr)
+            .await
+            .context("connecting a publisher")?;
+        let args = args.clone();
+        let accepted = Arc::clone(&accepted);
+        publishers.spawn(async move {
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            // Each publisher owns its share of the rate; batches go out at fixed instants so a
+            // slow response delays one batch, not the schedule.
+            let interval = (args.rate > 0).then(|| {
+                Duration::from_secs_f64(
+                    args.batch as f64 * args.publishers as f64 / args.rate as f64,
+                )
+            });
+            let mut seq = (p as u64) << 40;
+            let mut next = publish_start;
+            while Instant::now() < deadline {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                    if next > deadline + interval {
+                        break;
+                    }
+                }
+                let body = batch_body(
+                    &args.event,
+                    args.batch,
+                    args.payload_bytes,
+                    seq,
+                    nanos_since(epoch),
+                );
+                seq += args.batch as u64;
+                match client.post_json(PUBLISH_PATH, Bytes::from(body)).await {
+                    Ok((202, body)) => {
+                        let n = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v.get("accepted").and_then(serde_json::Value::as_u64))
+                            .unwrap_or(args.batch as u64);
+                        accepted.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok((status, _)) => *errors.entry(format!("http_{status}")).or_insert(0) += 1,
+                    Err(error) => {
+                        *errors.entry("io".into()).or_insert(0) += 1;
+                        tracing::warn!(%error, "publish failed; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        match HttpClient::connect(args.common.addr).await {
+                            Ok(c) => client = c,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            errors
+        });
+    }
+
+    // Progress, once a second, while publishing.
+    let mut per_second = Vec::new();
+    let mut last_total = received_before;
+    let mut tick = tokio::time::interval_at(
+        (publish_start + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let now_total = total(&stats);
+        let rate = (now_total - last_total) as f64;
+        per_second.push(rate);
+        last_total = now_total;
+        eprintln!(
+            "  t={:>3}s published {:>9} delivered {:>11} ({:>10.0}/s)",
+            per_second.len(),
+            accepted.load(Ordering::Relaxed),
+            now_total - received_before,
+            rate
+        );
+    }
+    let mut publish_errors = BTreeMap::new();
+    while let Some(joined) = publishers.join_next().await {
+        for (k, v) in joined.context("a publisher panicked")? {
+            *publish_errors.entry(k).or_insert(0) += v;
+        }
+    }
+    let publish_seconds = publish_start.elapsed().as_secs_f64();
+    let published = accepted.load(Ordering::Relaxed);
+
+    // Drain: until every subscriber has everything, nothing moved for `drain_quiet`, or timeout.
+    let expected = published * subscribers as u64;
+    let drain_deadline = Instant::now() + args.drain_timeout;
+    let mut last_change = Instant::now();
+    let mut seen = total(&stats);
+    while Instant::now() < drain_deadline {
+        let now_total = total(&stats);
+        if now_total - received_before >= expected {
+            break;
+        }
+        if now_total != seen {
+            seen = now_total;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= args.drain_quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let cpu_after = common
+        .service_pid
+        .and_then(|pid| procfs::cpu_seconds(pid).ok());
+    let self_cpu_after = procfs::cpu_seconds(std::process::id()).ok();
+    let after = scrape_opt(common.admin).await;
+    readers.abort_all();
+
+    let counts: Vec<u64> = stats
+        .iter()
+        .map(|s| s.messages.load(Ordering::Relaxed))
+        .collect();
+    let received: u64 = counts.iter().sum::<u64>() - received_before;
+    let bytes: u64 = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
+    let last_ns = stats
+        .iter()
+        .map(|s| s.last_message_ns.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(start_ns);
+    let delivery_seconds = (last_ns.saturating_sub(start_ns)) as f64 / 1e9;
+    let mut closed = BTreeMap::new();
+    for s in stats.iter() {
+        let c = s.closed.load(Ordering::Relaxed);
+        if c > 0 {
+            let key = match c - 1 {
+                0 => "no_close_frame".to_owned(),
+                code => code.to_string(),
+            };
+            *closed.entry(key).or_insert(0) += 1;
+        }
+    }
+    let mut steady: Vec<f64> = per_second
+        .iter()
+        .copied()
+        .skip(1)
+        .take(per_second.len().saturating_sub(2))
+        .collect();
+    steady.sort_by(f64::total_cmp);
+    let mut lat = samples.lock().map(|v| v.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        (!lat.is_empty()).then(|| {
+            let idx = ((lat.len() as f64 - 1.0) * p).round() as usize;
+            f64::from(lat[idx]) / 1000.0
+        })
+    };
+
+    Ok(FanoutReport {
+        subscribers_requested: args.subscribers,
+        subscribers,
+        connect_failures: opened.failures,
+        first_failure: opened.first_failure,
+        payload_bytes: args.payload_bytes,
+        target_rate: args.rate,
+        batch: args.batch,
+        publishers: args.publishers,
+        publish_seconds,
+        published_accepted: published,
+        publish_errors,
+        publish_rate: published as f64 / publish_seconds,
+        received,
+        expected,
+        missing: expected as i64 - received as i64,
+        delivery_seconds,
+        deliveries_per_second: if delivery_seconds > 0.0 {
+            received as f64 / delivery_seconds
+        } else {
+            0.0
+        },
+        steady_deliveries_per_second: steady.get(steady.len() / 2).copied(),
+        per_second,
+        mean_frame_bytes: if received > 0 {
+            bytes as f64 / received as f64
+        } else {
+            0.0
+        },
+        per_subscriber_min: counts.iter().copied().min().unwrap_or(0),
+        per_subscriber_max: counts.iter().copied().max().unwrap_or(0),
+        subscribers_missing_some: counts.iter().filter(|c| **c < published).count(),
+        subscribers_closed: closed,
+        latency_samples: lat.len(),
+        latency_p50_ms: pct(0.50),
+        latency_p99_ms: pct(0.99),
+        latency_max_ms: lat.last().map(|v| f64::from(*v) / 1000.0),
+        service: match (before, after) {
+            (Some(b), Some(a)) => Some(service_counters(&b, &a)),
+            _ => None,
+        },
+        service_cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+        loadgen_cpu_seconds: self_cpu_before.zip(self_cpu_after).map(|(b, a)| a - b),
+    })
+}
+
+fn service_counters(before: &Scrape, after: &Scrape) -> ServiceCounters {
+    let d = |name: &str| after.sum(name) - before.sum(name);
+    let drops_by_reason = metrics::delta_by_label(
+        &before.by_label(m::DROPS, "reason"),
+        &after.by_label(m::DROPS, "reason"),
+    );
+    ServiceCounters {
+        events_received: d(m::EVENTS_RECEIVED),
+        deliveries: d(m::DELIVERIES),
+        drops: d(m::DROPS),
+        drops_by_reason,
+        disconnects_by_reason: metrics::delta_by_label(
+            &before.by_label(m::DISCONNECTS, "reason"),
+            &after.by_label(m::DISCONNECTS, "reason"),
+        ),
+        connections_at_end: after.sum(m::CONNECTIONS),
+    }
+}
+
+async fn scrape_opt(admin: Option<std::net::SocketAddr>) -> Option<Scrape> {
+    let admin = admin?;
+    match metrics::scrape(admin).await {
+        Ok(s) => Some(s),
+        Err(error) => {
+            eprintln!("  warning: scraping {admin}: {error}");
+            None
+        }
+    }
+}
+
+fn total(stats: &[SubStats]) -> u64 {
+    stats
+        .iter()
+        .map(|s| s.messages.load(Ordering::Relaxed))
+        .sum()
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One subscriber: reads raw bytes, counts message frames, answers pings, notes a close.
+async fn subscriber(
+    sub: Subscribed,
+    slot: usize,
+    stats: Arc<Vec<SubStats>>,
+    sampler: Option<Samples>,
+    epoch: Instant,
+    read_buffer: usize,
+) {
+    let Subscribed {
+        mut stream,
+        mut scanner,
+        messages_after_ack,
+    } = sub;
+    let me = &stats[slot];
+    me.messages.fetch_add(messages_after_ack, Ordering::Relaxed);
+    scanner.capture_data = sampler.is_some();
+    let mut buf = vec![0u8; read_buffer.max(frame::MAX_HEADER_LEN)];
+    let mut replies = Vec::new();
+    let mut local_samples = Vec::new();
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = me
+                    .closed
+                    .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+                return;
+            }
+            Ok(n) => n,
+        };
+        let now_ns = nanos_since(epoch);
+        let mut messages = 0u64;
+        let mut close = None;
+        let fed = scanner.feed(&buf[..n], |header, payload| {
+            if header.ends_message() {
+                messages += 1;
+                if sampler.is_some()
+                    && let Some(t) = timestamp_of(payload)
+                {
+                    let micros = now_ns.saturating_sub(t) / 1000;
+                    local_samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                }
+                return;
+            }
+            match header.opcode {
+                opcode::PING => replies.extend(ws::pong(payload)),
+                opcode::CLOSE => close = Some(frame::close_code(payload).unwrap_or(0)),
+                _ => {}
+            }
+        });
+        me.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if messages > 0 {
+            me.messages.fetch_add(messages, Ordering::Relaxed);
+            me.last_message_ns.store(now_ns, Ordering::Relaxed);
+        }
+        if let Some(sampler) = &sampler
+            && !local_samples.is_empty()
+            && let Ok(mut all) = sampler.lock()
+        {
+            all.append(&mut local_samples);
+        }
+        if fed.is_err() {
+            let _ = me
+                .closed
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+            return;
+        }
+        if let Some(code) = close {
+            me.closed.store(u64::from(code) + 1, Ordering::Relaxed);
+            return;
+        }
+        if !replies.is_empty() {
+            if stream.write_all(&replies).await.is_err() {
+                return;
+            }
+            replies.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_body_pads_data_to_size() {
+        let body = batch_body("bench.x", 3, 100, 7, 123_456_789);
+        let events: Vec<serde_json::Value> = serde_json::from_str(&body).expect("valid JSON array");
+        assert_eq!(events.len(), 3);
+        for (k, e) in events.iter().enumerate() {
+            assert_eq!(e["event"], "bench.x");
+            assert_eq!(e["data"]["seq"], 7 + k as u64);
+            assert_eq!(e["data"]["t"], 123_456_789u64);
+            assert_eq!(
+                serde_json::to_string(&e["data"]).expect("serializes").len(),
+                100
+            );
+        }
+    }
+
+    #[test]
+    fn timestamp_found_in_an_event_frame() {
+        let frame = br#"{"op":"event","event":"bench.x","id":"a","time":"2026-01-01T00:00:00Z","data":{"t":98765,"seq":1,"pad":"xx"}}"#;
+        assert_eq!(timestamp_of(frame), Some(98765));
+        assert_eq!(timestamp_of(br#"{"op":"event","data":{"seq":1}}"#), None);
+    }
+}

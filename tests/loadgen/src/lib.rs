@@ -1,0 +1,29 @@
+//! Load generator for the event service's benchmarks (see `BENCHMARKS.md`).
+//!
+//! # Layout
+//!
+//! - [`cli`] — subcommands and flags; every knob has a default.
+//! - [`frame`] — WebSocket frame headers: the cheap scanner the subscribers count with.
+//! - [`ws`] — the raw-socket WebSocket client: upgrade, subscribe, pongs.
+//! - [`open`] — opening many subscribed connections at bounded concurrency.
+//! - [`http`] — a keep-alive HTTP/1.1 client for `/publish` and `/metrics`.
+//! - [`metrics`] — scraping and reading the service's Prometheus text.
+//! - [`procfs`] — RSS, CPU time and kernel socket queues from `/proc`.
+//! - [`idle`] — the memory-per-idle-connection scenario.
+//! - [`fanout`] — the fan-out throughput scenario.
+//! - [`report`] — the human summaries.
+//! - [`sys`] — the one small `unsafe` module (raising `RLIMIT_NOFILE`).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod fanout;
+pub mod frame;
+pub mod http;
+pub mod idle;
+pub mod metrics;
+pub mod open;
+pub mod procfs;
+pub mod report;
+pub mod sys;
+pub mod ws;
