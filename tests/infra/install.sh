@@ -68,7 +68,7 @@ install_kubectl_helm() {
 install_validator() {
   local venv="$EVENTROUTER_TOOLS/venv"
   if [[ -x "$venv/bin/kubernetes-validate" ]] &&
-    "$venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -qx "Version: $KUBERNETES_VALIDATE_VERSION"; then
+    compgen -G "$venv/lib/python3*/site-packages/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.dist-info" >/dev/null; then
     ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
     return
   fi
