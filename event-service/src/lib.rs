@@ -1,14 +1,52 @@
 //! The event service: WebSocket clients subscribe to event patterns and get events pushed.
 //!
+//! Its origin is a production failure: a WebSocket service that only ever wrote to its sockets.
+//! Client pings piled up unread in kernel receive buffers until the node ran out of memory. Here
+//! every connection is read for its whole life, outbound queues are bounded, and kernel socket
+//! queue depths are metrics.
+//!
 //! # Layout
 //!
-//! - [`config`] — every setting (clap flags with `EVENTROUTER_*` env vars).
-//! - [`event`] — the in-process event and event-name rules.
-//! - [`source`] — where events come from: the embedded bus or RabbitMQ; bind/unbind/publish.
+//! Layers by role, from the wire inwards:
+//!
+//! - [`protocol`] — the client JSON protocol: parse requests with hard limits, encode replies and
+//!   event frames. Pure.
+//! - [`topics`] — pattern validation and the topic trie (RabbitMQ `*` / `#` semantics). Pure.
+//! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
+//!   socket samples, close requests; the registry of open connections.
+//! - [`session`] — one connection's task: always reads, writes in batches, pings, idle timeout,
+//!   socket sampling, subscribe/unsubscribe requests.
+//! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
+//!   counts driving `bind`/`unbind` on the source.
+//! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`).
+//! - [`http`] — the main port: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
+//! - [`admin`] — the admin port: `/metrics`, `/debug/connections`.
+//! - [`metrics`] — the Prometheus registry's contents.
+//! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
+//! - [`server`] — assembly: [`server::serve`] (listeners + shutdown future, then drain) and
+//!   [`server::RunningServer`] (start on port 0 in the background, for tests).
+//! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), event_service::server::ServeError> {
+//! use event_service::{config::Config, server::RunningServer};
+//! let server = RunningServer::start(Config::for_tests()).await?;
+//! println!("clients connect to {}", server.ws_url());
+//! server.stop().await?; // drains like SIGTERM
+//! # Ok(()) }
+//! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod config;
+pub mod connection;
 pub mod event;
+pub mod http;
+pub mod hub;
+pub mod metrics;
 pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod sockq;
 pub mod source;
 pub mod topics;

@@ -77,9 +77,7 @@ pub fn matches(pattern: &str, name: &str) -> bool {
                 }
             }
             "*" => {
-                for j in 0..n.len() {
-                    next[j + 1] = reach[j];
-                }
+                next[1..].copy_from_slice(&reach[..n.len()]);
             }
             literal => {
                 for j in 0..n.len() {

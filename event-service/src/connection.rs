@@ -1,0 +1,351 @@
+//! The part of a client connection other tasks can see: its bounded outbound queue, its latest
+//! socket-queue samples and its close requests; plus the registry of open connections.
+//!
+//! The hub pushes shared event frames into [`ConnShared`]'s queue from whatever task dispatches
+//! the event; the connection's own task (`session`) takes everything queued at once and writes it
+//! as one batch. The queue is a `Mutex<VecDeque>` touched by exactly those two parties, so a
+//! delivery costs one uncontended lock, a refcount bump and — only when the queue was empty — one
+//! task wake-up. The bound is counted in bytes of encoded frames, including the batch the writer
+//! has taken but not yet handed to the socket.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use futures_util::task::AtomicWaker;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::config::SlowConsumerPolicy;
+
+/// Locks a std mutex, carrying on if a panicking holder poisoned it (the data stays consistent:
+/// every critical section here is a few field updates).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One frame waiting to be written.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The encoded text frame, shared by every recipient of the same event.
+    pub frame: Utf8Bytes,
+    /// When the event was published (`None` for control replies); feeds the latency histogram.
+    pub published: Option<SystemTime>,
+}
+
+/// The configured bound and what to do when it is hit.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub max_bytes: usize,
+    pub policy: SlowConsumerPolicy,
+}
+
+/// What happened to a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued; `dropped_oldest` older frames were dropped to make room.
+    Queued { dropped_oldest: u64 },
+    /// Not queued: the frame alone is larger than the bound (drop-oldest policy).
+    DroppedNew { dropped_oldest: u64 },
+    /// The bound was hit under the disconnect policy: the queue (`discarded` frames, the new one
+    /// included) was cleared and the connection asked to close as a slow consumer.
+    Overflow { discarded: u64 },
+    /// The connection is closing; nothing more is queued.
+    Closed,
+}
+
+/// Why the server wants a connection closed (set by other tasks, acted on by the session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRequest {
+    Drain,
+    SlowConsumer,
+}
+
+const CLOSE_NONE: u8 = 0;
+const CLOSE_DRAIN: u8 = 1;
+const CLOSE_SLOW: u8 = 2;
+
+#[derive(Default)]
+struct OutQueue {
+    frames: VecDeque<Outgoing>,
+    /// Bytes of `frames` plus the batch the writer took and has not yet written.
+    bytes: usize,
+    closed: bool,
+}
+
+/// The latest samples of one connection's queues, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueSample {
+    pub recv_q: u64,
+    pub send_q: u64,
+    pub outbound: u64,
+}
+
+/// Shared state of one WebSocket connection.
+pub struct ConnShared {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub opened: Instant,
+    queue: Mutex<OutQueue>,
+    waker: AtomicWaker,
+    outbound_bytes: AtomicU64,
+    recv_q: AtomicU32,
+    send_q: AtomicU32,
+    close: AtomicU8,
+    /// Canonical patterns this connection holds (kept by the hub under its per-pattern locks).
+    pub(crate) patterns: Mutex<Vec<Box<str>>>,
+}
+
+impl std::fmt::Debug for ConnShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnShared")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnShared {
+    pub fn new(id: u64, peer: SocketAddr) -> Self {
+        Self {
+            id,
+            peer,
+            opened: Instant::now(),
+            queue: Mutex::new(OutQueue::default()),
+            waker: AtomicWaker::new(),
+            outbound_bytes: AtomicU64::new(0),
+            recv_q: AtomicU32::new(0),
+            send_q: AtomicU32::new(0),
+            close: AtomicU8::new(CLOSE_NONE),
+            patterns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Queues `out` under `limits`; wakes the connection's task when the queue was empty.
+    pub fn push(&self, out: Outgoing, limits: QueueLimits) -> Pushed {
+        let len = out.frame.len();
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return Pushed::Closed;
+        }
+        let mut dropped_oldest = 0u64;
+        if q.bytes + len > limits.max_bytes {
+            match limits.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    let discarded = q.frames.len() as u64 + 1;
+                    q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
+                    q.frames = VecDeque::new();
+                    q.closed = true;
+                    self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+                    drop(q);
+                    self.request_close(CloseRequest::SlowConsumer);
+                    return Pushed::Overflow { discarded };
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    while q.bytes + len > limits.max_bytes {
+                        let Some(old) = q.frames.pop_front() else {
+                            break;
+                        };
+                        q.bytes -= old.frame.len();
+                        dropped_oldest += 1;
+                    }
+                    if q.bytes + len > limits.max_bytes {
+                        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+                        return Pushed::DroppedNew { dropped_oldest };
+                    }
+                }
+            }
+        }
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(out);
+        q.bytes += len;
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        drop(q);
+        if was_empty {
+            self.waker.wake();
+        }
+        Pushed::Queued { dropped_oldest }
+    }
+
+    /// Moves every queued frame into `batch` (which the writer owns). The bytes stay counted
+    /// until [`ConnShared::written`] reports them handed to the socket.
+    pub(crate) fn take_all(&self, batch: &mut VecDeque<Outgoing>) {
+        let mut q = lock(&self.queue);
+        if batch.is_empty() {
+            std::mem::swap(&mut q.frames, batch);
+        } else {
+            batch.extend(q.frames.drain(..));
+        }
+    }
+
+    /// The writer handed `bytes` of taken frames to the socket.
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut q = lock(&self.queue);
+        q.bytes = q.bytes.saturating_sub(bytes);
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Refuses further frames and empties the queue; returns how many frames were discarded.
+    pub(crate) fn close_queue(&self) -> u64 {
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        let n = q.frames.len() as u64;
+        q.frames = VecDeque::new();
+        q.bytes = 0;
+        self.outbound_bytes.store(0, Ordering::Relaxed);
+        n
+    }
+
+    pub(crate) fn register_waker(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Asks the connection's task to close the connection (first request wins).
+    pub fn request_close(&self, why: CloseRequest) {
+        let v = match why {
+            CloseRequest::Drain => CLOSE_DRAIN,
+            CloseRequest::SlowConsumer => CLOSE_SLOW,
+        };
+        if self
+            .close
+            .compare_exchange(CLOSE_NONE, v, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.waker.wake();
+        }
+    }
+
+    pub(crate) fn close_requested(&self) -> Option<CloseRequest> {
+        match self.close.load(Ordering::Acquire) {
+            CLOSE_DRAIN => Some(CloseRequest::Drain),
+            CLOSE_SLOW => Some(CloseRequest::SlowConsumer),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn store_socket_sample(&self, recv_q: u32, send_q: u32) {
+        self.recv_q.store(recv_q, Ordering::Relaxed);
+        self.send_q.store(send_q, Ordering::Relaxed);
+    }
+
+    /// The latest socket samples and the current outbound queue size.
+    pub fn sample(&self) -> QueueSample {
+        QueueSample {
+            recv_q: u64::from(self.recv_q.load(Ordering::Relaxed)),
+            send_q: u64::from(self.send_q.load(Ordering::Relaxed)),
+            outbound: self.outbound_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        lock(&self.patterns).len()
+    }
+}
+
+/// Every open connection, by id: for metrics aggregation, `/debug/connections` and drain.
+#[derive(Default)]
+pub struct ConnRegistry {
+    conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
+}
+
+impl ConnRegistry {
+    pub fn insert(&self, conn: Arc<ConnShared>) {
+        lock(&self.conns).insert(conn.id, conn);
+    }
+
+    pub fn remove(&self, id: u64) {
+        lock(&self.conns).remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn for_each(&self, mut f: impl FnMut(&ConnShared)) {
+        for c in lock(&self.conns).values() {
+            f(c);
+        }
+    }
+
+    /// A snapshot of the open connections (for drain, which must not hold the lock while waiting).
+    pub fn snapshot(&self) -> Vec<Arc<ConnShared>> {
+        lock(&self.conns).values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(s: &'static str) -> Outgoing {
+        Outgoing {
+            frame: Utf8Bytes::from_static(s),
+            published: None,
+        }
+    }
+
+    fn conn() -> ConnShared {
+        ConnShared::new(1, "127.0.0.1:1".parse().expect("addr"))
+    }
+
+    #[test]
+    fn disconnect_policy_clears_and_requests_close() {
+        let c = conn();
+        let limits = QueueLimits {
+            max_bytes: 10,
+            policy: SlowConsumerPolicy::Disconnect,
+        };
+        assert_eq!(c.push(out("12345"), limits), Pushed::Queued { dropped_oldest: 0 });
+        assert_eq!(c.push(out("12345"), limits), Pushed::Queued { dropped_oldest: 0 });
+        assert_eq!(c.push(out("1"), limits), Pushed::Overflow { discarded: 3 });
+        assert_eq!(c.close_requested(), Some(CloseRequest::SlowConsumer));
+        assert_eq!(c.sample().outbound, 0);
+        assert_eq!(c.push(out("1"), limits), Pushed::Closed);
+    }
+
+    #[test]
+    fn drop_oldest_policy_keeps_the_newest_within_the_bound() {
+        let c = conn();
+        let limits = QueueLimits {
+            max_bytes: 10,
+            policy: SlowConsumerPolicy::DropOldest,
+        };
+        c.push(out("aaaa"), limits);
+        c.push(out("bbbb"), limits);
+        assert_eq!(c.push(out("cccc"), limits), Pushed::Queued { dropped_oldest: 1 });
+        assert_eq!(c.sample().outbound, 8);
+        assert_eq!(
+            c.push(out("this frame is too big"), limits),
+            Pushed::DroppedNew { dropped_oldest: 2 }
+        );
+        let mut batch = VecDeque::new();
+        c.take_all(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(c.close_requested(), None);
+    }
+
+    #[test]
+    fn taken_bytes_count_until_written() {
+        let c = conn();
+        let limits = QueueLimits {
+            max_bytes: 10,
+            policy: SlowConsumerPolicy::Disconnect,
+        };
+        c.push(out("12345678"), limits);
+        let mut batch = VecDeque::new();
+        c.take_all(&mut batch);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(c.sample().outbound, 8, "still counted while in the writer's hands");
+        c.written(8);
+        assert_eq!(c.sample().outbound, 0);
+    }
+}

@@ -1,0 +1,345 @@
+//! Fan-out: the index from pattern to connections, and the reference counts behind bindings.
+//!
+//! [`Hub::dispatch`] encodes an event once into a shared frame, finds the matching patterns in
+//! the [`TopicTrie`] and pushes the frame (a refcount bump) onto every matching connection's
+//! bounded queue. A connection holding several matching patterns gets the event once.
+//!
+//! Subscriptions are reference counted per (canonical) pattern. The first local subscriber makes
+//! the hub call [`Source::bind`], the last one leaving calls [`Source::unbind`]. Each pattern has
+//! its own async lock around "bind/unbind + index update", so a quick unsubscribe/subscribe pair
+//! can never leave a pattern unbound while somebody holds it, and a slow bind of one pattern
+//! does not hold up any other. Callers run these operations in spawned tasks, so a client that
+//! disconnects mid-bind cannot cancel one half-way.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock, RwLock},
+    time::SystemTime,
+};
+
+use prometheus::IntCounter;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::{
+    connection::{ConnShared, Outgoing, Pushed, QueueLimits, lock},
+    event::Event,
+    metrics::{DropReason, Metrics},
+    protocol,
+    source::{EventSink, Origin, Source, SourceError},
+    topics::TopicTrie,
+};
+
+type Subscribers = HashMap<u64, Arc<ConnShared>>;
+
+#[derive(Default)]
+struct BindState {
+    bound: bool,
+}
+
+/// The fan-out hub of one server.
+pub struct Hub {
+    index: RwLock<TopicTrie<Subscribers>>,
+    binds: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<BindState>>>>,
+    source: OnceLock<Source>,
+    metrics: Metrics,
+    limits: QueueLimits,
+    received_memory: IntCounter,
+    received_amqp: IntCounter,
+}
+
+impl Hub {
+    pub fn new(metrics: Metrics, limits: QueueLimits) -> Self {
+        Self {
+            index: RwLock::new(TopicTrie::new()),
+            binds: Mutex::new(HashMap::new()),
+            source: OnceLock::new(),
+            received_memory: metrics
+                .events_received
+                .with_label_values(&[Origin::Memory.as_str()]),
+            received_amqp: metrics
+                .events_received
+                .with_label_values(&[Origin::Amqp.as_str()]),
+            metrics,
+            limits,
+        }
+    }
+
+    /// Sets the source once it exists (the source needs the hub as its sink first).
+    pub fn set_source(&self, source: Source) {
+        let _ = self.source.set(source);
+    }
+
+    pub fn source(&self) -> Option<&Source> {
+        self.source.get()
+    }
+
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+
+    /// Queues a control reply (ack, pong, error) for one connection, under the same bound.
+    pub fn reply(&self, conn: &ConnShared, text: String) {
+        let pushed = conn.push(
+            Outgoing {
+                frame: Utf8Bytes::from(text),
+                published: None,
+            },
+            self.limits,
+        );
+        self.count_push(pushed);
+    }
+
+    fn count_push(&self, pushed: Pushed) -> u64 {
+        match pushed {
+            Pushed::Queued { dropped_oldest } => {
+                self.metrics.dropped(DropReason::DropOldest, dropped_oldest);
+                1
+            }
+            Pushed::DroppedNew { dropped_oldest } => {
+                self.metrics
+                    .dropped(DropReason::DropOldest, dropped_oldest + 1);
+                0
+            }
+            Pushed::Overflow { discarded } => {
+                self.metrics.dropped(DropReason::SlowConsumer, discarded);
+                0
+            }
+            Pushed::Closed => 0,
+        }
+    }
+
+    fn bind_entry(&self, pattern: &str) -> Arc<tokio::sync::Mutex<BindState>> {
+        lock(&self.binds).entry(pattern.into()).or_default().clone()
+    }
+
+    /// Drops the pattern's lock entry when nobody else holds or waits on it and it is unbound.
+    fn release_entry(&self, pattern: &str, entry: Arc<tokio::sync::Mutex<BindState>>) {
+        let mut binds = lock(&self.binds);
+        // Two references: the map's and ours. Anyone else waiting cloned it under this lock.
+        if Arc::strong_count(&entry) == 2 {
+            let unbound = entry.try_lock().map(|s| !s.bound).unwrap_or(false);
+            if unbound {
+                binds.remove(pattern);
+            }
+        }
+    }
+
+    /// Adds `conn` as a subscriber of the canonical `pattern`, binding it at the source first if
+    /// it is the pattern's first local subscriber. Returns once events will flow.
+    pub async fn subscribe(&self, conn: &Arc<ConnShared>, pattern: &str) -> Result<(), SourceError> {
+        let entry = self.bind_entry(pattern);
+        let result = {
+            let mut state = entry.lock().await;
+            let bound = if state.bound {
+                Ok(())
+            } else {
+                let r = match self.source.get() {
+                    Some(source) => source.bind(pattern).await,
+                    None => Err(SourceError::Unavailable("the event source is starting".into())),
+                };
+                if r.is_ok() {
+                    state.bound = true;
+                    self.metrics.bindings.inc();
+                }
+                r
+            };
+            if bound.is_ok() {
+                let mut held = lock(&conn.patterns);
+                if !held.iter().any(|p| &**p == pattern) {
+                    held.push(pattern.into());
+                    drop(held);
+                    let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+                    index
+                        .get_or_insert_with(pattern, HashMap::new)
+                        .insert(conn.id, conn.clone());
+                    self.metrics.subscriptions.inc();
+                }
+            }
+            bound
+        };
+        self.release_entry(pattern, entry);
+        result
+    }
+
+    /// Removes `conn` from the canonical `pattern`; unbinds it at the source after its last local
+    /// subscriber left. An unbind failure is logged: the instance then receives events nobody
+    /// here wants (harmless, dropped at the hub) until the broker drops the queue.
+    pub async fn unsubscribe(&self, conn: &ConnShared, pattern: &str) {
+        let entry = self.bind_entry(pattern);
+        {
+            let mut state = entry.lock().await;
+            let removed = {
+                let mut held = lock(&conn.patterns);
+                let before = held.len();
+                held.retain(|p| &**p != pattern);
+                before != held.len()
+            };
+            let now_empty = {
+                let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+                if removed {
+                    if let Some(subs) = index.get_mut(pattern) {
+                        subs.remove(&conn.id);
+                    }
+                    self.metrics.subscriptions.dec();
+                }
+                let empty = index.get(pattern).is_none_or(HashMap::is_empty);
+                if empty {
+                    index.remove(pattern);
+                }
+                empty
+            };
+            if now_empty && state.bound {
+                if let Some(source) = self.source.get()
+                    && let Err(error) = source.unbind(pattern).await
+                {
+                    tracing::warn!(%error, pattern, "unbind failed; the binding stays until the queue goes");
+                }
+                state.bound = false;
+                self.metrics.bindings.dec();
+            }
+        }
+        self.release_entry(pattern, entry);
+    }
+
+    /// Removes every subscription of a closed connection (unbinding what it alone held).
+    pub async fn remove_connection(&self, conn: &ConnShared) {
+        let patterns: Vec<Box<str>> = lock(&conn.patterns).clone();
+        for p in patterns {
+            self.unsubscribe(conn, &p).await;
+        }
+    }
+
+    /// Number of distinct patterns with local subscribers.
+    pub fn pattern_count(&self) -> usize {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn fan_out(&self, name: &str, frame: &Utf8Bytes, published: SystemTime) -> u64 {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut first: Option<&Subscribers> = None;
+        let mut more: Vec<&Subscribers> = Vec::new();
+        index.for_each_match(name, |subs| {
+            if first.is_none() {
+                first = Some(subs);
+            } else {
+                more.push(subs);
+            }
+        });
+        let Some(first) = first else {
+            return 0;
+        };
+        let mut delivered = 0u64;
+        let mut push = |conn: &ConnShared| {
+            delivered += self.count_push(conn.push(
+                Outgoing {
+                    frame: frame.clone(),
+                    published: Some(published),
+                },
+                self.limits,
+            ));
+        };
+        if more.is_empty() {
+            // The common case: one matching pattern, no de-duplication needed.
+            for conn in first.values() {
+                push(conn);
+            }
+        } else {
+            let mut conns: Vec<&Arc<ConnShared>> = first.values().collect();
+            for subs in more {
+                conns.extend(subs.values());
+            }
+            conns.sort_unstable_by_key(|c| c.id);
+            conns.dedup_by_key(|c| c.id);
+            for conn in conns {
+                push(conn);
+            }
+        }
+        delivered
+    }
+}
+
+impl EventSink for Hub {
+    fn dispatch(&self, event: Event, origin: Origin) {
+        match origin {
+            Origin::Memory => self.received_memory.inc(),
+            Origin::Amqp => self.received_amqp.inc(),
+        }
+        let frame = match Utf8Bytes::try_from(protocol::event_frame(&event)) {
+            Ok(frame) => frame,
+            Err(error) => {
+                // Names are validated strings and data validated JSON, so this means a bug.
+                tracing::error!(%error, event = %event.name, "event frame is not UTF-8; dropped");
+                return;
+            }
+        };
+        let delivered = self.fan_out(&event.name, &frame, event.time);
+        self.metrics.deliveries.inc_by(delivered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::SlowConsumerPolicy, source::memory::MemorySource};
+    use bytes::Bytes;
+    use std::collections::VecDeque;
+
+    fn hub() -> Arc<Hub> {
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        let hub = Arc::new(Hub::new(
+            metrics,
+            QueueLimits {
+                max_bytes: 1 << 20,
+                policy: SlowConsumerPolicy::Disconnect,
+            },
+        ));
+        hub.set_source(Source::Memory(MemorySource::new(hub.clone())));
+        hub
+    }
+
+    fn conn(id: u64) -> Arc<ConnShared> {
+        Arc::new(ConnShared::new(id, "127.0.0.1:1".parse().expect("addr")))
+    }
+
+    fn drain(c: &ConnShared) -> Vec<String> {
+        let mut batch = VecDeque::new();
+        c.take_all(&mut batch);
+        batch.into_iter().map(|o| o.frame.as_str().to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn one_copy_per_connection_even_with_overlapping_patterns() {
+        let hub = hub();
+        let a = conn(1);
+        let b = conn(2);
+        hub.subscribe(&a, "order.*").await.expect("bind");
+        hub.subscribe(&a, "order.created").await.expect("bind");
+        hub.subscribe(&b, "#").await.expect("bind");
+        hub.dispatch(Event::new("order.created", Bytes::from_static(b"1")), Origin::Memory);
+        assert_eq!(drain(&a).len(), 1);
+        assert_eq!(drain(&b).len(), 1);
+        hub.dispatch(Event::new("user.created", Bytes::from_static(b"2")), Origin::Memory);
+        assert!(drain(&a).is_empty());
+        assert_eq!(drain(&b).len(), 1);
+        assert_eq!(hub.metrics.deliveries.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn refcounts_bindings_and_cleans_up_on_disconnect() {
+        let hub = hub();
+        let a = conn(1);
+        let b = conn(2);
+        hub.subscribe(&a, "x.#").await.expect("bind");
+        hub.subscribe(&b, "x.#").await.expect("bind");
+        assert_eq!(hub.metrics.bindings.get(), 1);
+        assert_eq!(hub.metrics.subscriptions.get(), 2);
+        hub.unsubscribe(&a, "x.#").await;
+        assert_eq!(hub.metrics.bindings.get(), 1, "b still holds it");
+        hub.remove_connection(&b).await;
+        assert_eq!(hub.metrics.bindings.get(), 0);
+        assert_eq!(hub.metrics.subscriptions.get(), 0);
+        assert_eq!(hub.pattern_count(), 0);
+        assert!(lock(&hub.binds).is_empty(), "no lock entries left behind");
+    }
+}

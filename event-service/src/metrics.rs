@@ -1,0 +1,371 @@
+//! The service's Prometheus metrics, registered once on a per-server registry.
+//!
+//! Names come from `eventrouter_contract::metrics`. No metric carries a per-connection label:
+//! labels are small closed sets (`reason`, `kind`, `source`).
+//!
+//! The socket- and outbound-queue gauges are aggregates of values each connection's own task
+//! samples every `--socket-sample-interval` (see `connection`); [`Metrics::refresh_queue_gauges`]
+//! folds the latest samples into sum / max / over-threshold count when `/metrics` is scraped,
+//! so the hot path never touches a shared gauge. The broker metrics (`eventrouter_broker_up`,
+//! reconnects, publish confirms and failures, malformed messages) belong to the AMQP source,
+//! which registers them on the same registry.
+
+use eventrouter_contract::metrics as names;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    core::Collector,
+};
+
+use crate::connection::ConnRegistry;
+
+/// Why a WebSocket upgrade was refused (`reason` label of the rejected counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    MaxConnections,
+    Draining,
+    BadHandshake,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::Draining => "draining",
+            RejectReason::BadHandshake => "bad_handshake",
+        }
+    }
+}
+
+/// Why a connection ended (`reason` label of the disconnects counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client closed (close frame or EOF).
+    ClientClosed,
+    SlowConsumer,
+    IdleTimeout,
+    Drain,
+    TooBig,
+    Binary,
+    Abuse,
+    /// A transport or WebSocket protocol error.
+    Error,
+}
+
+impl DisconnectReason {
+    pub const ALL: [DisconnectReason; 8] = [
+        DisconnectReason::ClientClosed,
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::IdleTimeout,
+        DisconnectReason::Drain,
+        DisconnectReason::TooBig,
+        DisconnectReason::Binary,
+        DisconnectReason::Abuse,
+        DisconnectReason::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::Drain => "drain",
+            DisconnectReason::TooBig => "too_big",
+            DisconnectReason::Binary => "binary",
+            DisconnectReason::Abuse => "abuse",
+            DisconnectReason::Error => "error",
+        }
+    }
+}
+
+/// Kinds of frame received from clients (`kind` label of the client-frames counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Subscribe,
+    Unsubscribe,
+    Ping,
+    Invalid,
+    WsPing,
+    WsPong,
+    Binary,
+    Close,
+}
+
+impl FrameKind {
+    pub const ALL: [FrameKind; 8] = [
+        FrameKind::Subscribe,
+        FrameKind::Unsubscribe,
+        FrameKind::Ping,
+        FrameKind::Invalid,
+        FrameKind::WsPing,
+        FrameKind::WsPong,
+        FrameKind::Binary,
+        FrameKind::Close,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameKind::Subscribe => "subscribe",
+            FrameKind::Unsubscribe => "unsubscribe",
+            FrameKind::Ping => "ping",
+            FrameKind::Invalid => "invalid",
+            FrameKind::WsPing => "ws_ping",
+            FrameKind::WsPong => "ws_pong",
+            FrameKind::Binary => "binary",
+            FrameKind::Close => "close",
+        }
+    }
+}
+
+/// Why an event was not delivered to a connection (`reason` label of the drops counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Dropped to make room under `--slow-consumer-policy drop-oldest`.
+    DropOldest,
+    /// Discarded with the queue of a connection closed as a slow consumer.
+    SlowConsumer,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::DropOldest => "drop_oldest",
+            DropReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Every metric the core service exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections: IntGauge,
+    pub connections_accepted: IntCounter,
+    pub connections_rejected: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    pub subscriptions: IntGauge,
+    pub bindings: IntGauge,
+    pub events_received: IntCounterVec,
+    pub deliveries: IntCounter,
+    pub drops: IntCounterVec,
+    pub delivery_latency: Histogram,
+    pub client_frames: IntCounterVec,
+    pub socket_recv_queue_bytes: IntGauge,
+    pub socket_recv_queue_max_bytes: IntGauge,
+    pub socket_recv_queue_over: IntGauge,
+    pub socket_send_queue_bytes: IntGauge,
+    pub socket_send_queue_max_bytes: IntGauge,
+    pub socket_send_queue_over: IntGauge,
+    pub outbound_queue_bytes: IntGauge,
+    pub outbound_queue_max_bytes: IntGauge,
+    pub outbound_queue_over: IntGauge,
+    pub kernel_buffered_bytes: IntGauge,
+    pub draining: IntGauge,
+    pub max_connections: IntGauge,
+}
+
+fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    IntGauge::new(name, help)
+}
+
+fn counter_vec(name: &str, help: &str, label: &str) -> Result<IntCounterVec, prometheus::Error> {
+    IntCounterVec::new(Opts::new(name, help), &[label])
+}
+
+impl Metrics {
+    /// Creates every metric and registers it (plus process metrics) on `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Metrics {
+            connections: gauge(names::CONNECTIONS, "Open WebSocket connections.")?,
+            connections_accepted: IntCounter::new(
+                names::CONNECTIONS_ACCEPTED,
+                "WebSocket upgrades accepted.",
+            )?,
+            connections_rejected: counter_vec(
+                names::CONNECTIONS_REJECTED,
+                "WebSocket upgrades refused, by reason.",
+                "reason",
+            )?,
+            disconnects: counter_vec(
+                names::DISCONNECTS,
+                "Closed WebSocket connections, by reason.",
+                "reason",
+            )?,
+            subscriptions: gauge(
+                names::SUBSCRIPTIONS,
+                "Patterns held, summed over connections.",
+            )?,
+            bindings: gauge(
+                names::BINDINGS,
+                "Distinct patterns bound at the event source.",
+            )?,
+            events_received: counter_vec(
+                names::EVENTS_RECEIVED,
+                "Events received from the event source, by source.",
+                "source",
+            )?,
+            deliveries: IntCounter::new(
+                names::DELIVERIES,
+                "Events enqueued for a client (one per recipient).",
+            )?,
+            drops: counter_vec(
+                names::DROPS,
+                "Events not delivered to a client, by reason.",
+                "reason",
+            )?,
+            delivery_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    names::DELIVERY_LATENCY,
+                    "Publish time to written-to-socket, observed once per write batch for its oldest event.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0,
+                ]),
+            )?,
+            client_frames: counter_vec(
+                names::CLIENT_FRAMES,
+                "Frames received from clients, by kind.",
+                "kind",
+            )?,
+            socket_recv_queue_bytes: gauge(
+                names::SOCKET_RECV_QUEUE_BYTES,
+                "Kernel receive queue (Recv-Q) bytes, summed over connections (last samples).",
+            )?,
+            socket_recv_queue_max_bytes: gauge(
+                names::SOCKET_RECV_QUEUE_MAX_BYTES,
+                "Largest kernel receive queue of any connection (last samples).",
+            )?,
+            socket_recv_queue_over: gauge(
+                names::SOCKET_RECV_QUEUE_OVER_THRESHOLD,
+                "Connections whose Recv-Q exceeds --queue-alert-threshold-bytes.",
+            )?,
+            socket_send_queue_bytes: gauge(
+                names::SOCKET_SEND_QUEUE_BYTES,
+                "Kernel send queue (Send-Q, unacknowledged) bytes, summed over connections.",
+            )?,
+            socket_send_queue_max_bytes: gauge(
+                names::SOCKET_SEND_QUEUE_MAX_BYTES,
+                "Largest kernel send queue of any connection (last samples).",
+            )?,
+            socket_send_queue_over: gauge(
+                names::SOCKET_SEND_QUEUE_OVER_THRESHOLD,
+                "Connections whose Send-Q exceeds --queue-alert-threshold-bytes.",
+            )?,
+            outbound_queue_bytes: gauge(
+                names::OUTBOUND_QUEUE_BYTES,
+                "Bytes waiting in the service's own outbound queues, summed over connections.",
+            )?,
+            outbound_queue_max_bytes: gauge(
+                names::OUTBOUND_QUEUE_MAX_BYTES,
+                "Largest outbound queue of any connection, in bytes.",
+            )?,
+            outbound_queue_over: gauge(
+                names::OUTBOUND_QUEUE_OVER_THRESHOLD,
+                "Connections whose outbound queue exceeds --queue-alert-threshold-bytes.",
+            )?,
+            kernel_buffered_bytes: gauge(
+                names::KERNEL_BUFFERED_BYTES,
+                "Recv-Q + Send-Q over all connections: socket memory outside the process RSS.",
+            )?,
+            draining: gauge(names::DRAINING, "1 while the instance is draining.")?,
+            max_connections: gauge(
+                names::MAX_CONNECTIONS,
+                "The configured --max-connections.",
+            )?,
+        };
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_accepted.clone()),
+            Box::new(m.connections_rejected.clone()),
+            Box::new(m.disconnects.clone()),
+            Box::new(m.subscriptions.clone()),
+            Box::new(m.bindings.clone()),
+            Box::new(m.events_received.clone()),
+            Box::new(m.deliveries.clone()),
+            Box::new(m.drops.clone()),
+            Box::new(m.delivery_latency.clone()),
+            Box::new(m.client_frames.clone()),
+            Box::new(m.socket_recv_queue_bytes.clone()),
+            Box::new(m.socket_recv_queue_max_bytes.clone()),
+            Box::new(m.socket_recv_queue_over.clone()),
+            Box::new(m.socket_send_queue_bytes.clone()),
+            Box::new(m.socket_send_queue_max_bytes.clone()),
+            Box::new(m.socket_send_queue_over.clone()),
+            Box::new(m.outbound_queue_bytes.clone()),
+            Box::new(m.outbound_queue_max_bytes.clone()),
+            Box::new(m.outbound_queue_over.clone()),
+            Box::new(m.kernel_buffered_bytes.clone()),
+            Box::new(m.draining.clone()),
+            Box::new(m.max_connections.clone()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        // Pre-create every labelled series so dashboards see zeros rather than gaps.
+        for r in [
+            RejectReason::MaxConnections,
+            RejectReason::Draining,
+            RejectReason::BadHandshake,
+        ] {
+            m.connections_rejected.with_label_values(&[r.as_str()]);
+        }
+        for r in DisconnectReason::ALL {
+            m.disconnects.with_label_values(&[r.as_str()]);
+        }
+        for k in FrameKind::ALL {
+            m.client_frames.with_label_values(&[k.as_str()]);
+        }
+        for r in [DropReason::DropOldest, DropReason::SlowConsumer] {
+            m.drops.with_label_values(&[r.as_str()]);
+        }
+        // Process metrics (RSS, CPU, open fds) explain memory next to the socket queues.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(m)
+    }
+
+    pub fn disconnect(&self, reason: DisconnectReason) {
+        self.disconnects.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn frame(&self, kind: FrameKind) {
+        self.client_frames.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.drops.with_label_values(&[reason.as_str()]).inc_by(n);
+        }
+    }
+
+    /// Folds every connection's latest queue samples into the aggregate gauges.
+    pub fn refresh_queue_gauges(&self, conns: &ConnRegistry, threshold: u64) {
+        let (mut rq_sum, mut rq_max, mut rq_over) = (0u64, 0u64, 0i64);
+        let (mut sq_sum, mut sq_max, mut sq_over) = (0u64, 0u64, 0i64);
+        let (mut oq_sum, mut oq_max, mut oq_over) = (0u64, 0u64, 0i64);
+        conns.for_each(|c| {
+            let s = c.sample();
+            rq_sum += s.recv_q;
+            rq_max = rq_max.max(s.recv_q);
+            rq_over += i64::from(s.recv_q > threshold);
+            sq_sum += s.send_q;
+            sq_max = sq_max.max(s.send_q);
+            sq_over += i64::from(s.send_q > threshold);
+            oq_sum += s.outbound;
+            oq_max = oq_max.max(s.outbound);
+            oq_over += i64::from(s.outbound > threshold);
+        });
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.socket_recv_queue_bytes.set(g(rq_sum));
+        self.socket_recv_queue_max_bytes.set(g(rq_max));
+        self.socket_recv_queue_over.set(rq_over);
+        self.socket_send_queue_bytes.set(g(sq_sum));
+        self.socket_send_queue_max_bytes.set(g(sq_max));
+        self.socket_send_queue_over.set(sq_over);
+        self.outbound_queue_bytes.set(g(oq_sum));
+        self.outbound_queue_max_bytes.set(g(oq_max));
+        self.outbound_queue_over.set(oq_over);
+        self.kernel_buffered_bytes.set(g(rq_sum + sq_sum));
+    }
+}

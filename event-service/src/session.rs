@@ -1,0 +1,539 @@
+//! One client connection's task: it reads the socket for the connection's whole life, writes
+//! queued frames in batches, pings, times out idle peers and samples its socket queues.
+//!
+//! A single task drives the WebSocket full duplex: each wake-up polls, in order, close requests,
+//! the in-flight subscribe/unsubscribe, the writer (take everything queued, feed every frame,
+//! flush once), the timer and the reader. Reading never waits for writing and vice versa, so a
+//! client that stops reading still has everything it sends consumed (the origin failure was a
+//! server that never read), and a client that floods requests cannot starve its own deliveries.
+//!
+//! Subscribe and unsubscribe run in spawned tasks, one at a time per connection and in order:
+//! a bind at the broker can take a round trip, and the connection keeps reading meanwhile. A
+//! spawned operation also cannot be cancelled half-way by the client leaving.
+
+use std::{
+    collections::VecDeque,
+    os::fd::RawFd,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{SinkExt, StreamExt, future::poll_fn};
+use tokio::{
+    net::TcpStream,
+    task::JoinHandle,
+    time::{Instant, Sleep},
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Error as WsError, Message, Utf8Bytes,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+
+use crate::{
+    connection::{CloseRequest, ConnShared, Outgoing},
+    hub::Hub,
+    metrics::{DisconnectReason, FrameKind, Metrics},
+    protocol::{self, ClientOp, ErrorCode, RequestId},
+    sockq,
+    topics::{self, PatternError},
+};
+use eventrouter_contract::close;
+
+/// Invalid frames in a row (bad JSON, unknown op, bad request) before the connection is closed
+/// with 1008: one mistake gets an error op, a client stuck in a loop of them gets disconnected.
+pub const MAX_INVALID_IN_ROW: u32 = 10;
+
+/// Requests a connection may have waiting behind its in-flight subscribe/unsubscribe; more get
+/// the `busy` error op.
+pub const MAX_PENDING_REQUESTS: usize = 32;
+
+/// How long the server waits for the client's close reply after sending a close frame.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings a session needs, copied out of `Config` once per server.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub socket_sample_interval: Duration,
+    pub max_subscriptions: usize,
+    pub max_pattern_length: usize,
+}
+
+enum Step {
+    Close(CloseRequest),
+    OpDone,
+    Incoming(Option<Result<Message, WsError>>),
+    Timer,
+    WriteFailed(WsError),
+}
+
+/// Drives one upgraded connection until it ends; returns why it ended.
+pub async fn run(
+    ws: WebSocketStream<TcpStream>,
+    fd: RawFd,
+    conn: Arc<ConnShared>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    settings: Arc<SessionSettings>,
+) -> DisconnectReason {
+    let now = Instant::now();
+    let mut session = Session {
+        next_ping: now + settings.ping_interval,
+        next_sample: now,
+        last_rx: now,
+        timer: Box::pin(tokio::time::sleep_until(now)),
+        ws,
+        fd,
+        conn,
+        hub,
+        metrics,
+        settings,
+        batch: VecDeque::new(),
+        unflushed: false,
+        oldest_unflushed: None,
+        inflight: None,
+        pending: VecDeque::new(),
+        invalid_in_row: 0,
+        closing: None,
+        peer_closed: false,
+    };
+    let reason = session.drive().await;
+    // Subscriptions are removed by a task of their own: it waits for an in-flight subscribe to
+    // finish first, so nothing it binds is left behind.
+    let Session {
+        inflight, conn, hub, ..
+    } = session;
+    conn.close_queue();
+    tokio::spawn(async move {
+        if let Some(op) = inflight {
+            let _ = op.await;
+        }
+        hub.remove_connection(&conn).await;
+    });
+    reason
+}
+
+struct Session {
+    ws: WebSocketStream<TcpStream>,
+    fd: RawFd,
+    conn: Arc<ConnShared>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    settings: Arc<SessionSettings>,
+    /// Frames taken from the queue and not yet handed to the WebSocket.
+    batch: VecDeque<Outgoing>,
+    unflushed: bool,
+    oldest_unflushed: Option<SystemTime>,
+    last_rx: Instant,
+    next_ping: Instant,
+    next_sample: Instant,
+    timer: Pin<Box<Sleep>>,
+    inflight: Option<JoinHandle<()>>,
+    pending: VecDeque<ClientOp>,
+    invalid_in_row: u32,
+    /// Set once the server sent a close frame: the deadline for the client's reply and why.
+    closing: Option<(Instant, DisconnectReason)>,
+    peer_closed: bool,
+}
+
+impl Session {
+    async fn drive(&mut self) -> DisconnectReason {
+        loop {
+            let step = poll_fn(|cx| self.poll_step(cx)).await;
+            match step {
+                Step::Close(CloseRequest::Drain) => {
+                    self.start_close(close::GOING_AWAY, "server draining", DisconnectReason::Drain)
+                }
+                Step::Close(CloseRequest::SlowConsumer) => self.start_close(
+                    close::SLOW_CONSUMER,
+                    "slow consumer: outbound queue full",
+                    DisconnectReason::SlowConsumer,
+                ),
+                Step::OpDone => self.start_next_op(),
+                Step::Timer => {
+                    if let Some(reason) = self.on_timer() {
+                        return reason;
+                    }
+                }
+                Step::WriteFailed(error) => {
+                    tracing::debug!(conn = self.conn.id, %error, "write failed");
+                    return self.end_reason(DisconnectReason::Error);
+                }
+                Step::Incoming(None) => return self.end_reason(DisconnectReason::ClientClosed),
+                Step::Incoming(Some(Err(error))) => {
+                    if self.closing.is_some() {
+                        return self.end_reason(DisconnectReason::Error);
+                    }
+                    match error {
+                        WsError::Capacity(_) => self.start_close(
+                            close::TOO_BIG,
+                            "frame too big",
+                            DisconnectReason::TooBig,
+                        ),
+                        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                            return self.end_reason(DisconnectReason::ClientClosed);
+                        }
+                        other => {
+                            tracing::debug!(conn = self.conn.id, error = %other, "read failed");
+                            return self.end_reason(DisconnectReason::Error);
+                        }
+                    }
+                }
+                Step::Incoming(Some(Ok(message))) => {
+                    self.last_rx = Instant::now();
+                    self.on_message(message);
+                }
+            }
+        }
+    }
+
+    /// Why the connection ended: the server's reason if it initiated the close, else `fallback`.
+    fn end_reason(&self, fallback: DisconnectReason) -> DisconnectReason {
+        match self.closing {
+            Some((_, reason)) => reason,
+            None if self.peer_closed => DisconnectReason::ClientClosed,
+            None => fallback,
+        }
+    }
+
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        if self.closing.is_none()
+            && let Some(request) = self.conn.close_requested()
+        {
+            return Poll::Ready(Step::Close(request));
+        }
+        if let Some(op) = self.inflight.as_mut()
+            && Pin::new(op).poll(cx).is_ready()
+        {
+            self.inflight = None;
+            return Poll::Ready(Step::OpDone);
+        }
+        if let Err(error) = self.poll_write(cx) {
+            return Poll::Ready(Step::WriteFailed(error));
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Step::Timer);
+        }
+        match self.ws.poll_next_unpin(cx) {
+            Poll::Ready(incoming) => Poll::Ready(Step::Incoming(incoming)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Takes everything queued, feeds it to the WebSocket and flushes once.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
+        self.conn.register_waker(cx.waker());
+        if self.closing.is_none() {
+            if self.batch.is_empty() {
+                self.conn.take_all(&mut self.batch);
+            }
+            let mut handed = 0usize;
+            while !self.batch.is_empty() {
+                match self.ws.poll_ready_unpin(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => break,
+                }
+                let Some(out) = self.batch.pop_front() else {
+                    break;
+                };
+                handed += out.frame.len();
+                if let Some(t) = out.published {
+                    self.oldest_unflushed = Some(self.oldest_unflushed.map_or(t, |o| o.min(t)));
+                }
+                self.ws.start_send_unpin(Message::Text(out.frame))?;
+                self.unflushed = true;
+            }
+            if handed > 0 {
+                self.conn.written(handed);
+            }
+            if self.batch.is_empty() && self.batch.capacity() > 256 {
+                // A burst grew the batch; an idle connection should not keep that memory.
+                self.batch = VecDeque::new();
+            }
+        }
+        if self.unflushed {
+            match self.ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.unflushed = false;
+                    if let Some(t) = self.oldest_unflushed.take() {
+                        let age = SystemTime::now().duration_since(t).unwrap_or_default();
+                        self.metrics.delivery_latency.observe(age.as_secs_f64());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a frame straight into the WebSocket (pings, close); the next write pass flushes it.
+    fn send_now(&mut self, message: Message) {
+        match self.ws.start_send_unpin(message) {
+            Ok(()) => self.unflushed = true,
+            // The write buffer is full (a peer that does not read): the idle/slow-consumer rules
+            // deal with that peer; a missed ping or close frame changes nothing.
+            Err(error) => tracing::debug!(conn = self.conn.id, %error, "control frame not sent"),
+        }
+    }
+
+    fn start_close(&mut self, code: u16, reason: &'static str, why: DisconnectReason) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some((Instant::now() + CLOSE_GRACE, why));
+        self.conn.close_queue();
+        self.batch = VecDeque::new();
+        self.pending.clear();
+        self.send_now(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from_static(reason),
+        })));
+        self.reset_timer();
+    }
+
+    /// Handles the timer; returns a reason when the connection must end now.
+    fn on_timer(&mut self) -> Option<DisconnectReason> {
+        let now = Instant::now();
+        if let Some((deadline, why)) = self.closing {
+            if now >= deadline {
+                return Some(why);
+            }
+        } else if now >= self.last_rx + self.settings.idle_timeout {
+            self.start_close(
+                close::IDLE_TIMEOUT,
+                "idle timeout",
+                DisconnectReason::IdleTimeout,
+            );
+        } else if now >= self.next_ping {
+            self.send_now(Message::Ping(Default::default()));
+            self.next_ping = now + self.settings.ping_interval;
+        }
+        if now >= self.next_sample {
+            self.sample_socket();
+            self.next_sample = now + self.settings.socket_sample_interval;
+        }
+        self.reset_timer();
+        None
+    }
+
+    fn reset_timer(&mut self) {
+        let mut next = self.next_sample;
+        match self.closing {
+            Some((deadline, _)) => next = next.min(deadline),
+            None => {
+                next = next
+                    .min(self.next_ping)
+                    .min(self.last_rx + self.settings.idle_timeout);
+            }
+        }
+        self.timer.as_mut().reset(next);
+    }
+
+    fn sample_socket(&self) {
+        match sockq::sample(self.fd) {
+            Ok(depth) => self.conn.store_socket_sample(depth.recv_q, depth.send_q),
+            Err(error) => tracing::debug!(conn = self.conn.id, %error, "socket queue sample failed"),
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
+        if self.closing.is_some() {
+            // Everything is still read (and discarded) until the close handshake finishes.
+            return;
+        }
+        match message {
+            Message::Text(text) => self.on_text(text.as_str()),
+            Message::Binary(_) => {
+                self.metrics.frame(FrameKind::Binary);
+                self.start_close(
+                    close::UNSUPPORTED_DATA,
+                    "binary frames are not supported; send JSON text",
+                    DisconnectReason::Binary,
+                );
+            }
+            // tungstenite queues the pong itself; it goes out with the next read or write.
+            Message::Ping(_) => self.metrics.frame(FrameKind::WsPing),
+            Message::Pong(_) => self.metrics.frame(FrameKind::WsPong),
+            Message::Close(_) => {
+                self.metrics.frame(FrameKind::Close);
+                self.peer_closed = true;
+            }
+            Message::Frame(_) => {}
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        match protocol::parse_client_frame(text, self.settings.max_subscriptions) {
+            Ok(op) => {
+                self.invalid_in_row = 0;
+                self.metrics.frame(match op {
+                    ClientOp::Subscribe { .. } => FrameKind::Subscribe,
+                    ClientOp::Unsubscribe { .. } => FrameKind::Unsubscribe,
+                    ClientOp::Ping { .. } => FrameKind::Ping,
+                });
+                if self.pending.len() >= MAX_PENDING_REQUESTS {
+                    self.hub.reply(
+                        &self.conn,
+                        protocol::error(
+                            op.id(),
+                            ErrorCode::Busy,
+                            "too many requests in progress on this connection; wait for replies",
+                            &[],
+                        ),
+                    );
+                    return;
+                }
+                self.pending.push_back(op);
+                self.start_next_op();
+            }
+            Err(error) => {
+                self.metrics.frame(FrameKind::Invalid);
+                self.invalid_in_row += 1;
+                if self.invalid_in_row >= MAX_INVALID_IN_ROW {
+                    self.start_close(
+                        close::POLICY,
+                        "too many invalid frames",
+                        DisconnectReason::Abuse,
+                    );
+                    return;
+                }
+                self.hub.reply(
+                    &self.conn,
+                    protocol::error(error.id.as_ref(), error.code, &error.message, &[]),
+                );
+            }
+        }
+    }
+
+    /// Starts queued requests in order: pings are answered at once (in their turn), subscribe
+    /// and unsubscribe run one at a time in a task.
+    fn start_next_op(&mut self) {
+        while self.inflight.is_none() {
+            let Some(op) = self.pending.pop_front() else {
+                return;
+            };
+            match op {
+                ClientOp::Ping { id } => self.hub.reply(&self.conn, protocol::pong(id.as_ref())),
+                op => {
+                    let (hub, conn, settings) =
+                        (self.hub.clone(), self.conn.clone(), self.settings.clone());
+                    self.inflight = Some(tokio::spawn(async move {
+                        run_op(&hub, &conn, &settings, op).await;
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Validates a request's patterns; returns `(as sent, canonical)` pairs or the error reply.
+fn check_patterns(
+    events: Vec<String>,
+    max_len: usize,
+) -> Result<Vec<(String, String)>, (ErrorCode, String)> {
+    events
+        .into_iter()
+        .map(|p| match topics::validate_pattern(&p, max_len) {
+            Ok(()) => {
+                let canon = topics::canonical(&p);
+                Ok((p, canon))
+            }
+            Err(e @ PatternError::TooLong { .. }) => {
+                Err((ErrorCode::PatternTooLong, format!("{e}")))
+            }
+            Err(e) => Err((ErrorCode::InvalidPattern, format!("{p:?}: {e}"))),
+        })
+        .collect()
+}
+
+async fn run_op(hub: &Hub, conn: &Arc<ConnShared>, settings: &SessionSettings, op: ClientOp) {
+    let (id, events, subscribe) = match op {
+        ClientOp::Subscribe { id, events } => (id, events, true),
+        ClientOp::Unsubscribe { id, events } => (id, events, false),
+        ClientOp::Ping { id } => {
+            hub.reply(conn, protocol::pong(id.as_ref()));
+            return;
+        }
+    };
+    let patterns = match check_patterns(events, settings.max_pattern_length) {
+        Ok(p) => p,
+        Err((code, message)) => {
+            hub.reply(conn, protocol::error(id.as_ref(), code, &message, &[]));
+            return;
+        }
+    };
+    if subscribe {
+        subscribe_all(hub, conn, settings, id.as_ref(), patterns).await;
+    } else {
+        for (_, canon) in &patterns {
+            hub.unsubscribe(conn, canon).await;
+        }
+        let sent: Vec<String> = patterns.into_iter().map(|(p, _)| p).collect();
+        hub.reply(conn, protocol::unsubscribed(id.as_ref(), &sent));
+    }
+}
+
+async fn subscribe_all(
+    hub: &Hub,
+    conn: &Arc<ConnShared>,
+    settings: &SessionSettings,
+    id: Option<&RequestId>,
+    patterns: Vec<(String, String)>,
+) {
+    let new: usize = {
+        let held = crate::connection::lock(&conn.patterns);
+        let mut fresh: Vec<&str> = patterns
+            .iter()
+            .map(|(_, c)| c.as_str())
+            .filter(|c| !held.iter().any(|h| &**h == *c))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if held.len() + fresh.len() > settings.max_subscriptions {
+            let message = format!(
+                "this connection holds {} patterns; {} more would exceed the limit of {}",
+                held.len(),
+                fresh.len(),
+                settings.max_subscriptions
+            );
+            drop(held);
+            hub.reply(
+                conn,
+                protocol::error(id, ErrorCode::TooManySubscriptions, &message, &[]),
+            );
+            return;
+        }
+        fresh.len()
+    };
+    tracing::trace!(conn = conn.id, new, "subscribing");
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    let mut last_error = None;
+    for (sent, canon) in patterns {
+        match hub.subscribe(conn, &canon).await {
+            Ok(()) => ok.push(sent),
+            Err(error) => {
+                tracing::warn!(conn = conn.id, pattern = %canon, %error, "bind failed");
+                last_error = Some(error);
+                failed.push(sent);
+            }
+        }
+    }
+    if !ok.is_empty() {
+        hub.reply(conn, protocol::subscribed(id, &ok));
+    }
+    if let Some(error) = last_error {
+        hub.reply(
+            conn,
+            protocol::error(id, ErrorCode::Unavailable, &error.to_string(), &failed),
+        );
+    }
+}
