@@ -151,11 +151,13 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with every default and both ports on `127.0.0.1:0`, for tests.
+    /// A configuration with every default, both ports on `127.0.0.1:0` and a 1 s drain, for
+    /// tests (a default 10 s drain would make every test's shutdown slow).
     pub fn for_tests() -> Self {
         let mut cfg = Self::parse_from(["event-service"]);
         cfg.listen = "127.0.0.1:0".parse().expect("literal address");
         cfg.admin_listen = "127.0.0.1:0".parse().expect("literal address");
+        cfg.drain_duration = Duration::from_secs(1);
         cfg
     }
 }
