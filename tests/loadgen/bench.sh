@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Event service benchmarks: builds release binaries, starts a fresh service per run on loopback,
+# runs the load generator against it, stops the service, and prints each figure as the median
+# and range of the runs. The numbers and this command are recorded in BENCHMARKS.md.
+#
+# Usage: tests/loadgen/bench.sh [idle|fanout|all]      (default: all)
+#
+# Knobs (environment variables, with defaults):
+#   RUNS=3                runs per scenario; a fresh service each run
+#   CONNECTIONS=10000     idle: connections to hold (the service's default --max-connections)
+#   IDLE_HOLD=25s         idle: keep them open this long after measuring (spans a server ping)
+#   SUBSCRIBERS=2000      fanout: subscribers of one event
+#   RATES="500"           fanout: publish rates in events/s to run (0 = as fast as accepted);
+#                         deliveries/s = rate x subscribers, so 500 is the 1M/s target
+#   DURATION=10s          fanout: publishing time per run
+#   PAYLOAD_BYTES=100     fanout: size of each event's data
+#   BATCH=10              fanout: events per POST /publish
+#   LOADGEN_THREADS=1     worker threads of the load generator
+#   PORT=18080 ADMIN_PORT=19090   loopback ports for the service
+#   SERVICE_ARGS=""       extra flags for event-service (default settings otherwise)
+#   RESULTS_DIR=<tmp>     where each run's JSON report is kept
+set -euo pipefail
+
+scenario="${1:-all}"
+case "$scenario" in idle|fanout|all) ;; *) echo "usage: $0 [idle|fanout|all]" >&2; exit 2 ;; esac
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUNS="${RUNS:-3}"
+CONNECTIONS="${CONNECTIONS:-10000}"
+IDLE_HOLD="${IDLE_HOLD:-25s}"
+SUBSCRIBERS="${SUBSCRIBERS:-2000}"
+RATES="${RATES:-500}"
+DURATION="${DURATION:-10s}"
+PAYLOAD_BYTES="${PAYLOAD_BYTES:-100}"
+BATCH="${BATCH:-10}"
+LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+PORT="${PORT:-18080}"
+ADMIN_PORT="${ADMIN_PORT:-19090}"
+SERVICE_ARGS="${SERVICE_ARGS:-}"
+RESULTS_DIR="${RESULTS_DIR:-$(mktemp -d -t eventrouter-bench.XXXXXX)}"
+mkdir -p "$RESULTS_DIR"
+
+for tool in jq curl; do
+  command -v "$tool" >/dev/null || { echo "bench.sh needs $tool on PATH" >&2; exit 1; }
+done
+
+echo "building release binaries ..." >&2
+(cd "$root" && cargo build --release --quiet -p event-service -p eventrouter-loadgen)
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+service_bin="$target_dir/release/event-service"
+loadgen_bin="$target_dir/release/loadgen"
+
+# Both processes hold one descriptor per connection.
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((CONNECTIONS + 256)) ]; then
+  echo "warning: open-file limit $(ulimit -n) is below $CONNECTIONS connections (raise ulimit -Hn)" >&2
+fi
+
+service_pid=""
+stop_service() {
+  if [ -n "$service_pid" ] && kill -0 "$service_pid" 2>/dev/null; then
+    kill -TERM "$service_pid"
+    wait "$service_pid" 2>/dev/null || true
+  fi
+  service_pid=""
+}
+trap stop_service EXIT
+
+start_service() {
+  for p in "$PORT" "$ADMIN_PORT"; do
+    if ss -Hltn "sport = :$p" | grep -q .; then
+      echo "port $p is in use; set PORT/ADMIN_PORT" >&2
+      exit 1
+    fi
+  done
+  # shellcheck disable=SC2086 # SERVICE_ARGS is a list of flags
+  "$service_bin" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+    --log warn --drain-duration 1s $SERVICE_ARGS >"$RESULTS_DIR/service.log" 2>&1 &
+  service_pid=$!
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; then
+      sleep 1 # let the allocator and runtime settle before the baseline RSS
+      return
+    fi
+    kill -0 "$service_pid" 2>/dev/null || { cat "$RESULTS_DIR/service.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "event-service did not become healthy; log: $RESULTS_DIR/service.log" >&2
+  exit 1
+}
+
+# stats FIELD DIGITS FILE... : "median (range min–max, n)" of a numeric field over the run
+# reports, rounded to DIGITS decimals.
+stats() {
+  local field="$1" digits="$2"; shift 2
+  jq -rs --arg f "$field" --argjson d "$digits" '
+    def r: (. * pow(10; $d) | round) / pow(10; $d);
+    map(getpath($f | split(".")) // empty) | sort
+    | if length == 0 then "n/a"
+      else "\(.[(length / 2 | floor)] | r) (range \(.[0] | r)–\(.[-1] | r), n=\(length))"
+      end' "$@"
+}
+
+common=(--addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN_PORT")
+
+run_idle() {
+  local files=()
+  for i in $(seq 1 "$RUNS"); do
+    echo "== idle run $i/$RUNS: $CONNECTIONS connections ==" >&2
+    start_service
+    local out="$RESULTS_DIR/idle-$i.json"
+    "$loadgen_bin" --threads "$LOADGEN_THREADS" --json idle "${common[@]}" \
+      --service-pid "$service_pid" --connections "$CONNECTIONS" --hold "$IDLE_HOLD" >"$out"
+    stop_service
+    files+=("$out")
+  done
+  echo
+  echo "idle: $CONNECTIONS subscribed connections, default settings, $RUNS runs"
+  echo "  established              $(stats established 0 "${files[@]}")"
+  echo "  RSS per connection (B)   $(stats rss_per_connection_bytes 0 "${files[@]}")"
+  echo "  RssAnon per conn (B)     $(stats rss_anon_per_connection_bytes 0 "${files[@]}")"
+  echo "  kernel TCP per pair (B)  $(stats kernel_tcp_per_connection_pair_bytes 0 "${files[@]}")"
+  echo "  server Recv-Q after hold $(jq -s '[.[] | .snapshots[] | select(.label == "after hold") | .queues.server_side.recv_q] | add' "${files[@]}") B (sum over runs)"
+  echo "  pings answered           $(stats pongs_sent 0 "${files[@]}")"
+  echo "  closed by server         $(stats closed_by_server 0 "${files[@]}")"
+}
+
+run_fanout() {
+  for rate in $RATES; do
+    local files=()
+    for i in $(seq 1 "$RUNS"); do
+      echo "== fanout run $i/$RUNS: $SUBSCRIBERS subscribers, $rate events/s ==" >&2
+      start_service
+      local out="$RESULTS_DIR/fanout-$rate-$i.json"
+      "$loadgen_bin" --threads "$LOADGEN_THREADS" --json fanout "${common[@]}" \
+        --service-pid "$service_pid" --subscribers "$SUBSCRIBERS" --rate "$rate" \
+        --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" >"$out"
+      stop_service
+      files+=("$out")
+    done
+    echo
+    echo "fanout: $SUBSCRIBERS subscribers, rate $rate events/s (0 = full speed), $PAYLOAD_BYTES-byte data, $RUNS runs"
+    echo "  published events/s       $(stats publish_rate 0 "${files[@]}")"
+    echo "  deliveries/s (overall)    $(stats deliveries_per_second 0 "${files[@]}")"
+    echo "  deliveries/s (steady)     $(stats steady_deliveries_per_second 0 "${files[@]}")"
+    echo "  missing                   $(stats missing 0 "${files[@]}")"
+    echo "  service drops             $(stats service.drops 0 "${files[@]}")"
+    echo "  subscribers closed        $(jq -s '[.[] | .subscribers_closed | to_entries[] | .value] | add // 0' "${files[@]}") (sum over runs)"
+    echo "  latency p50 / p99 (ms)    $(stats latency_p50_ms 2 "${files[@]}") / $(stats latency_p99_ms 2 "${files[@]}")"
+    echo "  mean frame (B)            $(stats mean_frame_bytes 0 "${files[@]}")"
+    echo "  service CPU s per run     $(jq -rs 'map(.service_cpu_seconds) | map(. * 100 | round / 100) | join(" ")' "${files[@]}")"
+    echo "  loadgen CPU s per run     $(jq -rs 'map(.loadgen_cpu_seconds) | map(. * 100 | round / 100) | join(" ")' "${files[@]}")"
+  done
+}
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+case "$scenario" in
+  idle) run_idle ;;
+  fanout) run_fanout ;;
+  all) run_idle; run_fanout ;;
+esac
+echo
+echo "run reports: $RESULTS_DIR"
