@@ -1,10 +1,51 @@
-//! RabbitMQ source (lapin). Placeholder until the AMQP source lands: every call reports the
-//! broker as unavailable, so nothing pretends to work.
+//! The RabbitMQ source: one queue per instance, bound to exactly the patterns its clients hold.
+//!
+//! # Layout
+//!
+//! - this module — [`AmqpSource`], the handle the hub and the HTTP layer use: `bind`, `unbind`,
+//!   `publish`, `is_up`. It owns the set of bound patterns, the truth restored after a reconnect.
+//! - `session` — the background connection manager: connect, declare, restore bindings, consume,
+//!   notice the loss, back off, do it again.
+//! - `message` — event ⇄ AMQP message mapping and the malformed-message rules (pure).
+//! - `settings` — the configuration, resolved and checked at start (pure).
+//! - `backoff` — reconnect delays with jitter (pure).
+//! - `metrics` — broker up, reconnects, publish confirms/failures, malformed messages.
+//!
+//! # Consistency between bindings and reconnects
+//!
+//! Every operation on the current connection holds a read lock on it; the connection manager takes
+//! the write lock to swap connections and to re-bind the recorded patterns. So a pattern is either
+//! recorded before the manager snapshots the set (and restored on the new queue), or bound on the
+//! new connection after the restore: none falls between two connections.
 
-use std::sync::Arc;
+mod backoff;
+mod message;
+mod metrics;
+mod session;
+mod settings;
 
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use futures_util::future::join_all;
+use lapin::{
+    Channel, Confirmation,
+    options::{BasicPublishOptions, QueueBindOptions},
+    types::{FieldTable, ShortString},
+};
+use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
+use self::{
+    metrics::{AmqpMetrics, PublishFailure},
+    settings::{OPERATION_TIMEOUT, Settings},
+};
 use super::{EventSink, SourceError};
 use crate::{config::Config, event::Event};
 
@@ -19,39 +60,303 @@ pub enum AmqpStartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the AMQP URL is not valid ({reason}); expected amqp://user:pass@host:5672/vhost")]
+    InvalidUrl { reason: String },
+    #[error("{setting}: {reason}")]
+    InvalidSetting {
+        setting: &'static str,
+        reason: String,
+    },
+    #[error("could not register the AMQP metrics (registered twice on one registry?): {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
+/// The channels of the current connection that operations need.
+#[derive(Clone)]
+struct Link {
+    /// Which connection this is (counts up); a failed operation names it when asking for a new one.
+    generation: u64,
+    /// Declares and (un)binds.
+    control: Channel,
+    /// In confirm mode: every publish is confirmed by the broker.
+    publish: Channel,
+}
+
+/// The RabbitMQ source. Cheap to share (`Arc`); a background task keeps it connected until the
+/// shutdown token given to [`AmqpSource::start`] is cancelled.
 pub struct AmqpSource {
-    _private: (),
+    settings: Settings,
+    sink: Arc<dyn EventSink>,
+    metrics: AmqpMetrics,
+    /// The live connection's channels; `None` while disconnected.
+    link: RwLock<Option<Link>>,
+    /// Every pattern the broker confirmed and nobody unbound since: restored on each new queue.
+    bound: Mutex<BTreeSet<String>>,
+    up: AtomicBool,
+    /// An operation failed in a way that leaves the connection's state unknown (a timeout, a
+    /// channel closed by the broker): the generation it asks the manager to replace.
+    recycle_generation: AtomicU64,
+    recycle: Notify,
 }
 
 impl AmqpSource {
     /// Starts the connection manager in the background and returns at once.
+    ///
+    /// Only configuration mistakes are errors. An unreachable broker is not: the manager retries
+    /// with backoff and logs why, and [`AmqpSource::is_up`] stays false until it is connected.
     pub async fn start(
-        _config: &Config,
-        _sink: Arc<dyn EventSink>,
-        _registry: &prometheus::Registry,
-        _shutdown: CancellationToken,
+        config: &Config,
+        sink: Arc<dyn EventSink>,
+        registry: &prometheus::Registry,
+        shutdown: CancellationToken,
     ) -> Result<Arc<AmqpSource>, AmqpStartError> {
-        Err(AmqpStartError::MissingUrl)
+        let settings = Settings::from_config(config)?;
+        let metrics = AmqpMetrics::register(registry)?;
+        let source = Arc::new(AmqpSource {
+            settings,
+            sink,
+            metrics,
+            link: RwLock::new(None),
+            bound: Mutex::new(BTreeSet::new()),
+            up: AtomicBool::new(false),
+            recycle_generation: AtomicU64::new(0),
+            recycle: Notify::new(),
+        });
+        tokio::spawn(session::run(Arc::clone(&source), shutdown));
+        Ok(source)
     }
 
-    pub async fn bind(&self, _pattern: &str) -> Result<(), SourceError> {
-        Err(SourceError::Unavailable(
-            "the AMQP source is not built yet".into(),
-        ))
+    /// The name of this instance's queue on the broker.
+    pub fn queue_name(&self) -> &str {
+        &self.settings.queue
     }
-    pub async fn unbind(&self, _pattern: &str) -> Result<(), SourceError> {
-        Err(SourceError::Unavailable(
-            "the AMQP source is not built yet".into(),
-        ))
+
+    /// The exchange events are published to and consumed from.
+    pub fn exchange(&self) -> &str {
+        &self.settings.exchange
     }
-    pub async fn publish(&self, _events: Vec<Event>) -> Result<usize, SourceError> {
-        Err(SourceError::Unavailable(
-            "the AMQP source is not built yet".into(),
-        ))
+
+    /// Binds `pattern` on this instance's queue; returns once the broker confirmed `queue.bind`.
+    ///
+    /// While disconnected this fails with [`SourceError::Unavailable`] and records nothing: the
+    /// caller rolls its subscription back, so the recorded set holds only confirmed bindings.
+    pub async fn bind(&self, pattern: &str) -> Result<(), SourceError> {
+        let routing_key = ShortString::try_new(pattern).map_err(|_| {
+            SourceError::Rejected("a pattern may be at most 255 bytes (an AMQP routing key)".into())
+        })?;
+        let guard = self.link.read().await;
+        let link = guard.as_ref().ok_or_else(not_connected)?;
+        let result = tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            link.control.queue_bind(
+                self.settings.queue_name(),
+                self.settings.exchange_name(),
+                routing_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match result {
+            Ok(Ok(())) => {
+                self.patterns().insert(pattern.to_owned());
+                debug!(pattern, queue = %self.settings.queue, "bound");
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                warn!(pattern, %error, "queue.bind failed");
+                self.request_recycle(link.generation);
+                Err(source_error(&error))
+            }
+            Err(_) => {
+                warn!(pattern, timeout = ?OPERATION_TIMEOUT, "queue.bind got no answer");
+                self.request_recycle(link.generation);
+                Err(SourceError::Timeout)
+            }
+        }
     }
+
+    /// Removes `pattern` from this instance's queue.
+    ///
+    /// The pattern is forgotten first, whatever the broker says: it will not be restored on the
+    /// next connection. While disconnected there is nothing to undo (the queue is exclusive, so it
+    /// went with the old connection) and this returns Ok. If the broker fails the unbind, the
+    /// connection is replaced — its queue and every stale binding go with it — and the error is
+    /// returned for the log only: the caller need not retry.
+    pub async fn unbind(&self, pattern: &str) -> Result<(), SourceError> {
+        let guard = self.link.read().await;
+        let was_bound = self.patterns().remove(pattern);
+        let Some(link) = guard.as_ref() else {
+            return Ok(());
+        };
+        if !was_bound {
+            return Ok(());
+        }
+        let Ok(routing_key) = ShortString::try_new(pattern) else {
+            return Ok(()); // never bound: `bind` refuses such patterns
+        };
+        let result = tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            link.control.queue_unbind(
+                self.settings.queue_name(),
+                self.settings.exchange_name(),
+                routing_key,
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match result {
+            Ok(Ok(())) => {
+                debug!(pattern, queue = %self.settings.queue, "unbound");
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                warn!(pattern, %error, "queue.unbind failed; replacing the connection");
+                self.request_recycle(link.generation);
+                Err(source_error(&error))
+            }
+            Err(_) => {
+                warn!(
+                    pattern,
+                    "queue.unbind got no answer; replacing the connection"
+                );
+                self.request_recycle(link.generation);
+                Err(SourceError::Timeout)
+            }
+        }
+    }
+
+    /// Publishes every event to the exchange and returns `Ok(n)` only once the broker confirmed
+    /// all of them.
+    ///
+    /// [`SourceError::Unavailable`] while disconnected (the HTTP layer answers 503),
+    /// [`SourceError::Rejected`] when the broker nacked any, [`SourceError::Timeout`] when
+    /// confirms did not all arrive in time. On an error some events may still have been
+    /// delivered; publishers that retry can use the event id to drop duplicates.
+    pub async fn publish(&self, events: Vec<Event>) -> Result<usize, SourceError> {
+        let n = events.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        // Encode everything first so that a bad event fails the request before anything is sent.
+        let mut encoded = Vec::with_capacity(n);
+        for event in &events {
+            match message::encode(event) {
+                Ok(e) => encoded.push(e),
+                Err(reason) => {
+                    self.metrics.publish_failed(PublishFailure::Error, n);
+                    return Err(SourceError::Rejected(reason.into()));
+                }
+            }
+        }
+        // Hold the read lock only to pick the channel: confirms can take a while, and the manager
+        // must be able to swap connections meanwhile (a dead channel fails the confirms anyway).
+        let link = self.link.read().await.clone();
+        let Some(link) = link else {
+            self.metrics.publish_failed(PublishFailure::Unavailable, n);
+            return Err(not_connected());
+        };
+        let work = async {
+            let mut confirms = Vec::with_capacity(n);
+            for (event, (routing_key, properties)) in events.iter().zip(encoded) {
+                let confirm = link
+                    .publish
+                    .basic_publish(
+                        self.settings.exchange_name(),
+                        routing_key,
+                        BasicPublishOptions::default(),
+                        &event.data,
+                        properties,
+                    )
+                    .await?;
+                confirms.push(confirm);
+            }
+            Ok::<_, lapin::Error>(join_all(confirms).await)
+        };
+        let outcomes = match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(error)) => {
+                let err = source_error(&error);
+                let reason = match err {
+                    SourceError::Unavailable(_) => PublishFailure::Unavailable,
+                    _ => PublishFailure::Error,
+                };
+                self.metrics.publish_failed(reason, n);
+                self.request_recycle(link.generation);
+                return Err(err);
+            }
+            Err(_) => {
+                self.metrics.publish_failed(PublishFailure::Timeout, n);
+                self.request_recycle(link.generation);
+                return Err(SourceError::Timeout);
+            }
+        };
+        let (mut acked, mut nacked, mut first_error) = (0usize, 0usize, None);
+        for outcome in outcomes {
+            match outcome {
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => acked += 1,
+                Ok(Confirmation::Nack(_)) => nacked += 1,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        self.metrics.confirmed(acked);
+        if nacked > 0 {
+            self.metrics.publish_failed(PublishFailure::Nack, nacked);
+        }
+        if let Some(error) = first_error {
+            self.metrics
+                .publish_failed(PublishFailure::Error, n - acked - nacked);
+            self.request_recycle(link.generation);
+            return Err(source_error(&error));
+        }
+        if nacked > 0 {
+            return Err(SourceError::Rejected(format!(
+                "the broker refused {nacked} of {n} events (negative publisher confirm)"
+            )));
+        }
+        Ok(acked)
+    }
+
+    /// True while connected with the queue declared, every recorded pattern bound and the
+    /// consumer running. Readiness follows this.
     pub fn is_up(&self) -> bool {
-        false
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// The patterns currently recorded as bound (what a reconnect restores).
+    pub fn bound_patterns(&self) -> Vec<String> {
+        self.patterns().iter().cloned().collect()
+    }
+
+    fn patterns(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // A panic while holding this lock cannot leave the set half-updated (single insert or
+        // remove), so a poisoned lock is still consistent.
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.metrics.set_up(up);
+    }
+
+    /// Asks the manager to replace connection `generation` (ignored if it is already gone).
+    fn request_recycle(&self, generation: u64) {
+        self.recycle_generation.store(generation, Ordering::Release);
+        self.recycle.notify_one();
+    }
+}
+
+fn not_connected() -> SourceError {
+    SourceError::Unavailable("not connected to RabbitMQ; reconnecting".into())
+}
+
+/// A broker that refused the request (a channel-level AMQP error) versus one that is gone.
+fn source_error(error: &lapin::Error) -> SourceError {
+    if error.is_amqp_soft_error() {
+        SourceError::Rejected(error.to_string())
+    } else {
+        SourceError::Unavailable(error.to_string())
     }
 }

@@ -1,0 +1,425 @@
+//! The connection manager: keeps one live session with the broker, and replaces it when it dies.
+//!
+//! A session is: connect → declare the exchange (or check it exists) → declare this instance's
+//! exclusive queue → under the write lock, re-bind every recorded pattern and start consuming →
+//! mark up → consume until the connection or a channel fails, an operation asks for a new
+//! connection, or shutdown. Then: mark down (readiness drops at once), close, back off with
+//! jitter, start over. Every failure is logged with what to check; none ends the process.
+//!
+//! Any channel error ends the whole session rather than reopening one channel: the queue is
+//! exclusive, so closing the connection is the one step that provably removes every binding the
+//! instance no longer wants, and the next session rebuilds exactly the recorded set.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    Acker, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    types::{FieldTable, ShortString},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    AmqpSource, Link,
+    backoff::Backoff,
+    message::{self, Malformed},
+    settings::OPERATION_TIMEOUT,
+};
+use crate::source::Origin;
+
+/// First reconnect delay; doubles per failure up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A session that lived this long counts as healthy: the next failure backs off from the start.
+/// (A session that dies right after setup keeps growing the delay instead of spinning.)
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How long a clean close may take on shutdown or before reconnecting.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// At most one log line per this interval about malformed messages (the counter has the rest).
+const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{step} failed: {source}")]
+    Broker {
+        step: &'static str,
+        source: lapin::Error,
+    },
+    #[error("{step} got no answer within {timeout:?}")]
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
+    #[error(
+        "the exchange '{exchange}' does not exist: the operator declares it, or start the service \
+         with --declare-exchange=true"
+    )]
+    ExchangeMissing { exchange: String },
+}
+
+/// Runs one broker step with the operation deadline, naming the step in the error.
+async fn step<T>(
+    step: &'static str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, SetupError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(SetupError::Broker { step, source }),
+        Err(_) => Err(SetupError::Timeout {
+            step,
+            timeout: OPERATION_TIMEOUT,
+        }),
+    }
+}
+
+/// A set-up session: what the consume loop needs, and the connection to close at the end.
+struct Session {
+    connection: Connection,
+    consumer: Consumer,
+    generation: u64,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// The manager task. Returns only on shutdown.
+pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
+    let mut generation = 0u64;
+    let mut ever_connected = false;
+    let endpoint = source.settings.endpoint.clone();
+    loop {
+        generation += 1;
+        let setup = tokio::select! {
+            () = shutdown.cancelled() => return,
+            setup = set_up(&source, generation) => setup,
+        };
+        match setup {
+            Ok(mut session) => {
+                if ever_connected {
+                    source.metrics.reconnected();
+                }
+                ever_connected = true;
+                info!(
+                    %endpoint,
+                    queue = %source.settings.queue,
+                    bindings = source.patterns().len(),
+                    "connected to RabbitMQ; consuming"
+                );
+                let started = Instant::now();
+                let end = live(&source, &mut session, &shutdown).await;
+                // Readiness drops before anything else: the lock below may wait for in-flight
+                // operations to fail.
+                source.set_up(false);
+                *source.link.write().await = None;
+                close(&session.connection).await;
+                match end {
+                    SessionEnd::Shutdown => {
+                        info!(%endpoint, "disconnected from RabbitMQ (shutdown)");
+                        return;
+                    }
+                    SessionEnd::Lost(reason) => {
+                        warn!(%endpoint, %reason, "lost the RabbitMQ session; reconnecting");
+                    }
+                }
+                if started.elapsed() >= HEALTHY_SESSION {
+                    backoff.reset();
+                }
+            }
+            Err(error) => {
+                warn!(
+                    %endpoint,
+                    %error,
+                    attempt = backoff.attempt() + 1,
+                    "cannot set up the RabbitMQ session; retrying"
+                );
+            }
+        }
+        let delay = backoff.next_delay();
+        debug!(
+            retry_in_ms = delay.as_millis(),
+            "waiting before reconnecting"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Connects and builds the topology; on success the session is live and the source is up.
+async fn set_up(source: &AmqpSource, generation: u64) -> Result<Session, SetupError> {
+    let settings = &source.settings;
+    let properties = ConnectionProperties::default()
+        .with_connection_name(settings.connection_name.clone().into());
+    let connection = step(
+        "connecting",
+        Connection::connect_uri(settings.uri.clone(), properties),
+    )
+    .await?;
+    match build(source, &connection, generation).await {
+        Ok(consumer) => Ok(Session {
+            connection,
+            consumer,
+            generation,
+        }),
+        Err(error) => {
+            close(&connection).await;
+            Err(error)
+        }
+    }
+}
+
+async fn build(
+    source: &AmqpSource,
+    connection: &Connection,
+    generation: u64,
+) -> Result<Consumer, SetupError> {
+    let settings = &source.settings;
+    let control = step("opening the control channel", connection.create_channel()).await?;
+    let exchange = settings.exchange_name();
+    let declared = control.exchange_declare(
+        exchange.clone(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            // Passive: only check that the exchange the operator owns is there.
+            passive: !settings.declare_exchange,
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    );
+    match step("declaring the exchange", declared).await {
+        Ok(()) => {}
+        Err(SetupError::Broker { source: e, .. })
+            if !settings.declare_exchange && is_not_found(&e) =>
+        {
+            return Err(SetupError::ExchangeMissing {
+                exchange: settings.exchange.clone(),
+            });
+        }
+        Err(e) => return Err(e),
+    }
+    step(
+        "declaring the queue",
+        control.queue_declare(
+            settings.queue_name(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                durable: false,
+                ..QueueDeclareOptions::default()
+            },
+            settings.queue_arguments(),
+        ),
+    )
+    .await?;
+    let consume = step("opening the consumer channel", connection.create_channel()).await?;
+    step(
+        "setting the prefetch (basic.qos)",
+        consume.basic_qos(settings.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let publish = step("opening the publish channel", connection.create_channel()).await?;
+    step(
+        "enabling publisher confirms",
+        publish.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+
+    // From here until the link is installed no bind or unbind can run, so the snapshot below is
+    // exactly the set to restore.
+    let mut link = source.link.write().await;
+    let patterns = source.bound_patterns();
+    for pattern in &patterns {
+        let Ok(routing_key) = ShortString::try_new(pattern.as_str()) else {
+            continue; // `bind` never records such a pattern
+        };
+        step(
+            "restoring a binding",
+            control.queue_bind(
+                settings.queue_name(),
+                exchange.clone(),
+                routing_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
+    let consumer = step(
+        "starting the consumer",
+        consume.basic_consume(
+            settings.queue_name(),
+            // Empty tag: the broker generates a unique one.
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    *link = Some(Link {
+        generation,
+        control,
+        publish,
+    });
+    source.set_up(true);
+    debug!(restored = patterns.len(), "bindings restored");
+    Ok(consumer)
+}
+
+/// Consumes until the session ends, and says why it ended.
+async fn live(
+    source: &AmqpSource,
+    session: &mut Session,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let mut events = session.connection.events_listener();
+    let broker_events = async {
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::Error(error) => return format!("connection error: {error}"),
+                lapin::Event::ConnectionBlocked(reason) => {
+                    warn!(%reason, "RabbitMQ blocked this connection (resource alarm); publishes wait");
+                }
+                lapin::Event::ConnectionUnblocked => info!("RabbitMQ unblocked this connection"),
+                _ => {}
+            }
+        }
+        "the connection's event stream ended".to_owned()
+    };
+    let recycle = async {
+        loop {
+            source.recycle.notified().await;
+            if source.recycle_generation.load(Ordering::Acquire) == session.generation {
+                return "an operation failed on this connection; replacing it".to_owned();
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => SessionEnd::Shutdown,
+        reason = consume(source, &mut session.consumer) => SessionEnd::Lost(reason),
+        reason = broker_events => SessionEnd::Lost(reason),
+        reason = recycle => SessionEnd::Lost(reason),
+    }
+}
+
+/// Hands every message to the hub and acknowledges in batches; returns why it stopped.
+///
+/// Acks are sent with `multiple = true` every quarter prefetch, or as soon as the queue has
+/// nothing more ready: the broker's window never stalls, and the cost is one ack frame per batch
+/// rather than per message.
+async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
+    let ack_every = usize::from(source.settings.prefetch / 4).max(1);
+    let max_bytes = source.settings.max_message_bytes;
+    let mut unacked: Option<Acker> = None;
+    let mut unacked_count = 0usize;
+    let mut malformed_log = RateLimitedLog::new(MALFORMED_LOG_INTERVAL);
+    loop {
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                if let Some(acker) = unacked.take() {
+                    unacked_count = 0;
+                    if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
+                        return format!("acknowledging failed: {error}");
+                    }
+                }
+                consumer.next().await
+            }
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => return format!("consumer error: {error}"),
+            None => return "the broker cancelled the consumer (queue deleted?)".to_owned(),
+        };
+        let routing_key = delivery.routing_key.as_str();
+        match message::decode(routing_key, &delivery.properties, delivery.data, max_bytes) {
+            Ok(event) => source.sink.dispatch(event, Origin::Amqp),
+            Err(reason) => {
+                source.metrics.malformed(reason);
+                malformed_log.log(reason, routing_key);
+            }
+        }
+        unacked = Some(delivery.acker);
+        unacked_count += 1;
+        if unacked_count >= ack_every
+            && let Some(acker) = unacked.take()
+        {
+            unacked_count = 0;
+            if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
+                return format!("acknowledging failed: {error}");
+            }
+        }
+    }
+}
+
+/// Logs the first malformed message and then at most one line per interval, with the number
+/// of malformed messages since the last line: a flood costs a counter increment, not log volume.
+struct RateLimitedLog {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn log(&mut self, reason: Malformed, routing_key: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.interval)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(
+            reason = reason.as_str(),
+            routing_key,
+            suppressed_since_last_log = self.suppressed,
+            "dropped a malformed message from the queue"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
+    )
+}
+
+/// Closes the connection politely if it is still open; a dead one is simply dropped.
+async fn close(connection: &Connection) {
+    if connection.status().connected() {
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            connection.close(
+                200,
+                ShortString::from("event-service reconnecting or stopping"),
+            ),
+        )
+        .await;
+    }
+}
