@@ -1,0 +1,673 @@
+//! The `EventRouter` custom resource: its spec, status and the generated CRD.
+//!
+//! Every field carries a doc comment because it becomes the `description` that `kubectl explain`
+//! shows. Defaults live here (as serde defaults, which schemars writes into the schema so the API
+//! server fills them in) and so do the CEL rules that the schema alone cannot express. Rules that
+//! need the cluster (does the Secret exist?) or that compare durations live in `validate`.
+
+use std::collections::BTreeMap;
+
+use eventrouter_contract::kube as names;
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Annotation that lets a stuck deletion finish without touching the broker (see the README).
+pub const SKIP_BROKER_CLEANUP_ANNOTATION: &str = "eventrouter.io/skip-broker-cleanup";
+
+/// A regular expression for the duration strings the event service accepts (`20s`, `1m30s`, `500ms`).
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+/// An event router: a Deployment of the event service, its Service, its RabbitMQ topology and an
+/// autoscaler that scales on connections and on kernel receive-queue bytes per pod.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "eventrouter.io",
+    version = "v1alpha1",
+    kind = "EventRouter",
+    namespaced,
+    status = "EventRouterStatus",
+    shortname = "er",
+    category = "eventrouter",
+    doc = "An event router: WebSocket clients subscribe to events that arrive from RabbitMQ.",
+    derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the router is fully reconciled and available"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Pods of the event service"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Pods that are ready"
+    ),
+    printcolumn(
+        name = "Exchange",
+        type_ = "string",
+        json_path = ".status.topology.exchange",
+        description = "The RabbitMQ exchange the operator declared",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the router is (not) ready",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRouterSpec {
+    /// Container image of the event service.
+    #[serde(default = "default_image")]
+    pub image: String,
+
+    /// When to pull the image: `Always`, `IfNotPresent` or `Never` (Kubernetes' default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
+    pub image_pull_policy: Option<String>,
+
+    /// Number of pods when autoscaling is off. Ignored (never applied) while autoscaling is on, so
+    /// the autoscaler and the operator never fight over it.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// CPU and memory requests and limits of the event-service container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Where events come from: the RabbitMQ connection, the router's exchange and its upstreams.
+    pub rabbitmq: RabbitMqSpec,
+
+    /// WebSocket behaviour of every pod.
+    #[serde(default)]
+    pub websocket: WebSocketSpec,
+
+    /// Horizontal autoscaling on connections and receive-queue bytes per pod.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+
+    /// The Service in front of the pods.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// The PodDisruptionBudget that keeps voluntary evictions from dropping every connection at once.
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
+
+    /// Prometheus scraping of the pods' admin port.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+
+    /// What happens to the RabbitMQ exchange and bindings when this EventRouter is deleted:
+    /// `delete` removes exactly what the operator declared; `retain` leaves the broker untouched.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Log filter of the event service (tracing `EnvFilter` syntax), e.g. `info`.
+    #[serde(default = "default_log_level")]
+    #[schemars(length(min = 1, max = 256))]
+    pub log_level: String,
+
+    /// While true the operator changes nothing: no child is applied or deleted and the broker is
+    /// not touched. Deletion still runs the finalizer.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// The RabbitMQ side of a router.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.exchange) || self.upstreams.all(u, u.exchange != self.exchange)",
+        "message": "an upstream exchange must differ from the router's own exchange"
+    }
+]))]
+pub struct RabbitMqSpec {
+    /// The Secret (in this namespace) holding the AMQP URL, e.g. `amqp://user:pass@rabbitmq:5672/%2f`.
+    /// The operator reads it to declare the topology; the pods mount it as a file.
+    pub secret_ref: SecretKeyRef,
+
+    /// Name of the router's durable topic exchange. Defaults to the EventRouter's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "!self.startsWith('amq.')", "message": "exchange names starting with 'amq.' are reserved by RabbitMQ"}
+    ]))]
+    pub exchange: Option<String>,
+
+    /// Exchanges whose events flow into the router's exchange (exchange-to-exchange bindings).
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub upstreams: Vec<UpstreamBinding>,
+
+    /// Most messages waiting in each pod's queue; beyond it RabbitMQ drops the oldest.
+    #[serde(default = "default_queue_max_length")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub queue_max_length: u32,
+
+    /// How long a message may wait in a pod's queue (e.g. `60s`).
+    #[serde(default = "default_queue_message_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub queue_message_ttl: String,
+
+    /// How long a pod's queue survives unused after its pod is gone (e.g. `5m`).
+    #[serde(default = "default_queue_expires")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub queue_expires: String,
+
+    /// Unacknowledged messages RabbitMQ may push to each pod at once (basic.qos prefetch).
+    #[serde(default = "default_prefetch")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub prefetch: u16,
+}
+
+/// A key of a Secret in the EventRouter's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret whose value is the AMQP URL.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Events published to `exchange` whose routing key matches one of `routingKeys` also reach the
+/// router's exchange.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamBinding {
+    /// The source exchange (it must already exist; the operator does not create it).
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub exchange: String,
+    /// Binding patterns in RabbitMQ topic syntax (`order.*`, `user.#`); `#` forwards everything.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(inner(length(min = 1, max = 255)))]
+    pub routing_keys: Vec<String>,
+}
+
+/// WebSocket settings of every pod (each maps to one event-service flag).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebSocketSpec {
+    /// How often the server pings each client (e.g. `20s`). Must be shorter than `idleTimeout`.
+    #[serde(default = "default_ping_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub ping_interval: String,
+    /// Close a connection when nothing was received from it for this long (e.g. `60s`).
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub idle_timeout: String,
+    /// Time a client has to complete the WebSocket upgrade.
+    #[serde(default = "default_handshake_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub handshake_timeout: String,
+    /// Largest frame a client may send, in bytes.
+    #[serde(default = "default_max_frame_bytes")]
+    #[schemars(range(min = 256, max = 16_777_216))]
+    pub max_frame_bytes: u32,
+    /// Bound on each connection's outbound queue, in bytes.
+    #[serde(default = "default_send_queue_bytes")]
+    #[schemars(range(min = 1024, max = 1_073_741_824))]
+    pub send_queue_bytes: u32,
+    /// What happens to a client whose outbound queue is full.
+    #[serde(default)]
+    pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Most subscription patterns per connection.
+    #[serde(default = "default_max_subscriptions")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_subscriptions: u32,
+    /// Most concurrent connections per pod; further upgrades get HTTP 503.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections_per_pod: u32,
+    /// On shutdown, clients are closed spread over this long (e.g. `10s`). The pod's termination
+    /// grace period is derived from it.
+    #[serde(default = "default_drain_duration")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub drain_duration: String,
+}
+
+/// What happens to a slow consumer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with code 4000.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued events until the new one fits.
+    DropOldest,
+}
+
+/// Horizontal autoscaling.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must not exceed maxReplicas"},
+    {
+        "rule": "!self.enabled || self.provider != 'keda' || has(self.prometheusAddress)",
+        "message": "the keda provider needs prometheusAddress"
+    }
+]))]
+pub struct AutoscalingSpec {
+    /// Turn autoscaling on. While on, `spec.replicas` is not applied to the Deployment.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `hpa`: an autoscaling/v2 HorizontalPodAutoscaler on Pods metrics (served by a metrics
+    /// adapter); `keda`: a KEDA ScaledObject with Prometheus triggers.
+    #[serde(default)]
+    pub provider: AutoscalingProvider,
+    /// Fewest pods.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most pods.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Target open connections per pod (metric `eventrouter_connections`).
+    #[serde(default = "default_target_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub target_connections_per_pod: u32,
+    /// Target bytes waiting in kernel receive queues per pod (metric
+    /// `eventrouter_socket_recv_queue_bytes`); growth means clients send faster than pods read.
+    #[serde(default = "default_target_recv_queue_bytes")]
+    #[schemars(range(min = 1024, max = 17_179_869_184_i64))]
+    pub target_recv_queue_bytes_per_pod: i64,
+    /// Prometheus base URL KEDA queries (e.g. `http://prometheus.monitoring:9090`); keda only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+"))]
+    pub prometheus_address: Option<String>,
+    /// Scale-up behaviour.
+    #[serde(default = "default_scale_up")]
+    pub scale_up: ScalingRules,
+    /// Scale-down behaviour. Connections are long-lived: scale down slowly.
+    #[serde(default = "default_scale_down")]
+    pub scale_down: ScalingRules,
+}
+
+/// The autoscaler.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingProvider {
+    /// A HorizontalPodAutoscaler (autoscaling/v2) on Pods metrics.
+    #[default]
+    Hpa,
+    /// A KEDA ScaledObject with Prometheus triggers.
+    Keda,
+}
+
+/// How fast the autoscaler may move in one direction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingRules {
+    /// Seconds of past recommendations considered before scaling (smooths flapping).
+    #[schemars(range(min = 0, max = 3600))]
+    pub stabilization_window_seconds: i32,
+    /// Most pods added or removed per minute.
+    #[schemars(range(min = 1, max = 1000))]
+    pub pods_per_minute: i32,
+}
+
+/// The Service in front of the pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Port the Service exposes (it forwards to the pods' main port, 8080).
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Annotations on the Service (e.g. for a cloud load balancer).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Kubernetes Service types the router supports.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// A cloud load balancer.
+    LoadBalancer,
+}
+
+/// The PodDisruptionBudget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    /// Create a PodDisruptionBudget.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Pods that may be voluntarily evicted at once.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_unavailable: i32,
+}
+
+/// Prometheus scraping.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Put `prometheus.io/scrape`, `/port`, `/path` annotations on the pods.
+    #[serde(default = "default_true")]
+    pub scrape_annotations: bool,
+    /// Create a ServiceMonitor (monitoring.coreos.com/v1) when its CRD exists in the cluster.
+    #[serde(default = "default_true")]
+    pub service_monitor: bool,
+    /// Scrape interval of the ServiceMonitor (e.g. `30s`).
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub interval: String,
+}
+
+/// What the finalizer does with the broker topology.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeletionPolicy {
+    /// Delete the exchange and the bindings the operator recorded in status.
+    Delete,
+    /// Leave the broker as it is (publishers keep their exchange).
+    #[default]
+    Retain,
+}
+
+/// What the operator observed and did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRouterStatus {
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Available`, `BrokerReady`, `Progressing`, `Paused`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Pods of the Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Ready pods of the Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Label selector of the pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The RabbitMQ topology the operator declared; the finalizer removes exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<RecordedTopology>,
+}
+
+/// Exchange and bindings declared on the broker (AMQP cannot list bindings, so they are recorded).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedTopology {
+    /// The router's exchange.
+    pub exchange: String,
+    /// Exchange-to-exchange bindings into `exchange`.
+    #[serde(default)]
+    pub bindings: Vec<RecordedBinding>,
+}
+
+/// One exchange-to-exchange binding.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedBinding {
+    /// Source exchange.
+    pub source: String,
+    /// Binding pattern.
+    pub routing_key: String,
+}
+
+impl EventRouter {
+    /// The exchange this router uses: `spec.rabbitmq.exchange` or the EventRouter's name.
+    pub fn exchange_name(&self) -> String {
+        match &self.spec.rabbitmq.exchange {
+            Some(exchange) => exchange.clone(),
+            None => self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// The CRD as YAML, exactly as committed in `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let crd = EventRouter::crd();
+    Ok(format!(
+        "# Generated by `operator crd`; do not edit. A test fails when this file is stale.\n{}",
+        serde_yaml::to_string(&crd)?
+    ))
+}
+
+/// The group/version the CRD registers (kept equal to the shared contract by a unit test).
+pub fn api_version() -> String {
+    format!("{}/{}", names::GROUP, names::VERSION)
+}
+
+fn default_image() -> String {
+    format!("ghcr.io/event-router/event-service:{}", env!("CARGO_PKG_VERSION"))
+}
+fn default_replicas() -> i32 {
+    2
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_secret_key() -> String {
+    "url".into()
+}
+fn default_queue_max_length() -> u32 {
+    100_000
+}
+fn default_queue_message_ttl() -> String {
+    "60s".into()
+}
+fn default_queue_expires() -> String {
+    "5m".into()
+}
+fn default_prefetch() -> u16 {
+    256
+}
+fn default_ping_interval() -> String {
+    "20s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_handshake_timeout() -> String {
+    "10s".into()
+}
+fn default_max_frame_bytes() -> u32 {
+    64 * 1024
+}
+fn default_send_queue_bytes() -> u32 {
+    1024 * 1024
+}
+fn default_max_subscriptions() -> u32 {
+    100
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+fn default_drain_duration() -> String {
+    "10s".into()
+}
+fn default_min_replicas() -> i32 {
+    2
+}
+fn default_max_replicas() -> i32 {
+    10
+}
+fn default_target_connections() -> u32 {
+    5_000
+}
+fn default_target_recv_queue_bytes() -> i64 {
+    1024 * 1024
+}
+fn default_scale_up() -> ScalingRules {
+    ScalingRules { stabilization_window_seconds: 0, pods_per_minute: 4 }
+}
+fn default_scale_down() -> ScalingRules {
+    ScalingRules { stabilization_window_seconds: 300, pods_per_minute: 1 }
+}
+fn default_service_port() -> i32 {
+    80
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_unavailable() -> i32 {
+    1
+}
+fn default_scrape_interval() -> String {
+    "30s".into()
+}
+
+impl Default for WebSocketSpec {
+    fn default() -> Self {
+        Self {
+            ping_interval: default_ping_interval(),
+            idle_timeout: default_idle_timeout(),
+            handshake_timeout: default_handshake_timeout(),
+            max_frame_bytes: default_max_frame_bytes(),
+            send_queue_bytes: default_send_queue_bytes(),
+            slow_consumer_policy: SlowConsumerPolicy::default(),
+            max_subscriptions: default_max_subscriptions(),
+            max_connections_per_pod: default_max_connections(),
+            drain_duration: default_drain_duration(),
+        }
+    }
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            provider: AutoscalingProvider::default(),
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_connections_per_pod: default_target_connections(),
+            target_recv_queue_bytes_per_pod: default_target_recv_queue_bytes(),
+            prometheus_address: None,
+            scale_up: default_scale_up(),
+            scale_down: default_scale_down(),
+        }
+    }
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self { type_: ServiceType::default(), port: default_service_port(), annotations: BTreeMap::new() }
+    }
+}
+
+impl Default for DisruptionBudgetSpec {
+    fn default() -> Self {
+        Self { enabled: true, max_unavailable: default_max_unavailable() }
+    }
+}
+
+impl Default for MonitoringSpec {
+    fn default() -> Self {
+        Self { scrape_annotations: true, service_monitor: true, interval: default_scrape_interval() }
+    }
+}
+
+impl RabbitMqSpec {
+    /// A RabbitMQ section with every default, reading the URL from `secret`'s key `url`.
+    pub fn from_secret(secret: &str) -> Self {
+        Self {
+            secret_ref: SecretKeyRef { name: secret.into(), key: default_secret_key() },
+            exchange: None,
+            upstreams: Vec::new(),
+            queue_max_length: default_queue_max_length(),
+            queue_message_ttl: default_queue_message_ttl(),
+            queue_expires: default_queue_expires(),
+            prefetch: default_prefetch(),
+        }
+    }
+}
+
+impl EventRouterSpec {
+    /// A spec with every default that reads its AMQP URL from `secret` (fixtures and examples).
+    pub fn with_secret(secret: &str) -> Self {
+        Self {
+            image: default_image(),
+            image_pull_policy: None,
+            replicas: default_replicas(),
+            resources: None,
+            rabbitmq: RabbitMqSpec::from_secret(secret),
+            websocket: WebSocketSpec::default(),
+            autoscaling: AutoscalingSpec::default(),
+            service: ServiceSpec::default(),
+            disruption_budget: DisruptionBudgetSpec::default(),
+            monitoring: MonitoringSpec::default(),
+            deletion_policy: DeletionPolicy::default(),
+            log_level: default_log_level(),
+            paused: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::Resource;
+
+    #[test]
+    fn the_crd_uses_the_contract_group_and_kind() {
+        assert_eq!(EventRouter::api_version(&()), api_version());
+        assert_eq!(EventRouter::kind(&()), names::KIND);
+    }
+
+    #[test]
+    fn the_duration_pattern_constant_matches_the_schema_attributes() {
+        let yaml = crd_yaml().expect("crd serializes");
+        assert!(yaml.contains(DURATION_PATTERN), "schema carries the duration pattern");
+    }
+
+    #[test]
+    fn the_crd_carries_cel_rules_printer_columns_scale_and_short_name() {
+        let yaml = crd_yaml().expect("crd serializes");
+        assert!(yaml.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(yaml.contains("x-kubernetes-validations"));
+        assert!(yaml.contains("shortNames"));
+        assert!(yaml.contains("- er"));
+        assert!(yaml.contains("labelSelectorPath: .status.selector"));
+        assert!(yaml.contains("name: Ready"));
+    }
+
+    #[test]
+    fn a_spec_with_only_a_secret_deserializes_with_every_default() {
+        let spec: EventRouterSpec =
+            serde_json::from_value(serde_json::json!({"rabbitmq": {"secretRef": {"name": "amqp"}}}))
+                .expect("minimal spec parses");
+        assert_eq!(spec, EventRouterSpec::with_secret("amqp"));
+    }
+}
