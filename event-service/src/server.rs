@@ -2,10 +2,10 @@
 //!
 //! [`serve`] takes its two listeners and a shutdown future (mini-redis style), so tests, the
 //! binary and other crates run the real thing on `127.0.0.1:0`. When the shutdown future
-//! completes, the server drains: readiness turns false first, the main listener stops
-//! accepting, open clients are closed with 1001 spread evenly over `--drain-duration` (so they do
-//! not all reconnect at the same instant), and `serve` returns once every connection is gone or
-//! the drain deadline passed.
+//! completes, the server drains: readiness turns false first, new WebSocket upgrades are refused
+//! (503), open clients are closed with 1001 spread evenly over `--drain-duration` (so they do
+//! not all reconnect at the same instant), and `serve` closes its listeners and returns once
+//! every connection is gone or the drain deadline (`--drain-duration` + 2 s) passed.
 
 use std::{
     future::Future,
@@ -207,16 +207,18 @@ async fn drain(shared: &Shared, stop_accepting: &CancellationToken, accept_task:
     let started = tokio::time::Instant::now();
     let deadline = started + duration + CLOSE_GRACE;
     // Readiness first, so load balancers stop sending new clients before anything closes.
+    // The listener stays open while draining: `/readyz` answers 503 "draining" to probes (a
+    // refused connection would look like a crash), `/publish` keeps working, and new WebSocket
+    // upgrades are refused with 503 so clients reconnect to another instance.
     shared.readiness.draining.store(true, Ordering::Release);
     shared.metrics.draining.set(1);
-    stop_accepting.cancel();
-    let _ = accept_task.await;
     let conns = shared.conns.snapshot();
     tracing::info!(connections = conns.len(), ?duration, "draining");
     if !conns.is_empty() {
+        // Client i closes in the middle of the i-th of n equal slots of the drain duration.
         let step = duration / u32::try_from(conns.len()).unwrap_or(u32::MAX);
         for (i, conn) in conns.iter().enumerate() {
-            let at = started + step * u32::try_from(i).unwrap_or(u32::MAX);
+            let at = started + step * u32::try_from(i).unwrap_or(u32::MAX) + step / 2;
             tokio::time::sleep_until(at).await;
             conn.request_close(CloseRequest::Drain);
         }
@@ -239,6 +241,8 @@ async fn drain(shared: &Shared, stop_accepting: &CancellationToken, accept_task:
             }
         }
     }
+    stop_accepting.cancel();
+    let _ = accept_task.await;
 }
 
 /// `--demo`: one `demo.tick` event per second on the embedded bus.

@@ -102,12 +102,16 @@ pub async fn run(
         invalid_in_row: 0,
         closing: None,
         peer_closed: false,
+        sample_due: false,
     };
     let reason = session.drive().await;
     // Subscriptions are removed by a task of their own: it waits for an in-flight subscribe to
     // finish first, so nothing it binds is left behind.
     let Session {
-        inflight, conn, hub, ..
+        inflight,
+        conn,
+        hub,
+        ..
     } = session;
     conn.close_queue();
     tokio::spawn(async move {
@@ -140,6 +144,8 @@ struct Session {
     /// Set once the server sent a close frame: the deadline for the client's reply and why.
     closing: Option<(Instant, DisconnectReason)>,
     peer_closed: bool,
+    /// The sample interval elapsed; sample once the reader has drained the socket.
+    sample_due: bool,
 }
 
 impl Session {
@@ -147,9 +153,11 @@ impl Session {
         loop {
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
-                Step::Close(CloseRequest::Drain) => {
-                    self.start_close(close::GOING_AWAY, "server draining", DisconnectReason::Drain)
-                }
+                Step::Close(CloseRequest::Drain) => self.start_close(
+                    close::GOING_AWAY,
+                    "server draining",
+                    DisconnectReason::Drain,
+                ),
                 Step::Close(CloseRequest::SlowConsumer) => self.start_close(
                     close::SLOW_CONSUMER,
                     "slow consumer: outbound queue full",
@@ -222,7 +230,15 @@ impl Session {
         }
         match self.ws.poll_next_unpin(cx) {
             Poll::Ready(incoming) => Poll::Ready(Step::Incoming(incoming)),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Sampling right after the reader ran dry measures what the service is *not*
+                // reading, not the frame that happened to arrive a moment before the timer.
+                if self.sample_due {
+                    self.sample_due = false;
+                    self.sample_socket();
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -317,7 +333,7 @@ impl Session {
             self.next_ping = now + self.settings.ping_interval;
         }
         if now >= self.next_sample {
-            self.sample_socket();
+            self.sample_due = true;
             self.next_sample = now + self.settings.socket_sample_interval;
         }
         self.reset_timer();
@@ -340,7 +356,9 @@ impl Session {
     fn sample_socket(&self) {
         match sockq::sample(self.fd) {
             Ok(depth) => self.conn.store_socket_sample(depth.recv_q, depth.send_q),
-            Err(error) => tracing::debug!(conn = self.conn.id, %error, "socket queue sample failed"),
+            Err(error) => {
+                tracing::debug!(conn = self.conn.id, %error, "socket queue sample failed")
+            }
         }
     }
 
