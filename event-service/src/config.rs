@@ -101,7 +101,7 @@ pub struct Config {
     #[arg(long, env = env::SEND_QUEUE_BYTES, default_value_t = 1024 * 1024)]
     pub send_queue_bytes: usize,
 
-    /// What to do with a client whose outbound queue is full.
+    /// What to do with a client whose outbound queue is full: `disconnect` (close 4000) or `drop-oldest`.
     #[arg(long, env = env::SLOW_CONSUMER_POLICY, value_enum, default_value = "disconnect")]
     pub slow_consumer_policy: SlowConsumerPolicy,
 
@@ -137,7 +137,7 @@ pub struct Config {
     #[arg(long, env = env::QUEUE_ALERT_THRESHOLD_BYTES, default_value_t = 64 * 1024)]
     pub queue_alert_threshold_bytes: u64,
 
-    /// Log format: human-readable `text` or one JSON object per line.
+    /// Log format: human-readable `text` or one JSON object per line (`json`).
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
@@ -146,7 +146,7 @@ pub struct Config {
     pub log: String,
 
     /// Demo mode: publish a sample event every second on the embedded bus (`demo.tick`).
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = env::DEMO, default_value_t = false)]
     pub demo: bool,
 }
 
@@ -159,5 +159,29 @@ impl Config {
         cfg.admin_listen = "127.0.0.1:0".parse().expect("literal address");
         cfg.drain_duration = Duration::from_secs(1);
         cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_is_a_flag_and_an_env_var() {
+        assert!(Config::parse_from(["event-service", "--demo"]).demo);
+        assert!(!Config::parse_from(["event-service"]).demo);
+    }
+
+    #[test]
+    fn durations_and_policies_parse() {
+        let c = Config::parse_from([
+            "event-service",
+            "--idle-timeout",
+            "90s",
+            "--slow-consumer-policy",
+            "drop-oldest",
+        ]);
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.slow_consumer_policy, SlowConsumerPolicy::DropOldest);
     }
 }

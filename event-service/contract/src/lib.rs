@@ -33,6 +33,8 @@ pub mod env {
     pub const QUEUE_ALERT_THRESHOLD_BYTES: &str = "EVENTROUTER_QUEUE_ALERT_THRESHOLD_BYTES";
     pub const LOG_FORMAT: &str = "EVENTROUTER_LOG_FORMAT";
     pub const LOG: &str = "EVENTROUTER_LOG";
+    /// `true` publishes a `demo.tick` event every second on the embedded bus.
+    pub const DEMO: &str = "EVENTROUTER_DEMO";
     /// Set from the downward API; names the instance's RabbitMQ queue.
     pub const POD_NAME: &str = "POD_NAME";
 }
