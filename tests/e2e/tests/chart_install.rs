@@ -1,0 +1,475 @@
+//! The chart against a real kube-apiserver (`EVENTROUTER_TEST_KUBECONFIG`) and a real RabbitMQ
+//! (`EVENTROUTER_TEST_AMQP_URL`):
+//!
+//! 1. every manifest the chart renders with `ci/everything-on-values.yaml` passes
+//!    `kubectl apply --dry-run=server` (the API server's own validation, the EventRouter against
+//!    the chart's CRD), except the Prometheus Operator kinds whose CRDs this cluster lacks;
+//! 2. `helm install` succeeds; the EventRouter the chart creates appears (one `helm upgrade` when
+//!    the install itself created the CRD, as documented);
+//! 3. the operator binary, run with the chart's arguments and **the chart's ServiceAccount token**
+//!    (so its RBAC is what is tested), reconciles that EventRouter: its children appear;
+//! 4. a Prometheus scrapes the operator, and every query of `dashboards/operator.json` returns data;
+//! 5. the documented removal (`eventRouter.create=false`, then `helm uninstall`) leaves nothing
+//!    behind but the CRD, which is kept by design.
+
+mod chart_support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use chart_support::*;
+
+const RELEASE: &str = "er-chart-test";
+const ROUTER: &str = "events";
+const CRD: &str = "eventrouters.eventrouter.io";
+
+struct Cluster {
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(tool("kubectl"));
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    fn helm(&self) -> Command {
+        let mut cmd = Command::new(tool("helm"));
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    fn exists(&self, args: &[&str]) -> bool {
+        self.kubectl()
+            .args(["get"])
+            .args(args)
+            .output()
+            .expect("run kubectl")
+            .status
+            .success()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = run(self.kubectl().arg("get").args(args).args(["-o", "json"]));
+        serde_json::from_slice(&out.stdout).expect("kubectl prints JSON")
+    }
+
+    fn names(&self, args: &[&str]) -> Vec<String> {
+        let out = run(self.kubectl().arg("get").args(args).args(["-o", "name"]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A kubeconfig for the same API server that authenticates as the chart's ServiceAccount.
+fn service_account_kubeconfig(cluster: &Cluster, namespace: &str, sa: &str, dir: &Path) -> PathBuf {
+    let token =
+        run(cluster
+            .kubectl()
+            .args(["create", "token", sa, "-n", namespace, "--duration=1h"]));
+    let token = String::from_utf8(token.stdout)
+        .expect("token")
+        .trim()
+        .to_string();
+    let admin: serde_json::Value = serde_json::from_slice(
+        &run(cluster
+            .kubectl()
+            .args(["config", "view", "--raw", "--minify", "-o", "json"]))
+        .stdout,
+    )
+    .expect("kubeconfig JSON");
+    let server = &admin["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": server}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": sa, "namespace": namespace}}],
+        "current-context": "sa",
+    });
+    let path = dir.join("operator.kubeconfig");
+    std::fs::write(&path, serde_json::to_string(&config).expect("JSON")).expect("write kubeconfig");
+    path
+}
+
+#[test]
+fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_uninstall_cleans_up()
+{
+    let kubeconfig = std::env::var_os("EVENTROUTER_TEST_KUBECONFIG").map(PathBuf::from).expect(
+        "EVENTROUTER_TEST_KUBECONFIG is not set: run the suite with tests/run (it starts kube-apiserver)",
+    );
+    let amqp_url = std::env::var("EVENTROUTER_TEST_AMQP_URL").expect(
+        "EVENTROUTER_TEST_AMQP_URL is not set: run the suite with tests/run (it starts RabbitMQ)",
+    );
+    let cluster = Cluster { kubeconfig };
+    let operator_binary = workspace_binary("operator", "operator");
+    let namespace = format!("chart-install-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("eventrouter-{namespace}"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    run(cluster.kubectl().args(["create", "namespace", &namespace]));
+
+    // A CRD left by other tests is adopted by the release (the documented way to hand an existing
+    // CRD to Helm); on a fresh cluster the install creates it.
+    let crd_existed = cluster.exists(&["crd", CRD]);
+    if crd_existed {
+        run(cluster
+            .kubectl()
+            .args(["annotate", "--overwrite", "crd", CRD])
+            .args([
+                format!("meta.helm.sh/release-name={RELEASE}"),
+                format!("meta.helm.sh/release-namespace={namespace}"),
+            ]));
+        run(cluster.kubectl().args([
+            "label",
+            "--overwrite",
+            "crd",
+            CRD,
+            "app.kubernetes.io/managed-by=Helm",
+        ]));
+    }
+
+    // --- 1. server-side validation of everything the chart renders ------------------------------
+    let everything = chart_dir().join("ci/everything-on-values.yaml");
+    let rendered = helm_template("dry-run", &namespace, &[everything.as_path()], &[]);
+    let docs: Vec<_> = yaml_docs(&rendered)
+        .into_iter()
+        .filter(|d| {
+            !d["apiVersion"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("monitoring.coreos.com/"))
+        })
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(kind_of).collect();
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ClusterRole",
+        "NetworkPolicy",
+        "EventRouter",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "everything-on renders no {kind}: {kinds:?}"
+        );
+    }
+    let dry_run_file = dir.join("dry-run.yaml");
+    let stream: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).expect("YAML"))
+        .collect();
+    std::fs::write(&dry_run_file, stream.join("---\n")).expect("write manifests");
+    if !crd_existed {
+        // The EventRouter can only be validated once its CRD is served: validate the CRD first.
+        let crd_doc = docs
+            .iter()
+            .find(|d| kind_of(d) == "CustomResourceDefinition")
+            .expect("CRD");
+        let crd_file = dir.join("crd.yaml");
+        std::fs::write(&crd_file, serde_yaml::to_string(crd_doc).expect("YAML"))
+            .expect("write CRD");
+        run(cluster
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(&crd_file));
+    } else {
+        let out = run(cluster
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-n", &namespace, "-f"])
+            .arg(&dry_run_file));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("eventrouter.io/events") && text.contains("(server dry run)"),
+            "{text}"
+        );
+    }
+
+    // --- 2. helm install --------------------------------------------------------------------------
+    run(cluster
+        .kubectl()
+        .args(["create", "secret", "generic", "rabbitmq", "-n", &namespace])
+        .arg(format!("--from-literal=url={amqp_url}")));
+    let exchange = format!("chart-install-{}", std::process::id());
+    let sets = [
+        "eventRouter.create=true".to_string(),
+        format!("eventRouter.name={ROUTER}"),
+        "eventRouter.spec.rabbitmq.secretRef.name=rabbitmq".to_string(),
+        "eventRouter.spec.rabbitmq.secretRef.key=url".to_string(),
+        format!("eventRouter.spec.rabbitmq.exchange={exchange}"),
+        "eventRouter.spec.deletionPolicy=delete".to_string(),
+    ];
+    let mut install = cluster.helm();
+    install
+        .args(["install", RELEASE])
+        .arg(chart_dir())
+        .args(["-n", &namespace]);
+    for s in &sets {
+        install.args(["--set", s]);
+    }
+    let notes = String::from_utf8(run(&mut install).stdout).expect("UTF-8");
+    if !cluster.exists(&["eventrouter", ROUTER, "-n", &namespace]) {
+        assert!(
+            !crd_existed,
+            "the CRD was there, yet the install created no EventRouter"
+        );
+        assert!(
+            notes.contains("--reuse-values"),
+            "NOTES must say how to create the EventRouter:\n{notes}"
+        );
+        run(cluster
+            .helm()
+            .args(["upgrade", RELEASE])
+            .arg(chart_dir())
+            .args(["-n", &namespace, "--reuse-values"]));
+        // Now that the CRD is served, the whole everything-on set validates server-side too.
+        let out = run(cluster
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-n", &namespace, "-f"])
+            .arg(&dry_run_file));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("(server dry run)"));
+    }
+    assert!(
+        cluster.exists(&["eventrouter", ROUTER, "-n", &namespace]),
+        "the chart's EventRouter exists"
+    );
+    let crd = cluster.json(&["crd", CRD]);
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+
+    // --- 3. the operator, as the chart runs it, with the chart's ServiceAccount --------------------
+    let manifest = String::from_utf8(
+        run(cluster
+            .helm()
+            .args(["get", "manifest", RELEASE, "-n", &namespace]))
+        .stdout,
+    )
+    .expect("UTF-8");
+    let manifest_docs = yaml_docs(&manifest);
+    let deployment = manifest_docs
+        .iter()
+        .find(|d| kind_of(d) == "Deployment")
+        .expect("operator Deployment");
+    let pod_spec = &deployment["spec"]["template"]["spec"];
+    let container = &pod_spec["containers"][0];
+    let sa = pod_spec["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName");
+    let admin_port = free_port();
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_string())
+        .map(|a| {
+            if a.starts_with("--admin-listen=") {
+                format!("--admin-listen=127.0.0.1:{admin_port}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let operator_kubeconfig = service_account_kubeconfig(&cluster, &namespace, sa, &dir);
+    let mut cmd = Command::new(&operator_binary);
+    cmd.args(&args)
+        .env("KUBECONFIG", &operator_kubeconfig)
+        .env("POD_NAME", "operator-test-0");
+    for env in container["env"].as_sequence().into_iter().flatten() {
+        if let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) {
+            cmd.env(name, value);
+        }
+    }
+    let mut operator = Proc::spawn(&mut cmd);
+    operator.wait_for_line("operator starting", Duration::from_secs(30));
+
+    // Children of the chart's EventRouter appear, owned by it.
+    let deploy = eventually(Duration::from_secs(90), "the router Deployment", || {
+        cluster
+            .exists(&["deployment", ROUTER, "-n", &namespace])
+            .then(|| cluster.json(&["deployment", ROUTER, "-n", &namespace]))
+    });
+    assert_eq!(
+        deploy["metadata"]["ownerReferences"][0]["kind"],
+        "EventRouter",
+        "{}",
+        operator.output()
+    );
+    for child in [
+        vec!["service", ROUTER],
+        vec!["serviceaccount", ROUTER],
+        vec!["poddisruptionbudget", ROUTER],
+    ] {
+        eventually(Duration::from_secs(60), &format!("{child:?}"), || {
+            cluster
+                .exists(&[child[0], child[1], "-n", &namespace])
+                .then_some(())
+        });
+    }
+    let status = eventually(
+        Duration::from_secs(60),
+        "EventRouter status conditions",
+        || {
+            let er = cluster.json(&["eventrouter", ROUTER, "-n", &namespace]);
+            er["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+                .then_some(er)
+        },
+    );
+    let conditions = status["status"]["conditions"]
+        .as_array()
+        .expect("conditions");
+    let broker = conditions
+        .iter()
+        .find(|c| c["type"] == "BrokerReady")
+        .expect("a BrokerReady condition");
+    assert_eq!(
+        broker["status"], "True",
+        "broker topology declared with the Secret's URL: {broker}"
+    );
+
+    // A second router whose broker is unreachable makes reconciles fail (errors by reason).
+    run(cluster
+        .kubectl()
+        .args([
+            "create",
+            "secret",
+            "generic",
+            "dead-broker",
+            "-n",
+            &namespace,
+        ])
+        .arg("--from-literal=url=amqp://guest:guest@127.0.0.1:1/%2f"));
+    let broken = format!(
+        "apiVersion: eventrouter.io/v1alpha1\nkind: EventRouter\nmetadata:\n  name: broken\n  namespace: {namespace}\nspec:\n  deletionPolicy: retain\n  rabbitmq:\n    secretRef: {{name: dead-broker, key: url}}\n"
+    );
+    let broken_file = dir.join("broken.yaml");
+    std::fs::write(&broken_file, broken).expect("write");
+    run(cluster.kubectl().args(["apply", "-f"]).arg(&broken_file));
+
+    // --- 4. the operator dashboard's queries against a Prometheus scraping the operator ------------
+    let prometheus = Prometheus::start(
+        "chart-install",
+        &format!(
+            "  - job_name: operator\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n        labels: {{namespace: {namespace}, pod: operator-test-0}}\n"
+        ),
+    );
+    prometheus.wait_targets_up(1);
+    eventually(
+        Duration::from_secs(60),
+        "a failed reconcile in the operator's metrics",
+        || {
+            (!prometheus.query(r#"eventrouter_operator_reconcile_errors_total{reason="broker_unreachable"} > 0"#).is_empty())
+            .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let vars = [("namespace", namespace.as_str()), ("pod", ".*")];
+    let queries = dashboard_queries(&chart_dir().join("dashboards/operator.json"));
+    assert!(queries.len() >= 8, "{queries:?}");
+    for q in &queries {
+        let expr = substitute(&q.expr, &vars);
+        assert!(
+            !prometheus.query(&expr).is_empty(),
+            "operator panel `{}` returned no data for `{expr}`",
+            q.panel
+        );
+    }
+    for (name, q) in dashboard_variable_queries(&chart_dir().join("dashboards/operator.json")) {
+        let (query, label) = label_values_query(&substitute(&q, &vars));
+        let values: Vec<_> = prometheus
+            .query(&query)
+            .iter()
+            .filter_map(|r| r["metric"][&label].as_str().map(str::to_string))
+            .collect();
+        assert!(
+            !values.is_empty(),
+            "variable {name} ({query}) offers nothing"
+        );
+    }
+    let leader = prometheus.query("max(eventrouter_operator_leader)");
+    assert_eq!(
+        leader[0]["value"][1], "1",
+        "the single operator holds the Lease"
+    );
+    drop(prometheus);
+
+    // --- 5. removal --------------------------------------------------------------------------------
+    run(cluster
+        .kubectl()
+        .args(["delete", "-f"])
+        .arg(&broken_file)
+        .arg("--wait=true")
+        .arg("--timeout=60s"));
+    // Remove the chart's EventRouter while the operator still runs (its finalizer cleans RabbitMQ).
+    run(cluster
+        .helm()
+        .args(["upgrade", RELEASE])
+        .arg(chart_dir())
+        .args([
+            "-n",
+            &namespace,
+            "--reuse-values",
+            "--set",
+            "eventRouter.create=false",
+        ]));
+    eventually(
+        Duration::from_secs(60),
+        "the chart's EventRouter to be finalized and gone",
+        || (!cluster.exists(&["eventrouter", ROUTER, "-n", &namespace])).then_some(()),
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the router's children to be garbage-collected",
+        || {
+            let left = cluster.names(&[
+                "deployment,service,serviceaccount,poddisruptionbudget",
+                "-n",
+                &namespace,
+                "-l",
+                "app.kubernetes.io/instance=events",
+            ]);
+            left.is_empty().then_some(())
+        },
+    );
+
+    run(cluster
+        .helm()
+        .args(["uninstall", RELEASE, "-n", &namespace, "--wait"]));
+    let release_selector = format!("app.kubernetes.io/instance={RELEASE}");
+    let leftovers = cluster.names(&[
+        "deployment,replicaset,service,serviceaccount,role,rolebinding,configmap,poddisruptionbudget,networkpolicy,eventrouter",
+        "-n",
+        &namespace,
+        "-l",
+        &release_selector,
+    ]);
+    assert!(leftovers.is_empty(), "helm uninstall left {leftovers:?}");
+    let cluster_scoped =
+        cluster.names(&["clusterrole,clusterrolebinding", "-l", &release_selector]);
+    assert!(
+        cluster_scoped.is_empty(),
+        "helm uninstall left {cluster_scoped:?}"
+    );
+    assert!(
+        cluster.exists(&["crd", CRD]),
+        "the CRD is kept on uninstall by design"
+    );
+    let operator_log = operator.output();
+    drop(operator);
+    assert!(
+        !operator_log.contains("forbidden"),
+        "the chart's RBAC denied the operator something:\n{operator_log}"
+    );
+
+    run(cluster
+        .kubectl()
+        .args(["delete", "namespace", &namespace, "--wait=false"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,407 @@
+//! The chart renders, lints and validates: `helm lint`/`helm template` with the defaults and every
+//! `ci/` values file, the rendered objects against the Kubernetes 1.35 schemas
+//! (kubernetes-validate) and the Prometheus Operator CRD schemas, `values.schema.json` rejecting
+//! unknown keys, the chart's CRD copy equal to the generated `crds/` file, and the PrometheusRule
+//! and adapter ConfigMap embedding exactly the files the other tests check.
+
+mod chart_support;
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use chart_support::*;
+
+const CRD_FILE: &str = "eventrouter.io_eventrouters.yaml";
+
+/// (label, values files) for the defaults and each ci/ file.
+fn value_sets() -> Vec<(String, Vec<PathBuf>)> {
+    let mut sets = vec![("defaults".to_string(), vec![])];
+    for f in ci_values_files() {
+        sets.push((
+            f.file_name().expect("name").to_string_lossy().into_owned(),
+            vec![f],
+        ));
+    }
+    sets
+}
+
+fn refs(paths: &[PathBuf]) -> Vec<&Path> {
+    paths.iter().map(PathBuf::as_path).collect()
+}
+
+#[test]
+fn helm_lint_passes_with_the_defaults_and_every_ci_values_file() {
+    for (label, files) in value_sets() {
+        let mut cmd = Command::new(tool("helm"));
+        cmd.args(["lint", "--strict"]).arg(chart_dir());
+        for f in &files {
+            cmd.arg("-f").arg(f);
+        }
+        let out = run(&mut cmd);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("0 chart(s) failed"), "{label}: {text}");
+    }
+}
+
+#[test]
+fn rendered_manifests_validate_against_the_kubernetes_1_35_schemas() {
+    let dir = std::env::temp_dir().join(format!("eventrouter-chart-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (label, files) in value_sets() {
+        let rendered = helm_template("events", "event-router", &refs(&files), &[]);
+        let docs = yaml_docs(&rendered);
+        assert!(
+            docs.iter().any(|d| kind_of(d) == "Deployment"),
+            "{label}: no operator Deployment"
+        );
+        let path = dir.join(format!("{label}.yaml"));
+        std::fs::write(&path, &rendered).expect("write rendered manifests");
+        let out = run(Command::new(tool("kubernetes-validate"))
+            .args(["-k", "1.35.0", "--strict"])
+            .arg(&path));
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        // Every built-in kind must have been checked; only custom resources may lack a schema here
+        // (the EventRouter is checked against its CRD by the API server in chart_install, the
+        // monitoring objects by the next test).
+        for d in &docs {
+            let api = d["apiVersion"].as_str().unwrap_or_default();
+            let custom =
+                api.starts_with("eventrouter.io/") || api.starts_with("monitoring.coreos.com/");
+            let name = d["metadata"]["name"].as_str().unwrap_or_default();
+            let needle = format!("passed for resource {}/{name}", kind_of(d).to_lowercase());
+            assert!(
+                custom || report.contains(&needle),
+                "{label}: {}/{name} was not validated:\n{report}",
+                kind_of(d)
+            );
+        }
+        assert!(
+            !report.contains("ERROR") && !report.contains("failed"),
+            "{label}:\n{report}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn monitoring_objects_validate_against_the_prometheus_operator_crd_schemas() {
+    ensure_chart_tools();
+    let modules = tools_dir().join("chart-node/node_modules");
+    assert!(
+        modules
+            .join("@kubernetes-models/prometheus-operator")
+            .is_dir(),
+        "the Prometheus Operator schemas are missing: run charts/event-router/tests/install-tools.sh"
+    );
+    let everything = chart_dir().join("ci/everything-on-values.yaml");
+    let docs = yaml_docs(&helm_template(
+        "events",
+        "event-router",
+        &[everything.as_path()],
+        &[],
+    ));
+    let monitoring: Vec<serde_json::Value> = docs
+        .iter()
+        .filter(|d| {
+            d["apiVersion"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("monitoring.coreos.com/"))
+        })
+        .map(|d| serde_json::to_value(d).expect("YAML converts to JSON"))
+        .collect();
+    let kinds: Vec<_> = monitoring
+        .iter()
+        .filter_map(|d| d["kind"].as_str())
+        .collect();
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(
+            kinds.contains(&kind),
+            "everything-on renders no {kind}: {kinds:?}"
+        );
+    }
+    let mut child = Command::new(tool("node"))
+        .arg(chart_dir().join("tests/validate-monitoring.mjs"))
+        .env("EVENTROUTER_CHART_NODE_MODULES", &modules)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&monitoring).expect("JSON").as_bytes())
+        .expect("write objects");
+    let out = child.wait_with_output().expect("node finishes");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("3 valid, 0 invalid"), "{report}");
+
+    // The PodMonitor scrapes the router pods' admin port by the name the operator gives it, and
+    // adds the `router` label the dashboards and alerts select on.
+    let pm = docs
+        .iter()
+        .find(|d| kind_of(d) == "PodMonitor")
+        .expect("a PodMonitor");
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"].as_str(), Some("metrics"));
+    assert_eq!(
+        endpoint["path"].as_str(),
+        Some(eventrouter_contract::http::METRICS_PATH)
+    );
+    let relabel = &endpoint["relabelings"][0];
+    assert_eq!(
+        relabel["targetLabel"].as_str(),
+        Some(eventrouter_contract::prometheus::ROUTER_LABEL)
+    );
+    assert_eq!(
+        relabel["sourceLabels"][0].as_str(),
+        Some(eventrouter_contract::prometheus::ROUTER_LABEL_SOURCE)
+    );
+    let selector = &pm["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        selector[eventrouter_contract::kube::LABEL_NAME].as_str(),
+        Some(eventrouter_contract::kube::APP_NAME)
+    );
+    assert_eq!(
+        selector[eventrouter_contract::kube::LABEL_COMPONENT].as_str(),
+        Some(eventrouter_contract::kube::COMPONENT_SERVICE)
+    );
+}
+
+#[test]
+fn values_schema_rejects_unknown_keys_and_bad_values() {
+    for set in [
+        "bogus=1",
+        "operator.bogus=1",
+        "monitoring.dashboards.bogus=1",
+        "crds.instal=false",
+    ] {
+        let mut cmd = Command::new(tool("helm"));
+        cmd.args(["template", "events"])
+            .arg(chart_dir())
+            .args(["--set", set]);
+        let text = run_failing(&mut cmd);
+        assert!(
+            text.contains("additional properties"),
+            "--set {set}: {text}"
+        );
+    }
+    for set in [
+        "operator.logFormat=xml",
+        "operator.replicas=0",
+        "operator.image.pullPolicy=Sometimes",
+    ] {
+        let mut cmd = Command::new(tool("helm"));
+        cmd.args(["template", "events"])
+            .arg(chart_dir())
+            .args(["--set", set]);
+        let text = run_failing(&mut cmd);
+        assert!(
+            text.contains("values don't meet the specifications of the schema"),
+            "--set {set}: {text}"
+        );
+    }
+}
+
+#[test]
+fn the_charts_crd_is_the_generated_crd() {
+    let generated = repo_root().join("crds").join(CRD_FILE);
+    let copy = chart_dir().join("files/crds").join(CRD_FILE);
+    let generated_text = std::fs::read_to_string(&generated).unwrap_or_else(|e| {
+        panic!(
+            "{} is missing ({e}): `operator crd` generates it",
+            generated.display()
+        )
+    });
+    let copy_text =
+        std::fs::read_to_string(&copy).unwrap_or_else(|e| panic!("{}: {e}", copy.display()));
+    assert!(
+        generated_text == copy_text,
+        "the chart's CRD copy is stale: cp crds/{CRD_FILE} charts/event-router/files/crds/{CRD_FILE}"
+    );
+
+    // What the chart renders is that CRD plus the release's labels and the keep policy.
+    let docs = yaml_docs(&helm_template("events", "event-router", &[], &[]));
+    let mut rendered = docs
+        .into_iter()
+        .find(|d| kind_of(d) == "CustomResourceDefinition")
+        .expect("the CRD is rendered by default");
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(),
+        Some("keep")
+    );
+    let mut expected: serde_yaml::Value =
+        serde_yaml::from_str(&generated_text).expect("CRD is YAML");
+    for doc in [&mut rendered, &mut expected] {
+        let meta = doc["metadata"].as_mapping_mut().expect("metadata");
+        meta.remove("labels");
+        meta.remove("annotations");
+    }
+    assert_eq!(
+        rendered, expected,
+        "the rendered CRD differs from crds/{CRD_FILE} beyond labels/annotations"
+    );
+}
+
+#[test]
+fn the_crd_can_be_left_out_or_released_on_uninstall() {
+    let off = yaml_docs(&helm_template(
+        "events",
+        "event-router",
+        &[],
+        &["crds.install=false"],
+    ));
+    assert!(!off.iter().any(|d| kind_of(d) == "CustomResourceDefinition"));
+    let not_kept = yaml_docs(&helm_template(
+        "events",
+        "event-router",
+        &[],
+        &["crds.keep=false"],
+    ));
+    let crd = not_kept
+        .iter()
+        .find(|d| kind_of(d) == "CustomResourceDefinition")
+        .expect("CRD");
+    assert!(crd["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
+}
+
+#[test]
+fn the_prometheus_rule_and_adapter_configmap_embed_the_tested_files() {
+    let everything = chart_dir().join("ci/everything-on-values.yaml");
+    let docs = yaml_docs(&helm_template(
+        "events",
+        "event-router",
+        &[everything.as_path()],
+        &[],
+    ));
+
+    let rule = docs
+        .iter()
+        .find(|d| kind_of(d) == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let alerts: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/alerts.yaml")).expect("alerts"),
+    )
+    .expect("alerts.yaml is YAML");
+    assert_eq!(
+        rule["spec"], alerts,
+        "PrometheusRule.spec must be files/alerts.yaml verbatim"
+    );
+
+    let adapter = docs
+        .iter()
+        .find(|d| {
+            kind_of(d) == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("adapter-rules"))
+        })
+        .expect("the adapter rules ConfigMap");
+    let file = std::fs::read_to_string(chart_dir().join("files/adapter-rules.yaml"))
+        .expect("adapter rules");
+    let embedded: serde_yaml::Value = serde_yaml::from_str(
+        adapter["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml key"),
+    )
+    .expect("YAML");
+    assert_eq!(
+        embedded,
+        serde_yaml::from_str::<serde_yaml::Value>(&file).expect("YAML")
+    );
+
+    // The adapter exposes exactly the Pods metrics the operator's HPA requests.
+    let names: Vec<_> = embedded["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["name"]["as"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            eventrouter_contract::autoscaling::CONNECTIONS_METRIC,
+            eventrouter_contract::autoscaling::RECV_QUEUE_METRIC
+        ]
+    );
+
+    // One ConfigMap per dashboard, labelled for the Grafana sidecar, holding the JSON file as is.
+    for name in ["routers.json", "operator.json"] {
+        let cm = docs
+            .iter()
+            .find(|d| kind_of(d) == "ConfigMap" && !d["data"][name].is_null())
+            .unwrap_or_else(|| panic!("no dashboard ConfigMap holds {name}"));
+        assert_eq!(
+            cm["metadata"]["labels"]["grafana_dashboard"].as_str(),
+            Some("1")
+        );
+        let file =
+            std::fs::read_to_string(chart_dir().join("dashboards").join(name)).expect("dashboard");
+        let a: serde_json::Value =
+            serde_json::from_str(cm["data"][name].as_str().expect("string")).expect("JSON");
+        let b: serde_json::Value = serde_json::from_str(&file).expect("JSON");
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+#[test]
+fn rbac_is_cluster_wide_by_default_and_namespaced_when_one_namespace_is_watched() {
+    let cluster = yaml_docs(&helm_template("events", "event-router", &[], &[]));
+    let cr = cluster
+        .iter()
+        .find(|d| kind_of(d) == "ClusterRole")
+        .expect("ClusterRole");
+    let rules = serde_json::to_string(&cr["rules"]).expect("JSON");
+    for resource in [
+        "eventrouters",
+        "deployments",
+        "horizontalpodautoscalers",
+        "scaledobjects",
+        "servicemonitors",
+    ] {
+        assert!(
+            rules.contains(resource),
+            "ClusterRole lacks {resource}: {rules}"
+        );
+    }
+
+    let single = chart_dir().join("ci/single-namespace-values.yaml");
+    let docs = yaml_docs(&helm_template(
+        "events",
+        "event-router",
+        &[single.as_path()],
+        &[],
+    ));
+    let cr = docs
+        .iter()
+        .find(|d| kind_of(d) == "ClusterRole")
+        .expect("ClusterRole for CRDs");
+    let cr_rules = serde_json::to_string(&cr["rules"]).expect("JSON");
+    assert!(
+        cr_rules.contains("customresourcedefinitions") && !cr_rules.contains("deployments"),
+        "{cr_rules}"
+    );
+    let role = docs
+        .iter()
+        .find(|d| kind_of(d) == "Role" && d["metadata"]["namespace"].as_str() == Some("team-a"))
+        .expect("a Role in the watched namespace");
+    assert!(
+        serde_json::to_string(&role["rules"])
+            .expect("JSON")
+            .contains("eventrouters")
+    );
+    let deploy = docs
+        .iter()
+        .find(|d| kind_of(d) == "Deployment")
+        .expect("Deployment");
+    let args = serde_json::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["args"])
+        .expect("JSON");
+    assert!(args.contains("--namespace=team-a"), "{args}");
+}
