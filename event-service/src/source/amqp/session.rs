@@ -37,7 +37,7 @@ use crate::source::Origin;
 
 /// First reconnect delay; doubles per failure up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A session that lived this long counts as healthy: the next failure backs off from the start.
 /// (A session that dies right after setup keeps growing the delay instead of spinning.)
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);

@@ -1,0 +1,170 @@
+//! Broker outages, on a RabbitMQ node of this test's own (never the shared one): the service stays
+//! up, readiness goes false and comes back, `POST /publish` answers 503 while the broker is gone,
+//! every binding is restored on the new queue and delivery resumes.
+//!
+//! Starts its node with `tests/infra/rabbitmq.sh` (RabbitMQ must be installed: `tests/run` does).
+
+mod amqp_support;
+mod support;
+
+use std::time::Duration;
+
+use amqp_support::{DedicatedNode, Publisher, WAIT, unique, until};
+use event_service::{
+    config::{Config, SourceKind},
+    server::RunningServer,
+};
+use serde_json::json;
+use support::Client;
+
+/// Generous: a RabbitMQ restart on two busy cores takes several seconds, and the reconnect
+/// backoff adds up to its cap on top.
+const OUTAGE_WAIT: Duration = Duration::from_secs(90);
+
+async fn readyz(server: &RunningServer) -> u16 {
+    support::get(&format!("{}/readyz", server.http_url()))
+        .await
+        .0
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
+    let node = DedicatedNode::start("amqp-recovery").await;
+    let exchange = unique("recovery");
+    let pod = unique("router");
+    let queue = format!("{exchange}.{pod}");
+    let mut config = Config::for_tests();
+    config.source = SourceKind::Amqp;
+    config.amqp_url = Some(node.amqp_url.clone());
+    config.exchange = exchange.clone();
+    config.declare_exchange = true;
+    config.pod_name = Some(pod);
+    // The test's clients stay silent through the outages; don't let the idle rule close them.
+    config.idle_timeout = Duration::from_secs(600);
+    let server = RunningServer::start(config)
+        .await
+        .expect("the service starts");
+    until("ready", WAIT, || async { readyz(&server).await == 200 }).await;
+
+    let mut orders = Client::connect(&server).await;
+    let mut users = Client::connect(&server).await;
+    orders.subscribe(1, &["order.*", "audit.#"]).await;
+    users.subscribe(1, &["user.*.notification"]).await;
+    let want = vec!["audit.#", "order.*", "user.*.notification"];
+    assert_eq!(node.management.bindings(&exchange, &queue).await, want);
+
+    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
+    publisher
+        .publish_json("order.created", r#"{"before":true}"#)
+        .await;
+    assert_eq!(orders.recv_json().await["event"], "order.created");
+    drop(publisher);
+
+    // The whole broker goes away (the Erlang VM stops), then comes back with its data.
+    let restart = tokio::spawn({
+        let name = node.name.clone();
+        async move {
+            let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/infra/rabbitmq.sh");
+            let out = tokio::process::Command::new(script)
+                .args(["restart", &name])
+                .output()
+                .await
+                .expect("run rabbitmq.sh restart");
+            assert!(
+                out.status.success(),
+                "restart failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+
+    // While it is down: not ready, and the process keeps serving (liveness unaffected).
+    until("readiness to go false", OUTAGE_WAIT, || async {
+        readyz(&server).await == 503
+    })
+    .await;
+    assert_eq!(
+        support::get(&format!("{}/healthz", server.http_url()))
+            .await
+            .0,
+        200,
+        "liveness is unaffected by the broker"
+    );
+    restart.await.expect("the restart task");
+
+    // Back: ready again, every binding restored on the re-declared queue, delivery resumes.
+    until("readiness to come back", OUTAGE_WAIT, || async {
+        readyz(&server).await == 200
+    })
+    .await;
+    assert_eq!(
+        node.management.bindings(&exchange, &queue).await,
+        want,
+        "the queue was re-declared with every binding"
+    );
+    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
+    publisher
+        .publish_json("order.shipped", r#"{"after":true}"#)
+        .await;
+    publisher
+        .publish_json("user.9.notification", r#"{"after":true}"#)
+        .await;
+    assert_eq!(orders.recv_json().await["event"], "order.shipped");
+    assert_eq!(users.recv_json().await["event"], "user.9.notification");
+    support::publish_event(&server, "audit.login", json!({"via": "http"})).await;
+    assert_eq!(orders.recv_json().await["event"], "audit.login");
+
+    assert!(support::metric(&server, "eventrouter_broker_reconnects_total", "").await >= 1.0);
+    assert_eq!(
+        support::metric(&server, "eventrouter_broker_up", "").await,
+        1.0
+    );
+
+    // A subscription made after the outage is bound on the new queue too. Then the
+    // application-only stop RabbitMQ operators use for maintenance: while it lasts, publishing is
+    // refused with 503 and a new subscription is refused (never silently half-made).
+    users.subscribe(2, &["late.*"]).await;
+    node.stop_app().await;
+    until("readiness to go false (stop_app)", OUTAGE_WAIT, || async {
+        readyz(&server).await == 503
+    })
+    .await;
+    let (status, body) = support::publish(
+        &server,
+        json!({"event": "order.created", "data": {"during": true}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 503, "publish while the broker is down: {body}");
+    orders
+        .send_json(json!({"op": "subscribe", "id": 7, "events": ["down.*"]}))
+        .await;
+    let refused = orders.recv_json().await;
+    assert_eq!(refused["op"], "error", "{refused}");
+    assert_eq!(refused["id"], 7);
+    node.start_app().await;
+    until(
+        "readiness to come back (start_app)",
+        OUTAGE_WAIT,
+        || async { readyz(&server).await == 200 },
+    )
+    .await;
+    assert_eq!(
+        node.management.bindings(&exchange, &queue).await,
+        vec!["audit.#", "late.*", "order.*", "user.*.notification"]
+    );
+    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
+    publisher.publish_json("late.arrival", "{}").await;
+    assert_eq!(users.recv_json().await["event"], "late.arrival");
+    assert!(
+        support::metric(
+            &server,
+            "eventrouter_publish_failures_total",
+            r#"reason="unavailable""#
+        )
+        .await
+            >= 1.0
+    );
+
+    server.stop().await.expect("the service stops");
+}
