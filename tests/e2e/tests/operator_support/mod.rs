@@ -1,0 +1,218 @@
+//! Shared fixtures of the operator tests: the CRD installed from `crds/`, an operator running
+//! in-process against the test API server (scoped to one namespace, with its own Lease), and
+//! readers for children, conditions and events.
+
+#![allow(dead_code)] // Each operator_*.rs test binary uses a different subset.
+
+use std::time::Duration;
+
+use eventrouter_e2e::cluster::{TestNamespace, kube_client};
+use eventrouter_e2e::wait::wait_for;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use operator::crd::{EventRouter, EventRouterSpec};
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for the operator to converge.
+pub const CONVERGE: Duration = Duration::from_secs(30);
+/// The field manager the tests write with (never the operator's).
+pub const TEST_MANAGER: &str = "eventrouter-e2e";
+
+/// Apply the committed CRD and wait until it is served.
+pub async fn install_crd(client: &Client) {
+    let path = eventrouter_e2e::repo_root().join("crds").join("eventrouter.io_eventrouters.yaml");
+    let text = std::fs::read_to_string(&path).expect("the committed CRD is readable");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("the committed CRD parses");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(&crd.name_any(), &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
+        .await
+        .expect("the API server accepts the CRD");
+    wait_for("the EventRouter CRD to be established", CONVERGE, || async {
+        let crd = api.get(&crd.name_any()).await.map_err(|e| e.to_string())?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established { Ok(()) } else { Err("not established yet".to_string()) }
+    })
+    .await;
+}
+
+/// A namespace with the CRD installed and a client.
+pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
+    let client = kube_client().await.expect("a client for the test API server");
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, prefix).await.expect("a test namespace");
+    (client, ns)
+}
+
+/// Create (or replace) Secret `name` whose key `url` holds `url`.
+pub async fn put_amqp_secret(client: &Client, ns: &str, name: &str, url: &str) {
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        string_data: Some([("url".to_string(), url.to_string())].into()),
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&secret))
+        .await
+        .expect("the Secret is written");
+}
+
+/// An operator running in this process, watching one namespace; stops when dropped.
+pub struct RunningOperator {
+    pub identity: String,
+    pub metrics: operator::Metrics,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningOperator {
+    /// Start an operator on `ns` whose Lease is `lease` in `ns`.
+    pub async fn start(client: &Client, ns: &str, identity: &str, lease: &str) -> Self {
+        let settings = operator::Settings {
+            namespace: Some(ns.to_string()),
+            resync: Duration::from_secs(20),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(4),
+            cleanup_timeout: Duration::from_secs(60),
+            concurrency: 4,
+            identity: identity.to_string(),
+        };
+        let lease = operator::LeaseSettings::new(lease, ns, identity, Duration::from_secs(6));
+        let metrics = operator::Metrics::new();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(operator::run(
+            client.clone(),
+            settings,
+            lease,
+            metrics.clone(),
+            operator::Readiness::default(),
+            stop.clone(),
+        ));
+        Self { identity: identity.to_string(), metrics, stop, task: Some(task) }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+
+    /// Stop gracefully (the Lease is released) and wait for it.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("the operator stops within 15s")
+                .expect("the operator task does not panic");
+        }
+    }
+}
+
+impl Drop for RunningOperator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn routers(client: &Client, ns: &str) -> Api<EventRouter> {
+    Api::namespaced(client.clone(), ns)
+}
+
+/// Create `name` with `spec` (server-side apply with the tests' field manager).
+pub async fn apply_router(client: &Client, ns: &str, name: &str, spec: &EventRouterSpec) {
+    let router = EventRouter::new(name, spec.clone());
+    routers(client, ns)
+        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&router))
+        .await
+        .expect("the EventRouter is accepted");
+}
+
+/// Create `router` with a plain POST; returns the API server's error, if any.
+pub async fn create_router(client: &Client, ns: &str, router: &serde_json::Value) -> Result<EventRouter, kube::Error> {
+    let router: EventRouter = serde_json::from_value(router.clone()).expect("fixture is an EventRouter");
+    routers(client, ns).create(&PostParams::default(), &router).await
+}
+
+/// The condition `type_` of router `name`, if the operator wrote it.
+pub async fn condition(client: &Client, ns: &str, name: &str, type_: &str) -> Option<Condition> {
+    let router = routers(client, ns).get(name).await.ok()?;
+    router.status?.conditions.into_iter().find(|c| c.type_ == type_)
+}
+
+/// Wait until condition `type_` of `name` has `status` (and, if given, `reason`) for the current generation.
+pub async fn wait_condition(client: &Client, ns: &str, name: &str, type_: &str, status: &str, reason: Option<&str>) -> Condition {
+    let what = format!("{type_}={status} ({reason:?}) on EventRouter {ns}/{name}");
+    wait_for(&what, CONVERGE, || async {
+        let router = routers(client, ns).get(name).await.map_err(|e| e.to_string())?;
+        let generation = router.metadata.generation;
+        let found = router.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == type_));
+        match found {
+            Some(c)
+                if c.status == status
+                    && reason.is_none_or(|r| c.reason == r)
+                    && c.observed_generation == generation =>
+            {
+                Ok(c)
+            }
+            other => Err(format!("{other:?} (generation {generation:?})")),
+        }
+    })
+    .await
+}
+
+/// Wait until `get` finds object `name` through `api`, and return it.
+pub async fn wait_present<K>(api: &Api<K>, name: &str) -> K
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let what = format!("{} {name} to exist", std::any::type_name::<K>());
+    wait_for(&what, CONVERGE, || async {
+        match api.get_opt(name).await {
+            Ok(Some(object)) => Ok(object),
+            Ok(None) => Err("absent".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Wait until object `name` is gone.
+pub async fn wait_absent<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let what = format!("{} {name} to be gone", std::any::type_name::<K>());
+    wait_for(&what, CONVERGE, || async {
+        match api.get_opt(name).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err("still present".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// `(reason, type, reportingInstance)` of every events.k8s.io Event about router `name`.
+pub async fn router_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&Default::default()).await.expect("events can be listed");
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some("EventRouter") && r.name.as_deref() == Some(name))
+        })
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+                e.reporting_instance.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
