@@ -126,7 +126,11 @@ impl Hub {
 
     /// Adds `conn` as a subscriber of the canonical `pattern`, binding it at the source first if
     /// it is the pattern's first local subscriber. Returns once events will flow.
-    pub async fn subscribe(&self, conn: &Arc<ConnShared>, pattern: &str) -> Result<(), SourceError> {
+    pub async fn subscribe(
+        &self,
+        conn: &Arc<ConnShared>,
+        pattern: &str,
+    ) -> Result<(), SourceError> {
         let entry = self.bind_entry(pattern);
         let result = {
             let mut state = entry.lock().await;
@@ -135,7 +139,9 @@ impl Hub {
             } else {
                 let r = match self.source.get() {
                     Some(source) => source.bind(pattern).await,
-                    None => Err(SourceError::Unavailable("the event source is starting".into())),
+                    None => Err(SourceError::Unavailable(
+                        "the event source is starting".into(),
+                    )),
                 };
                 if r.is_ok() {
                     state.bound = true;
@@ -305,7 +311,10 @@ mod tests {
     fn drain(c: &ConnShared) -> Vec<String> {
         let mut batch = VecDeque::new();
         c.take_all(&mut batch);
-        batch.into_iter().map(|o| o.frame.as_str().to_owned()).collect()
+        batch
+            .into_iter()
+            .map(|o| o.frame.as_str().to_owned())
+            .collect()
     }
 
     #[tokio::test]
@@ -316,13 +325,65 @@ mod tests {
         hub.subscribe(&a, "order.*").await.expect("bind");
         hub.subscribe(&a, "order.created").await.expect("bind");
         hub.subscribe(&b, "#").await.expect("bind");
-        hub.dispatch(Event::new("order.created", Bytes::from_static(b"1")), Origin::Memory);
+        hub.dispatch(
+            Event::new("order.created", Bytes::from_static(b"1")),
+            Origin::Memory,
+        );
         assert_eq!(drain(&a).len(), 1);
         assert_eq!(drain(&b).len(), 1);
-        hub.dispatch(Event::new("user.created", Bytes::from_static(b"2")), Origin::Memory);
+        hub.dispatch(
+            Event::new("user.created", Bytes::from_static(b"2")),
+            Origin::Memory,
+        );
         assert!(drain(&a).is_empty());
         assert_eq!(drain(&b).len(), 1);
         assert_eq!(hub.metrics.deliveries.get(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_subscribe_and_unsubscribe_keep_counts_consistent() {
+        let hub = hub();
+        let mut tasks = Vec::new();
+        for id in 0..40u64 {
+            let hub = hub.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = conn(id);
+                for round in 0..50u64 {
+                    hub.subscribe(&c, "busy.*").await.expect("bind");
+                    if (id + round) % 3 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    hub.unsubscribe(&c, "busy.*").await;
+                }
+                // Half of them end up holding the pattern.
+                if id % 2 == 0 {
+                    hub.subscribe(&c, "busy.*").await.expect("bind");
+                }
+                c
+            }));
+        }
+        let mut conns = Vec::new();
+        for t in tasks {
+            conns.push(t.await.expect("task"));
+        }
+        assert_eq!(hub.metrics.subscriptions.get(), 20);
+        assert_eq!(
+            hub.metrics.bindings.get(),
+            1,
+            "bound exactly once while held"
+        );
+        hub.dispatch(
+            Event::new("busy.x", Bytes::from_static(b"1")),
+            Origin::Memory,
+        );
+        let got: usize = conns.iter().map(|c| drain(c).len()).sum();
+        assert_eq!(got, 20);
+        for c in &conns {
+            hub.remove_connection(c).await;
+        }
+        assert_eq!(hub.metrics.bindings.get(), 0);
+        assert_eq!(hub.pattern_count(), 0);
+        assert!(lock(&hub.binds).is_empty());
     }
 
     #[tokio::test]
