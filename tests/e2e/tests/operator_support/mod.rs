@@ -11,7 +11,7 @@ use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use operator::crd::{EventRouter, EventRouterSpec};
 use tokio_util::sync::CancellationToken;
@@ -133,10 +133,13 @@ pub async fn apply_router(client: &Client, ns: &str, name: &str, spec: &EventRou
         .expect("the EventRouter is accepted");
 }
 
-/// Create `router` with a plain POST; returns the API server's error, if any.
-pub async fn create_router(client: &Client, ns: &str, router: &serde_json::Value) -> Result<EventRouter, kube::Error> {
-    let router: EventRouter = serde_json::from_value(router.clone()).expect("fixture is an EventRouter");
-    routers(client, ns).create(&PostParams::default(), &router).await
+/// POST `router` as raw JSON (so fixtures may hold what the Rust types cannot); returns the
+/// API server's error, if any.
+pub async fn create_router(client: &Client, ns: &str, router: &serde_json::Value) -> Result<DynamicObject, kube::Error> {
+    let resource = ApiResource::erase::<EventRouter>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    let object: DynamicObject = serde_json::from_value(router.clone()).expect("fixture has apiVersion, kind, metadata");
+    api.create(&PostParams::default(), &object).await
 }
 
 /// The condition `type_` of router `name`, if the operator wrote it.
