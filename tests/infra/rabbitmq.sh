@@ -114,6 +114,12 @@ cmd_start() {
   [[ -n "$mgmt_port" ]] || mgmt_port="$(free_port)"
   port_in_use "$mgmt_port" && die "port $mgmt_port is already in use on 127.0.0.1; choose another MGMT_PORT"
   local dist_port; dist_port="$(free_port)"
+  # Erlang node names are global on the machine (registered with epmd): a second VM with the
+  # same name would fail to boot, and the CLI would talk to the first one.
+  local registered; registered="$(epmd -names 2>/dev/null || true)"
+  if [[ "$registered" == *"name ${node%@*} at port "* ]]; then
+    die "an Erlang node named ${node%@*} already runs on this machine; choose another NODE name"
+  fi
 
   rm -rf "$dir"
   mkdir -p "$dir/mnesia" "$dir/log"
@@ -149,6 +155,8 @@ export RABBITMQ_PID_FILE=$dir/pid
 # Distribution (node-to-CLI traffic) and epmd on loopback only.
 export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 export ERL_EPMD_ADDRESS=127.0.0.1
+# A VM that dies at boot writes its crash dump here, not into the caller's working directory.
+export ERL_CRASH_DUMP=$dir/log/erl_crash.dump
 ENV
   load_node "$node"
   log "starting RabbitMQ node $RABBITMQ_NODENAME (AMQP 127.0.0.1:$amqp_port, management 127.0.0.1:$mgmt_port, data $dir)"
