@@ -142,6 +142,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     let refused = orders.recv_json().await;
     assert_eq!(refused["op"], "error", "{refused}");
     assert_eq!(refused["id"], 7);
+    assert_eq!(refused["code"], "unavailable", "{refused}");
     node.start_app().await;
     until(
         "readiness to come back (start_app)",

@@ -93,6 +93,9 @@ pub struct AmqpSource {
     /// Every pattern the broker confirmed and nobody unbound since: restored on each new queue.
     bound: Mutex<BTreeSet<String>>,
     up: AtomicBool,
+    /// The broker blocked this connection's publishers (a memory or disk alarm): publishes fail
+    /// fast instead of hanging, and a slow confirm is not mistaken for a dead connection.
+    blocked: AtomicBool,
     /// An operation failed in a way that leaves the connection's state unknown (a timeout, a
     /// channel closed by the broker): the generation it asks the manager to replace.
     recycle_generation: AtomicU64,
@@ -119,6 +122,7 @@ impl AmqpSource {
             link: RwLock::new(None),
             bound: Mutex::new(BTreeSet::new()),
             up: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
             recycle_generation: AtomicU64::new(0),
             recycle: Notify::new(),
         });
@@ -256,6 +260,12 @@ impl AmqpSource {
             self.metrics.publish_failed(PublishFailure::Unavailable, n);
             return Err(not_connected());
         };
+        if self.blocked.load(Ordering::Acquire) {
+            self.metrics.publish_failed(PublishFailure::Unavailable, n);
+            return Err(SourceError::Unavailable(
+                "RabbitMQ is blocking publishers (memory or disk alarm); retry later".into(),
+            ));
+        }
         let work = async {
             let mut confirms = Vec::with_capacity(n);
             for (event, (routing_key, properties)) in events.iter().zip(encoded) {
@@ -287,7 +297,11 @@ impl AmqpSource {
             }
             Err(_) => {
                 self.metrics.publish_failed(PublishFailure::Timeout, n);
-                self.request_recycle(link.generation);
+                // A broker that blocked us mid-publish is alive: replacing the connection would
+                // only throw away the queue. Anything else that swallows confirms is not.
+                if !self.blocked.load(Ordering::Acquire) {
+                    self.request_recycle(link.generation);
+                }
                 return Err(SourceError::Timeout);
             }
         };

@@ -123,6 +123,7 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
                 // operations to fail.
                 source.set_up(false);
                 *source.link.write().await = None;
+                source.blocked.store(false, Ordering::Release);
                 close(&session.connection).await;
                 match end {
                     SessionEnd::Shutdown => {
@@ -291,9 +292,13 @@ async fn live(
             match event {
                 lapin::Event::Error(error) => return format!("connection error: {error}"),
                 lapin::Event::ConnectionBlocked(reason) => {
-                    warn!(%reason, "RabbitMQ blocked this connection (resource alarm); publishes wait");
+                    source.blocked.store(true, Ordering::Release);
+                    warn!(%reason, "RabbitMQ blocked publishing (resource alarm); publishes get 503");
                 }
-                lapin::Event::ConnectionUnblocked => info!("RabbitMQ unblocked this connection"),
+                lapin::Event::ConnectionUnblocked => {
+                    source.blocked.store(false, Ordering::Release);
+                    info!("RabbitMQ unblocked publishing");
+                }
                 _ => {}
             }
         }
