@@ -14,7 +14,8 @@
 #                         deliveries/s = rate x subscribers, so 500 is the 1M/s target
 #   DURATION=10s          fanout: publishing time per run
 #   PAYLOAD_BYTES=100     fanout: size of each event's data
-#   BATCH=10              fanout: events per POST /publish
+#   BATCH=25              fanout: events per POST /publish
+#   PUBLISHERS=2          fanout: concurrent keep-alive publisher connections
 #   LOADGEN_THREADS=1     worker threads of the load generator
 #   PORT=18080 ADMIN_PORT=19090   loopback ports for the service
 #   SERVICE_ARGS=""       extra flags for event-service (default settings otherwise)
@@ -32,7 +33,8 @@ SUBSCRIBERS="${SUBSCRIBERS:-2000}"
 RATES="${RATES:-500}"
 DURATION="${DURATION:-10s}"
 PAYLOAD_BYTES="${PAYLOAD_BYTES:-100}"
-BATCH="${BATCH:-10}"
+BATCH="${BATCH:-25}"
+PUBLISHERS="${PUBLISHERS:-2}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 PORT="${PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-19090}"
@@ -134,7 +136,8 @@ run_fanout() {
       local out="$RESULTS_DIR/fanout-$rate-$i.json"
       "$loadgen_bin" --threads "$LOADGEN_THREADS" --json fanout "${common[@]}" \
         --service-pid "$service_pid" --subscribers "$SUBSCRIBERS" --rate "$rate" \
-        --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" >"$out"
+        --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" \
+        --publishers "$PUBLISHERS" >"$out"
       stop_service
       files+=("$out")
     done
