@@ -45,14 +45,22 @@ fn route(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Full<
     match path {
         "/healthz" => respond(StatusCode::OK, "ok\n"),
         "/readyz" if readiness.is_ready() => respond(StatusCode::OK, "ready\n"),
-        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "not ready: the API server has not answered yet\n"),
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the API server has not answered yet\n",
+        ),
         "/metrics" => respond(StatusCode::OK, metrics.render()),
         _ => respond(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
 /// Serve the admin endpoints on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Metrics, readiness: Readiness, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -72,7 +80,10 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, readiness: Readiness
                 async move { Ok::<_, Infallible>(response) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 debug!(%error, "admin connection ended");
             }
         });
@@ -87,24 +98,46 @@ mod tests {
     fn readiness_is_a_latch_that_gates_readyz() {
         let metrics = Metrics::new();
         let readiness = Readiness::default();
-        assert_eq!(route("/readyz", &metrics, &readiness).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            route("/readyz", &metrics, &readiness).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         readiness.set(true);
-        assert_eq!(route("/readyz", &metrics, &readiness).status(), StatusCode::OK);
-        assert_eq!(route("/healthz", &metrics, &readiness).status(), StatusCode::OK);
-        assert_eq!(route("/nope", &metrics, &readiness).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            route("/readyz", &metrics, &readiness).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route("/healthz", &metrics, &readiness).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route("/nope", &metrics, &readiness).status(),
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[tokio::test]
     async fn metrics_are_served_over_http() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let metrics = Metrics::new();
         metrics.leader.set(1);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, metrics, Readiness::default(), shutdown.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            metrics,
+            Readiness::default(),
+            shutdown.clone(),
+        ));
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
         let mut body = String::new();
         stream.read_to_string(&mut body).await.expect("read");
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");

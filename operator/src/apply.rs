@@ -17,7 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
-use crate::build::{Desired, metrics_service_name, scaled_object_resource, service_monitor_resource};
+use crate::build::{
+    Desired, metrics_service_name, scaled_object_resource, service_monitor_resource,
+};
 use crate::error::Error;
 
 /// Which optional APIs the cluster serves (so a missing CRD is neither applied to nor deleted from).
@@ -42,22 +44,45 @@ fn params() -> PatchParams {
 
 async fn apply_typed<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let name = object.meta().name.clone().ok_or(Error::MissingField("child name"))?;
-    api.patch(&name, &params(), &Patch::Apply(object)).await.map_err(Error::kube("applying a child"))
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingField("child name"))?;
+    api.patch(&name, &params(), &Patch::Apply(object))
+        .await
+        .map_err(Error::kube("applying a child"))
 }
 
-async fn apply_dynamic(client: &Client, namespace: &str, resource: &ApiResource, object: &DynamicObject) -> Result<(), Error> {
+async fn apply_dynamic(
+    client: &Client,
+    namespace: &str,
+    resource: &ApiResource,
+    object: &DynamicObject,
+) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
     let name = object.name_any();
-    api.patch(&name, &params(), &Patch::Apply(object)).await.map_err(Error::kube("applying a custom-resource child"))?;
+    api.patch(&name, &params(), &Patch::Apply(object))
+        .await
+        .map_err(Error::kube("applying a custom-resource child"))?;
     Ok(())
 }
 
-fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, owner_uid: &str) -> bool {
-    meta.owner_references.iter().flatten().any(|r| r.uid == owner_uid)
+fn owned_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    owner_uid: &str,
+) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.uid == owner_uid)
 }
 
 /// Delete `name` if it exists and this router owns it (a same-named object someone else made stays).
@@ -65,13 +90,20 @@ async fn delete_owned<K>(api: Api<K>, name: &str, owner_uid: &str) -> Result<boo
 where
     K: Resource + Clone + Debug + DeserializeOwned,
 {
-    match api.get_opt(name).await.map_err(Error::kube("looking up an undesired child"))? {
+    match api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube("looking up an undesired child"))?
+    {
         Some(existing) if owned_by(existing.meta(), owner_uid) => {
             match api.delete(name, &DeleteParams::background()).await {
                 Ok(_) => Ok(true),
                 // Already gone counts as done.
                 Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-                Err(source) => Err(Error::Kube { action: "deleting an undesired child", source }),
+                Err(source) => Err(Error::Kube {
+                    action: "deleting an undesired child",
+                    source,
+                }),
             }
         }
         _ => Ok(false),
@@ -105,14 +137,23 @@ pub async fn apply_children(
     applied.deployment = Some(apply_typed(client, namespace, &deployment).await?);
     apply_typed(client, namespace, &service).await?;
     apply_typed(client, namespace, &metrics_service).await?;
-    debug_assert_eq!(metrics_service.metadata.name.as_deref(), Some(metrics_service_name(name).as_str()));
+    debug_assert_eq!(
+        metrics_service.metadata.name.as_deref(),
+        Some(metrics_service_name(name).as_str())
+    );
 
     match disruption_budget {
         Some(pdb) => {
             apply_typed(client, namespace, &pdb).await?;
         }
         None => {
-            if delete_owned(Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace), name, owner_uid).await? {
+            if delete_owned(
+                Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace),
+                name,
+                owner_uid,
+            )
+            .await?
+            {
                 applied.deleted.push("PodDisruptionBudget");
             }
         }
@@ -122,7 +163,13 @@ pub async fn apply_children(
             apply_typed(client, namespace, &hpa).await?;
         }
         None => {
-            if delete_owned(Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), namespace), name, owner_uid).await? {
+            if delete_owned(
+                Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), namespace),
+                name,
+                owner_uid,
+            )
+            .await?
+            {
                 applied.deleted.push("HorizontalPodAutoscaler");
             }
         }
@@ -156,7 +203,13 @@ pub async fn apply_children(
 }
 
 /// The router's Deployment as it is now, if any (used while paused or invalid, when nothing is applied).
-pub async fn current_deployment(client: &Client, namespace: &str, name: &str) -> Result<Option<Deployment>, Error> {
+pub async fn current_deployment(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Deployment>, Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    api.get_opt(name).await.map_err(Error::kube("reading the Deployment"))
+    api.get_opt(name)
+        .await
+        .map_err(Error::kube("reading the Deployment"))
 }

@@ -18,7 +18,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, failures: Mutex::new(HashMap::new()) }
+        Self {
+            base,
+            max,
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The un-jittered delay after `failures` consecutive failures.
@@ -30,8 +34,13 @@ impl Backoff {
     /// Record a failure of `(namespace, name)` and return how long to wait before retrying.
     pub fn failed(&self, namespace: &str, name: &str) -> Duration {
         let failures = {
-            let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let entry = map.entry((namespace.to_string(), name.to_string())).or_insert(0);
+            let mut map = self
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = map
+                .entry((namespace.to_string(), name.to_string()))
+                .or_insert(0);
             *entry = entry.saturating_add(1);
             *entry
         };
@@ -42,14 +51,22 @@ impl Backoff {
 
     /// Forget the failures of `(namespace, name)` after a successful reconcile.
     pub fn succeeded(&self, namespace: &str, name: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.remove(&(namespace.to_string(), name.to_string()));
     }
 
     /// Consecutive failures of `(namespace, name)`.
     pub fn failures(&self, namespace: &str, name: &str) -> u32 {
-        let map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(&(namespace.to_string(), name.to_string())).copied().unwrap_or(0)
+        let map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&(namespace.to_string(), name.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -63,7 +80,10 @@ mod tests {
         let delays: Vec<_> = (0..7).map(|_| backoff.failed("ns", "a")).collect();
         for (delay, expected) in delays.iter().zip([1, 2, 4, 8, 16, 30, 30]) {
             let expected = Duration::from_secs(expected);
-            assert!(*delay >= expected && *delay <= expected.mul_f64(1.1), "{delay:?} vs {expected:?}");
+            assert!(
+                *delay >= expected && *delay <= expected.mul_f64(1.1),
+                "{delay:?} vs {expected:?}"
+            );
         }
         assert_eq!(backoff.failures("ns", "a"), 7);
         backoff.succeeded("ns", "a");

@@ -8,7 +8,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
@@ -31,7 +33,10 @@ pub struct DesiredTopology {
 impl DesiredTopology {
     /// The record written to status once this topology is declared.
     pub fn record(&self) -> RecordedTopology {
-        RecordedTopology { exchange: self.exchange.clone(), bindings: self.bindings.iter().cloned().collect() }
+        RecordedTopology {
+            exchange: self.exchange.clone(),
+            bindings: self.bindings.iter().cloned().collect(),
+        }
     }
 }
 
@@ -42,7 +47,9 @@ pub enum BrokerError {
     Connect(#[source] lapin::Error),
     #[error("RabbitMQ did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("upstream exchange {source_exchange:?} does not exist; create it or remove it from spec.rabbitmq.upstreams")]
+    #[error(
+        "upstream exchange {source_exchange:?} does not exist; create it or remove it from spec.rabbitmq.upstreams"
+    )]
     UpstreamMissing { source_exchange: String },
     #[error("RabbitMQ refused {operation} on {target:?}: {source}")]
     Refused {
@@ -69,8 +76,12 @@ fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
-async fn timed<T>(fut: impl Future<Output = Result<T, lapin::Error>>) -> Result<Result<T, lapin::Error>, BrokerError> {
-    tokio::time::timeout(OPERATION_TIMEOUT, fut).await.map_err(|_| BrokerError::Timeout(OPERATION_TIMEOUT))
+async fn timed<T>(
+    fut: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<Result<T, lapin::Error>, BrokerError> {
+    tokio::time::timeout(OPERATION_TIMEOUT, fut)
+        .await
+        .map_err(|_| BrokerError::Timeout(OPERATION_TIMEOUT))
 }
 
 /// One AMQP connection used for a single reconcile, closed when dropped or by `close`.
@@ -82,18 +93,26 @@ pub struct Broker {
 impl Broker {
     /// Connect with the URL from the router's Secret.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let props = ConnectionProperties::default().with_connection_name("eventrouter-operator".into());
+        let props =
+            ConnectionProperties::default().with_connection_name("eventrouter-operator".into());
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
             .await
             .map_err(|_| BrokerError::Timeout(CONNECT_TIMEOUT))?
             .map_err(BrokerError::Connect)?;
-        let channel = timed(connection.create_channel()).await?.map_err(BrokerError::Connect)?;
-        Ok(Self { connection, channel })
+        let channel = timed(connection.create_channel())
+            .await?
+            .map_err(BrokerError::Connect)?;
+        Ok(Self {
+            connection,
+            channel,
+        })
     }
 
     /// A channel closed by a 404 must be replaced before the next operation.
     async fn reopen(&mut self) -> Result<(), BrokerError> {
-        self.channel = timed(self.connection.create_channel()).await?.map_err(BrokerError::Connect)?;
+        self.channel = timed(self.connection.create_channel())
+            .await?
+            .map_err(BrokerError::Connect)?;
         Ok(())
     }
 
@@ -105,7 +124,10 @@ impl Broker {
         recorded: Option<&RecordedTopology>,
         delete_stale_exchange: bool,
     ) -> Result<RecordedTopology, BrokerError> {
-        let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
         timed(self.channel.exchange_declare(
             desired.exchange.as_str().into(),
             ExchangeKind::Topic,
@@ -113,7 +135,11 @@ impl Broker {
             FieldTable::default(),
         ))
         .await?
-        .map_err(|source| BrokerError::Refused { operation: "exchange.declare", target: desired.exchange.clone(), source })?;
+        .map_err(|source| BrokerError::Refused {
+            operation: "exchange.declare",
+            target: desired.exchange.clone(),
+            source,
+        })?;
 
         for binding in &desired.bindings {
             let result = timed(self.channel.exchange_bind(
@@ -127,10 +153,16 @@ impl Broker {
             match result {
                 Ok(()) => {}
                 Err(error) if is_not_found(&error) => {
-                    return Err(BrokerError::UpstreamMissing { source_exchange: binding.source.clone() });
+                    return Err(BrokerError::UpstreamMissing {
+                        source_exchange: binding.source.clone(),
+                    });
                 }
                 Err(source) => {
-                    return Err(BrokerError::Refused { operation: "exchange.bind", target: binding.source.clone(), source });
+                    return Err(BrokerError::Refused {
+                        operation: "exchange.bind",
+                        target: binding.source.clone(),
+                        source,
+                    });
                 }
             }
         }
@@ -142,7 +174,11 @@ impl Broker {
                     self.remove(recorded).await?;
                 }
             } else {
-                for stale in recorded.bindings.iter().filter(|b| !desired.bindings.contains(b)) {
+                for stale in recorded
+                    .bindings
+                    .iter()
+                    .filter(|b| !desired.bindings.contains(b))
+                {
                     self.unbind(&recorded.exchange, stale).await?;
                 }
             }
@@ -151,7 +187,11 @@ impl Broker {
         Ok(desired.record())
     }
 
-    async fn unbind(&mut self, destination: &str, binding: &RecordedBinding) -> Result<(), BrokerError> {
+    async fn unbind(
+        &mut self,
+        destination: &str,
+        binding: &RecordedBinding,
+    ) -> Result<(), BrokerError> {
         let result = timed(self.channel.exchange_unbind(
             destination.into(),
             binding.source.as_str().into(),
@@ -163,7 +203,11 @@ impl Broker {
         match result {
             Ok(()) => Ok(()),
             Err(error) if is_not_found(&error) => self.reopen().await,
-            Err(source) => Err(BrokerError::Refused { operation: "exchange.unbind", target: binding.source.clone(), source }),
+            Err(source) => Err(BrokerError::Refused {
+                operation: "exchange.unbind",
+                target: binding.source.clone(),
+                source,
+            }),
         }
     }
 
@@ -172,8 +216,11 @@ impl Broker {
         for binding in &recorded.bindings {
             self.unbind(&recorded.exchange, binding).await?;
         }
-        let result =
-            timed(self.channel.exchange_delete(recorded.exchange.as_str().into(), ExchangeDeleteOptions::default())).await?;
+        let result = timed(self.channel.exchange_delete(
+            recorded.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        ))
+        .await?;
         match result {
             Ok(()) => {}
             Err(error) if is_not_found(&error) => self.reopen().await?,
@@ -191,6 +238,7 @@ impl Broker {
 
     /// Close the connection politely (dropping it also closes it, less politely).
     pub async fn close(self) {
-        let _ = tokio::time::timeout(OPERATION_TIMEOUT, self.connection.close(200, "done".into())).await;
+        let _ = tokio::time::timeout(OPERATION_TIMEOUT, self.connection.close(200, "done".into()))
+            .await;
     }
 }

@@ -7,17 +7,20 @@
 use std::collections::BTreeMap;
 
 use eventrouter_contract::{autoscaling as metric_names, env, http, kube as names};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget,
-    PodsMetricSource,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec as K8sServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec as K8sServiceSpec, SleepAction,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -45,7 +48,10 @@ const RUN_AS_USER: i64 = 65532;
 
 /// The KEDA ScaledObject API.
 pub fn scaled_object_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"), "scaledobjects")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+        "scaledobjects",
+    )
 }
 
 /// The Prometheus Operator ServiceMonitor API.
@@ -77,8 +83,14 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (names::LABEL_NAME.to_string(), names::APP_NAME.to_string()),
         (names::LABEL_INSTANCE.to_string(), name.to_string()),
-        (names::LABEL_COMPONENT.to_string(), names::COMPONENT_SERVICE.to_string()),
-        (names::LABEL_MANAGED_BY.to_string(), names::MANAGED_BY.to_string()),
+        (
+            names::LABEL_COMPONENT.to_string(),
+            names::COMPONENT_SERVICE.to_string(),
+        ),
+        (
+            names::LABEL_MANAGED_BY.to_string(),
+            names::MANAGED_BY.to_string(),
+        ),
     ])
 }
 
@@ -92,7 +104,11 @@ pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
 
 /// The selector as the string the scale subresource reports.
 pub fn selector_string(name: &str) -> String {
-    selector_labels(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn metadata(router: &EventRouter, plan: &Plan, name: String) -> ObjectMeta {
@@ -116,10 +132,15 @@ pub fn build(router: &EventRouter, plan: &Plan) -> Desired {
         deployment: deployment(router, plan),
         service: service(router, plan),
         metrics_service: metrics_service(router, plan),
-        disruption_budget: router.spec.disruption_budget.enabled.then(|| disruption_budget(router, plan)),
+        disruption_budget: router
+            .spec
+            .disruption_budget
+            .enabled
+            .then(|| disruption_budget(router, plan)),
         horizontal_autoscaler: (plan.autoscaler == Some(AutoscalingProvider::Hpa))
             .then(|| horizontal_autoscaler(router, plan)),
-        scaled_object: (plan.autoscaler == Some(AutoscalingProvider::Keda)).then(|| scaled_object(router, plan)),
+        scaled_object: (plan.autoscaler == Some(AutoscalingProvider::Keda))
+            .then(|| scaled_object(router, plan)),
         service_monitor: plan.service_monitor.then(|| service_monitor(router, plan)),
         topology: plan.topology.clone(),
     }
@@ -135,7 +156,11 @@ fn service_account(router: &EventRouter, plan: &Plan) -> ServiceAccount {
 }
 
 fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
 }
 
 fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
@@ -144,9 +169,15 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
     let mq = &spec.rabbitmq;
     vec![
         env_var(env::LISTEN, format!("0.0.0.0:{}", http::DEFAULT_PORT)),
-        env_var(env::ADMIN_LISTEN, format!("0.0.0.0:{}", http::DEFAULT_ADMIN_PORT)),
+        env_var(
+            env::ADMIN_LISTEN,
+            format!("0.0.0.0:{}", http::DEFAULT_ADMIN_PORT),
+        ),
         env_var(env::SOURCE, "amqp"),
-        env_var(env::AMQP_URL_FILE, format!("{AMQP_SECRET_DIR}/{AMQP_SECRET_FILE}")),
+        env_var(
+            env::AMQP_URL_FILE,
+            format!("{AMQP_SECRET_DIR}/{AMQP_SECRET_FILE}"),
+        ),
         env_var(env::EXCHANGE, plan.topology.exchange.clone()),
         // The operator owns the exchange; pods only bind their own queues to it.
         env_var(env::DECLARE_EXCHANGE, "false"),
@@ -174,7 +205,10 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
         EnvVar {
             name: env::POD_NAME.into(),
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..ObjectFieldSelector::default() }),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
                 ..EnvVarSource::default()
             }),
             ..EnvVar::default()
@@ -208,8 +242,14 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
     let mut pod_annotations = BTreeMap::new();
     if spec.monitoring.scrape_annotations {
         pod_annotations.insert("prometheus.io/scrape".to_string(), "true".to_string());
-        pod_annotations.insert("prometheus.io/port".to_string(), http::DEFAULT_ADMIN_PORT.to_string());
-        pod_annotations.insert("prometheus.io/path".to_string(), http::METRICS_PATH.to_string());
+        pod_annotations.insert(
+            "prometheus.io/port".to_string(),
+            http::DEFAULT_ADMIN_PORT.to_string(),
+        );
+        pod_annotations.insert(
+            "prometheus.io/path".to_string(),
+            http::METRICS_PATH.to_string(),
+        );
     }
     let container = Container {
         name: names::CONTAINER_NAME.into(),
@@ -235,7 +275,9 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 // A sleep action needs no shell in the (distroless) image.
-                sleep: Some(SleepAction { seconds: PRE_STOP_SLEEP_SECONDS }),
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
                 ..LifecycleHandler::default()
             }),
             ..Lifecycle::default()
@@ -245,8 +287,14 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
@@ -256,7 +304,11 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     };
@@ -269,14 +321,20 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_USER),
             run_as_group: Some(RUN_AS_USER),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
             ..PodSecurityContext::default()
         }),
         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
             max_skew: 1,
             topology_key: "kubernetes.io/hostname".into(),
             when_unsatisfiable: "ScheduleAnyway".into(),
-            label_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..LabelSelector::default() }),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            }),
             ..TopologySpreadConstraint::default()
         }]),
         volumes: Some(vec![
@@ -310,7 +368,10 @@ fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
         spec: Some(DeploymentSpec {
             // With autoscaling on, replicas belongs to the autoscaler: applying it would fight.
             replicas: (!spec.autoscaling.enabled).then_some(spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -362,7 +423,9 @@ pub fn metrics_service_name(name: &str) -> String {
 
 fn metrics_service(router: &EventRouter, plan: &Plan) -> Service {
     let mut meta = metadata(router, plan, metrics_service_name(&plan.name));
-    meta.labels.get_or_insert_with(BTreeMap::new).insert(METRICS_SERVICE_LABEL.into(), "true".into());
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(METRICS_SERVICE_LABEL.into(), "true".into());
     Service {
         metadata: meta,
         spec: Some(K8sServiceSpec {
@@ -385,7 +448,9 @@ fn disruption_budget(router: &EventRouter, plan: &Plan) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: metadata(router, plan, plan.name.clone()),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(router.spec.disruption_budget.max_unavailable)),
+            max_unavailable: Some(IntOrString::Int(
+                router.spec.disruption_budget.max_unavailable,
+            )),
             selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(&plan.name)),
                 ..LabelSelector::default()
@@ -415,8 +480,15 @@ fn pods_metric(name: &str, average: Quantity) -> MetricSpec {
     MetricSpec {
         type_: "Pods".into(),
         pods: Some(PodsMetricSource {
-            metric: MetricIdentifier { name: name.into(), selector: None },
-            target: MetricTarget { type_: "AverageValue".into(), average_value: Some(average), ..MetricTarget::default() },
+            metric: MetricIdentifier {
+                name: name.into(),
+                selector: None,
+            },
+            target: MetricTarget {
+                type_: "AverageValue".into(),
+                average_value: Some(average),
+                ..MetricTarget::default()
+            },
         }),
         ..MetricSpec::default()
     }
@@ -435,8 +507,14 @@ fn horizontal_autoscaler(router: &EventRouter, plan: &Plan) -> HorizontalPodAuto
             min_replicas: Some(a.min_replicas),
             max_replicas: a.max_replicas,
             metrics: Some(vec![
-                pods_metric(metric_names::CONNECTIONS_METRIC, Quantity(a.target_connections_per_pod.to_string())),
-                pods_metric(metric_names::RECV_QUEUE_METRIC, Quantity(a.target_recv_queue_bytes_per_pod.to_string())),
+                pods_metric(
+                    metric_names::CONNECTIONS_METRIC,
+                    Quantity(a.target_connections_per_pod.to_string()),
+                ),
+                pods_metric(
+                    metric_names::RECV_QUEUE_METRIC,
+                    Quantity(a.target_recv_queue_bytes_per_pod.to_string()),
+                ),
             ]),
             behavior: Some(HorizontalPodAutoscalerBehavior {
                 scale_up: Some(scaling_rules(&a.scale_up)),
@@ -478,7 +556,8 @@ fn scaled_object(router: &EventRouter, plan: &Plan) -> DynamicObject {
         scale_up: Some(scaling_rules(&a.scale_up)),
         scale_down: Some(scaling_rules(&a.scale_down)),
     };
-    let mut object = DynamicObject::new(&plan.name, &scaled_object_resource()).within(&plan.namespace);
+    let mut object =
+        DynamicObject::new(&plan.name, &scaled_object_resource()).within(&plan.namespace);
     object.metadata = metadata(router, plan, plan.name.clone());
     object.data = json!({
         "spec": {
@@ -498,7 +577,8 @@ fn scaled_object(router: &EventRouter, plan: &Plan) -> DynamicObject {
 fn service_monitor(router: &EventRouter, plan: &Plan) -> DynamicObject {
     let mut selector = selector_labels(&plan.name);
     selector.insert(METRICS_SERVICE_LABEL.into(), "true".into());
-    let mut object = DynamicObject::new(&plan.name, &service_monitor_resource()).within(&plan.namespace);
+    let mut object =
+        DynamicObject::new(&plan.name, &service_monitor_resource()).within(&plan.namespace);
     object.metadata = metadata(router, plan, plan.name.clone());
     object.data = json!({
         "spec": {
@@ -525,7 +605,11 @@ mod tests {
     }
 
     fn env_of(deployment: &Deployment) -> BTreeMap<String, String> {
-        let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+        let pod = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
         pod.containers[0]
             .env
             .iter()
@@ -553,7 +637,10 @@ mod tests {
         assert_eq!(spec.replicas, Some(2));
         assert_eq!(d.service_account.metadata.name.as_deref(), Some("chat"));
         assert_eq!(d.service.metadata.name.as_deref(), Some("chat"));
-        assert_eq!(d.metrics_service.metadata.name.as_deref(), Some("chat-metrics"));
+        assert_eq!(
+            d.metrics_service.metadata.name.as_deref(),
+            Some("chat-metrics")
+        );
         assert!(d.disruption_budget.is_some());
         assert!(d.horizontal_autoscaler.is_none());
         assert!(d.scaled_object.is_none());
@@ -597,7 +684,10 @@ mod tests {
         assert_eq!(env[env::MAX_CONNECTIONS], "7000");
         assert_eq!(env[env::PING_INTERVAL], "20s");
         assert_eq!(env[env::LISTEN], "0.0.0.0:8080");
-        assert!(!env.contains_key(env::AMQP_URL), "the URL never appears in plain env");
+        assert!(
+            !env.contains_key(env::AMQP_URL),
+            "the URL never appears in plain env"
+        );
     }
 
     #[test]
@@ -605,28 +695,63 @@ mod tests {
         let mut router = a_router_named("chat");
         router.spec.websocket.drain_duration = "30s".into();
         let d = desired(&router, &a_cluster_with_the_secret());
-        let pod = d.deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+        let pod = d
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod");
         let c = &pod.containers[0];
         assert_eq!(c.name, names::CONTAINER_NAME);
-        let sc = c.security_context.as_ref().expect("container security context");
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container security context");
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
-        assert_eq!(sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
-        let path = |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone());
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+        };
         assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
         assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
         assert_eq!(pod.termination_grace_period_seconds, Some(5 + 30 + 10));
         assert!(pod.termination_grace_period_seconds > Some(30));
-        let sleep = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).and_then(|h| h.sleep.as_ref());
+        let sleep = c
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref());
         assert_eq!(sleep.map(|s| s.seconds), Some(PRE_STOP_SLEEP_SECONDS));
         let spread = &pod.topology_spread_constraints.as_ref().expect("spread")[0];
         assert_eq!(spread.topology_key, "kubernetes.io/hostname");
-        let ports: Vec<_> = c.ports.iter().flatten().filter_map(|p| p.name.clone()).collect();
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
         assert_eq!(ports, vec!["http", "metrics"]);
-        let annotations = d.deployment.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.annotations.clone());
-        assert_eq!(annotations.expect("scrape annotations")["prometheus.io/port"], "9090");
+        let annotations = d
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone());
+        assert_eq!(
+            annotations.expect("scrape annotations")["prometheus.io/port"],
+            "9090"
+        );
     }
 
     #[test]
@@ -635,15 +760,28 @@ mod tests {
         router.spec.monitoring.scrape_annotations = false;
         let d = desired(&router, &a_cluster_with_the_secret());
         let template = &d.deployment.spec.as_ref().expect("spec").template;
-        assert_eq!(template.metadata.as_ref().and_then(|m| m.annotations.clone()), None);
+        assert_eq!(
+            template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.clone()),
+            None
+        );
     }
 
     #[test]
     fn with_hpa_autoscaling_the_deployment_has_no_replicas_and_an_hpa_scales_on_both_pod_metrics() {
-        let d = desired(&an_autoscaled_router(AutoscalingProvider::Hpa), &a_cluster_with_the_secret());
+        let d = desired(
+            &an_autoscaled_router(AutoscalingProvider::Hpa),
+            &a_cluster_with_the_secret(),
+        );
         assert_eq!(d.deployment.spec.as_ref().expect("spec").replicas, None);
         assert!(d.scaled_object.is_none());
-        let hpa = d.horizontal_autoscaler.expect("an HPA").spec.expect("hpa spec");
+        let hpa = d
+            .horizontal_autoscaler
+            .expect("an HPA")
+            .spec
+            .expect("hpa spec");
         assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(3), 12));
         assert_eq!(hpa.scale_target_ref.name, "chat");
         let metrics: Vec<_> = hpa
@@ -652,28 +790,45 @@ mod tests {
             .flatten()
             .map(|m| {
                 let pods = m.pods.as_ref().expect("a Pods metric");
-                (pods.metric.name.clone(), pods.target.average_value.clone().expect("average").0)
+                (
+                    pods.metric.name.clone(),
+                    pods.target.average_value.clone().expect("average").0,
+                )
             })
             .collect();
         assert_eq!(
             metrics,
             vec![
                 ("eventrouter_connections".to_string(), "2000".to_string()),
-                ("eventrouter_socket_recv_queue_bytes".to_string(), "262144".to_string()),
+                (
+                    "eventrouter_socket_recv_queue_bytes".to_string(),
+                    "262144".to_string()
+                ),
             ]
         );
         let behavior = hpa.behavior.expect("behavior");
-        assert_eq!(behavior.scale_down.and_then(|r| r.stabilization_window_seconds), Some(300));
+        assert_eq!(
+            behavior
+                .scale_down
+                .and_then(|r| r.stabilization_window_seconds),
+            Some(300)
+        );
     }
 
     #[test]
     fn with_keda_installed_a_scaled_object_replaces_the_hpa() {
-        let facts = ClusterFacts { keda_installed: true, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            keda_installed: true,
+            ..a_cluster_with_the_secret()
+        };
         let d = desired(&an_autoscaled_router(AutoscalingProvider::Keda), &facts);
         assert!(d.horizontal_autoscaler.is_none());
         assert_eq!(d.deployment.spec.as_ref().expect("spec").replicas, None);
         let so = d.scaled_object.expect("a ScaledObject");
-        assert_eq!(so.types.as_ref().map(|t| t.api_version.as_str()), Some("keda.sh/v1alpha1"));
+        assert_eq!(
+            so.types.as_ref().map(|t| t.api_version.as_str()),
+            Some("keda.sh/v1alpha1")
+        );
         let spec = &so.data["spec"];
         assert_eq!(spec["minReplicaCount"], 3);
         assert_eq!(spec["triggers"][0]["type"], "prometheus");
@@ -687,7 +842,10 @@ mod tests {
 
     #[test]
     fn with_keda_missing_there_is_no_autoscaler_and_still_no_replicas() {
-        let d = desired(&an_autoscaled_router(AutoscalingProvider::Keda), &a_cluster_with_the_secret());
+        let d = desired(
+            &an_autoscaled_router(AutoscalingProvider::Keda),
+            &a_cluster_with_the_secret(),
+        );
         assert!(d.horizontal_autoscaler.is_none() && d.scaled_object.is_none());
         assert_eq!(d.deployment.spec.as_ref().expect("spec").replicas, None);
     }
@@ -696,20 +854,35 @@ mod tests {
     fn a_disabled_budget_is_not_wanted() {
         let mut router = a_router_named("chat");
         router.spec.disruption_budget.enabled = false;
-        assert!(desired(&router, &a_cluster_with_the_secret()).disruption_budget.is_none());
+        assert!(
+            desired(&router, &a_cluster_with_the_secret())
+                .disruption_budget
+                .is_none()
+        );
         router.spec.disruption_budget.enabled = true;
         router.spec.disruption_budget.max_unavailable = 2;
-        let pdb = desired(&router, &a_cluster_with_the_secret()).disruption_budget.expect("pdb");
-        assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(2)));
+        let pdb = desired(&router, &a_cluster_with_the_secret())
+            .disruption_budget
+            .expect("pdb");
+        assert_eq!(
+            pdb.spec.and_then(|s| s.max_unavailable),
+            Some(IntOrString::Int(2))
+        );
     }
 
     #[test]
     fn a_service_monitor_scrapes_the_metrics_service_when_the_crd_exists() {
-        let facts = ClusterFacts { service_monitor_installed: true, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            service_monitor_installed: true,
+            ..a_cluster_with_the_secret()
+        };
         let d = desired(&a_router_named("chat"), &facts);
         let sm = d.service_monitor.expect("a ServiceMonitor");
         assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "metrics");
-        assert_eq!(sm.data["spec"]["selector"]["matchLabels"][METRICS_SERVICE_LABEL], "true");
+        assert_eq!(
+            sm.data["spec"]["selector"]["matchLabels"][METRICS_SERVICE_LABEL],
+            "true"
+        );
         let metrics_labels = d.metrics_service.metadata.labels.expect("labels");
         assert_eq!(metrics_labels[METRICS_SERVICE_LABEL], "true");
     }
@@ -719,18 +892,28 @@ mod tests {
         let mut router = a_router_named("chat");
         router.spec.service.type_ = crate::crd::ServiceType::LoadBalancer;
         router.spec.service.port = 443;
-        router.spec.service.annotations.insert("lb.example/idle".into(), "3600".into());
+        router
+            .spec
+            .service
+            .annotations
+            .insert("lb.example/idle".into(), "3600".into());
         let svc = desired(&router, &a_cluster_with_the_secret()).service;
         let spec = svc.spec.expect("spec");
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         let ports = spec.ports.expect("ports");
         assert_eq!(ports.len(), 1);
         assert_eq!(ports[0].port, 443);
-        assert_eq!(svc.metadata.annotations.expect("annotations")["lb.example/idle"], "3600");
+        assert_eq!(
+            svc.metadata.annotations.expect("annotations")["lb.example/idle"],
+            "3600"
+        );
     }
 
     #[test]
     fn the_selector_string_matches_the_pod_selector() {
-        assert_eq!(selector_string("chat"), "app.kubernetes.io/instance=chat,app.kubernetes.io/name=event-router");
+        assert_eq!(
+            selector_string("chat"),
+            "app.kubernetes.io/instance=chat,app.kubernetes.io/name=event-router"
+        );
     }
 }

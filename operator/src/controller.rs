@@ -82,7 +82,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, metrics: Metrics, settings: Settings) -> Self {
-        let reporter = Reporter { controller: names::FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) };
+        let reporter = Reporter {
+            controller: names::FIELD_MANAGER.into(),
+            instance: Some(settings.identity.clone()),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             backoff: Backoff::new(settings.backoff_base, settings.backoff_max),
@@ -94,21 +97,41 @@ impl Context {
     }
 
     async fn optional_apis(&self) -> Result<OptionalApis, Error> {
-        if let Some((at, apis)) = *self.optional_apis.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        if let Some((at, apis)) = *self
+            .optional_apis
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             && at.elapsed() < OPTIONAL_API_TTL
         {
             return Ok(apis);
         }
         let apis = OptionalApis {
             keda: serves(&self.client, "keda.sh/v1alpha1", "scaledobjects").await?,
-            service_monitor: serves(&self.client, "monitoring.coreos.com/v1", "servicemonitors").await?,
+            service_monitor: serves(&self.client, "monitoring.coreos.com/v1", "servicemonitors")
+                .await?,
         };
-        *self.optional_apis.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), apis));
+        *self
+            .optional_apis
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), apis));
         Ok(apis)
     }
 
-    async fn publish(&self, router: &EventRouter, type_: EventType, reason: &str, action: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    async fn publish(
+        &self,
+        router: &EventRouter,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
         if let Err(error) = self.recorder.publish(&event, &router.object_ref(&())).await {
             warn!(%error, router = %router.name_any(), reason, "could not record a Kubernetes event");
         }
@@ -120,18 +143,37 @@ async fn serves(client: &Client, api_version: &str, resource: &str) -> Result<bo
     match client.list_api_group_resources(api_version).await {
         Ok(list) => Ok(list.resources.iter().any(|r| r.name == resource)),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-        Err(source) => Err(Error::Kube { action: "discovering optional APIs", source }),
+        Err(source) => Err(Error::Kube {
+            action: "discovering optional APIs",
+            source,
+        }),
     }
 }
 
-async fn read_amqp_url(client: &Client, namespace: &str, router: &EventRouter) -> Result<SecretLookup, Error> {
+async fn read_amqp_url(
+    client: &Client,
+    namespace: &str,
+    router: &EventRouter,
+) -> Result<SecretLookup, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret_ref = &router.spec.rabbitmq.secret_ref;
-    let Some(secret) = secrets.get_opt(&secret_ref.name).await.map_err(Error::kube("reading the AMQP Secret"))? else {
+    let Some(secret) = secrets
+        .get_opt(&secret_ref.name)
+        .await
+        .map_err(Error::kube("reading the AMQP Secret"))?
+    else {
         return Ok(SecretLookup::SecretMissing);
     };
-    let from_data = secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)).map(|v| String::from_utf8_lossy(&v.0).into_owned());
-    let from_string = secret.string_data.as_ref().and_then(|d| d.get(&secret_ref.key)).cloned();
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&secret_ref.key))
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned());
+    let from_string = secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(&secret_ref.key))
+        .cloned();
     Ok(match from_data.or(from_string) {
         Some(url) => SecretLookup::Found(url.trim().to_string()),
         None => SecretLookup::KeyMissing,
@@ -139,7 +181,11 @@ async fn read_amqp_url(client: &Client, namespace: &str, router: &EventRouter) -
 }
 
 /// Server-side apply of the status subresource.
-async fn write_status(client: &Client, router: &EventRouter, status: serde_json::Value) -> Result<(), Error> {
+async fn write_status(
+    client: &Client,
+    router: &EventRouter,
+    status: serde_json::Value,
+) -> Result<(), Error> {
     let namespace = router.namespace().ok_or(Error::MissingField("namespace"))?;
     let api: Api<EventRouter> = Api::namespaced(client.clone(), &namespace);
     let patch = json!({
@@ -147,9 +193,13 @@ async fn write_status(client: &Client, router: &EventRouter, status: serde_json:
         "kind": names::KIND,
         "status": status,
     });
-    api.patch_status(&router.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::kube("writing the status"))?;
+    api.patch_status(
+        &router.name_any(),
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("writing the status"))?;
     Ok(())
 }
 
@@ -162,7 +212,11 @@ fn status_json(
     observed: &Observed<'_>,
     topology: Option<&RecordedTopology>,
 ) -> Result<serde_json::Value, Error> {
-    let previous = router.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let previous = router
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let conditions = conditions(observed, previous, &now());
     let (replicas, ready) = crate::status::replica_counts(observed.deployment);
     let status = crate::crd::EventRouterStatus {
@@ -173,7 +227,10 @@ fn status_json(
         selector: Some(selector_string(&router.name_any())),
         topology: topology.cloned(),
     };
-    serde_json::to_value(status).map_err(|source| Error::Serialize { what: "status", source })
+    serde_json::to_value(status).map_err(|source| Error::Serialize {
+        what: "status",
+        source,
+    })
 }
 
 /// Declare the topology with the Secret's URL; the new record, or why not.
@@ -184,7 +241,9 @@ async fn sync_broker(
     policy: DeletionPolicy,
 ) -> Result<RecordedTopology, BrokerError> {
     let mut broker = Broker::connect(url).await?;
-    let result = broker.sync(desired, recorded, policy == DeletionPolicy::Delete).await;
+    let result = broker
+        .sync(desired, recorded, policy == DeletionPolicy::Delete)
+        .await;
     broker.close().await;
     result
 }
@@ -201,7 +260,11 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
     // Fetch: the facts validate needs.
     let amqp_url = read_amqp_url(client, &namespace, &router).await?;
     let apis = ctx.optional_apis().await?;
-    let facts = ClusterFacts { amqp_url: amqp_url.clone(), keda_installed: apis.keda, service_monitor_installed: apis.service_monitor };
+    let facts = ClusterFacts {
+        amqp_url: amqp_url.clone(),
+        keda_installed: apis.keda,
+        service_monitor_installed: apis.service_monitor,
+    };
 
     if router.spec.paused {
         let deployment = current_deployment(client, &namespace, &name).await?;
@@ -209,13 +272,32 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
             generation: router.metadata.generation,
             paused: true,
             invalid: None,
-            broker: BrokerState::NotAttempted { reason: "Paused", message: "paused".into() },
+            broker: BrokerState::NotAttempted {
+                reason: "Paused",
+                message: "paused".into(),
+            },
             deployment: deployment.as_ref(),
             keda_missing: false,
         };
-        write_status(client, &router, status_json(&router, &observed, previous.topology.as_ref())?).await?;
-        if previous.conditions.iter().all(|c| !(c.type_ == "Paused" && c.status == "True")) {
-            ctx.publish(&router, EventType::Normal, "Paused", "Reconcile", "spec.paused is true: children and broker are left as they are".into()).await;
+        write_status(
+            client,
+            &router,
+            status_json(&router, &observed, previous.topology.as_ref())?,
+        )
+        .await?;
+        if previous
+            .conditions
+            .iter()
+            .all(|c| !(c.type_ == "Paused" && c.status == "True"))
+        {
+            ctx.publish(
+                &router,
+                EventType::Normal,
+                "Paused",
+                "Reconcile",
+                "spec.paused is true: children and broker are left as they are".into(),
+            )
+            .await;
         }
         return Ok(resync);
     }
@@ -231,12 +313,27 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
                 generation: router.metadata.generation,
                 paused: false,
                 invalid: Some(invalid.to_string()),
-                broker: BrokerState::NotAttempted { reason: "InvalidSpec", message: "the spec is invalid".into() },
+                broker: BrokerState::NotAttempted {
+                    reason: "InvalidSpec",
+                    message: "the spec is invalid".into(),
+                },
                 deployment: deployment.as_ref(),
                 keda_missing: false,
             };
-            write_status(client, &router, status_json(&router, &observed, previous.topology.as_ref())?).await?;
-            ctx.publish(&router, EventType::Warning, "InvalidSpec", "Validate", invalid.to_string()).await;
+            write_status(
+                client,
+                &router,
+                status_json(&router, &observed, previous.topology.as_ref())?,
+            )
+            .await?;
+            ctx.publish(
+                &router,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                invalid.to_string(),
+            )
+            .await;
             return Ok(Action::requeue(INVALID_SPEC_RETRY.min(ctx.settings.resync)));
         }
     };
@@ -247,23 +344,46 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
     let applied = match apply_children(client, &namespace, &name, &uid, desired, apis).await {
         Ok(applied) => applied,
         Err(error) => {
-            ctx.publish(&router, EventType::Warning, "ApplyFailed", "Apply", error.to_string()).await;
+            ctx.publish(
+                &router,
+                EventType::Warning,
+                "ApplyFailed",
+                "Apply",
+                error.to_string(),
+            )
+            .await;
             return Err(error);
         }
     };
     for kind in &applied.deleted {
-        ctx.publish(&router, EventType::Normal, "ChildDeleted", "Apply", format!("deleted the {kind}: the spec no longer asks for it")).await;
+        ctx.publish(
+            &router,
+            EventType::Normal,
+            "ChildDeleted",
+            "Apply",
+            format!("deleted the {kind}: the spec no longer asks for it"),
+        )
+        .await;
     }
 
     // The broker.
     let SecretLookup::Found(url) = &amqp_url else {
         return Err(Error::MissingField("AMQP URL after validation"));
     };
-    let broker = sync_broker(url, &topology, previous.topology.as_ref(), router.spec.deletion_policy).await;
+    let broker = sync_broker(
+        url,
+        &topology,
+        previous.topology.as_ref(),
+        router.spec.deletion_policy,
+    )
+    .await;
     let (state, record, broker_error) = match broker {
         Ok(record) => (BrokerState::Ready, Some(record), None),
         Err(error) => (
-            BrokerState::Failed { reason: error.reason(), message: error.to_string() },
+            BrokerState::Failed {
+                reason: error.reason(),
+                message: error.to_string(),
+            },
             previous.topology.clone(),
             Some(error),
         ),
@@ -278,17 +398,48 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
         deployment: applied.deployment.as_ref(),
         keda_missing: plan.keda_missing,
     };
-    write_status(client, &router, status_json(&router, &observed, record.as_ref())?).await?;
+    write_status(
+        client,
+        &router,
+        status_json(&router, &observed, record.as_ref())?,
+    )
+    .await?;
 
     if previous.observed_generation != router.metadata.generation {
         let generation = router.metadata.generation.unwrap_or_default();
-        ctx.publish(&router, EventType::Normal, "Reconciled", "Apply", format!("applied generation {generation} to every child")).await;
+        ctx.publish(
+            &router,
+            EventType::Normal,
+            "Reconciled",
+            "Apply",
+            format!("applied generation {generation} to every child"),
+        )
+        .await;
     }
-    if plan.keda_missing && previous.conditions.iter().all(|c| c.reason != "AutoscalerUnavailable") {
-        ctx.publish(&router, EventType::Warning, "AutoscalerUnavailable", "Apply", "provider keda, but keda.sh/v1alpha1 ScaledObjects are not served".into()).await;
+    if plan.keda_missing
+        && previous
+            .conditions
+            .iter()
+            .all(|c| c.reason != "AutoscalerUnavailable")
+    {
+        ctx.publish(
+            &router,
+            EventType::Warning,
+            "AutoscalerUnavailable",
+            "Apply",
+            "provider keda, but keda.sh/v1alpha1 ScaledObjects are not served".into(),
+        )
+        .await;
     }
     if let Some(error) = broker_error {
-        ctx.publish(&router, EventType::Warning, error.reason(), "DeclareTopology", error.to_string()).await;
+        ctx.publish(
+            &router,
+            EventType::Warning,
+            error.reason(),
+            "DeclareTopology",
+            error.to_string(),
+        )
+        .await;
         return Err(Error::Broker(error));
     }
     if record != previous.topology
@@ -299,7 +450,11 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
             EventType::Normal,
             "TopologyDeclared",
             "DeclareTopology",
-            format!("exchange {:?} with {} upstream binding(s)", record.exchange, record.bindings.len()),
+            format!(
+                "exchange {:?} with {} upstream binding(s)",
+                record.exchange,
+                record.bindings.len()
+            ),
         )
         .await;
     }
@@ -314,19 +469,43 @@ async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<Action, 
     let Some(recorded) = router.status.as_ref().and_then(|s| s.topology.clone()) else {
         return Ok(done);
     };
-    if router.annotations().get(SKIP_BROKER_CLEANUP_ANNOTATION).is_some_and(|v| v == "true") {
+    if router
+        .annotations()
+        .get(SKIP_BROKER_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
         ctx.publish(&router, EventType::Warning, "BrokerCleanupSkipped", "Cleanup", format!("annotation {SKIP_BROKER_CLEANUP_ANNOTATION}=true: exchange {:?} left on the broker", recorded.exchange)).await;
         return Ok(done);
     }
     if router.spec.deletion_policy == DeletionPolicy::Retain {
-        ctx.publish(&router, EventType::Normal, "TopologyRetained", "Cleanup", format!("deletionPolicy retain: exchange {:?} left on the broker", recorded.exchange)).await;
+        ctx.publish(
+            &router,
+            EventType::Normal,
+            "TopologyRetained",
+            "Cleanup",
+            format!(
+                "deletionPolicy retain: exchange {:?} left on the broker",
+                recorded.exchange
+            ),
+        )
+        .await;
         return Ok(done);
     }
     let url = match read_amqp_url(&ctx.client, &namespace, &router).await? {
         SecretLookup::Found(url) => url,
         // Without credentials nothing can be removed; blocking deletion forever would not help.
         _ => {
-            ctx.publish(&router, EventType::Warning, "BrokerCleanupSkipped", "Cleanup", format!("the AMQP Secret is gone: exchange {:?} left on the broker", recorded.exchange)).await;
+            ctx.publish(
+                &router,
+                EventType::Warning,
+                "BrokerCleanupSkipped",
+                "Cleanup",
+                format!(
+                    "the AMQP Secret is gone: exchange {:?} left on the broker",
+                    recorded.exchange
+                ),
+            )
+            .await;
             return Ok(done);
         }
     };
@@ -350,10 +529,30 @@ async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<Action, 
                 .and_then(|t| Timestamp::now().duration_since(t.0).try_into().ok())
                 .unwrap_or(Duration::ZERO);
             if deleting_for > ctx.settings.cleanup_timeout {
-                ctx.publish(&router, EventType::Warning, "BrokerCleanupAbandoned", "Cleanup", format!("gave up removing exchange {:?} after {}: {error}", recorded.exchange, humantime::format_duration(ctx.settings.cleanup_timeout))).await;
+                ctx.publish(
+                    &router,
+                    EventType::Warning,
+                    "BrokerCleanupAbandoned",
+                    "Cleanup",
+                    format!(
+                        "gave up removing exchange {:?} after {}: {error}",
+                        recorded.exchange,
+                        humantime::format_duration(ctx.settings.cleanup_timeout)
+                    ),
+                )
+                .await;
                 return Ok(done);
             }
-            ctx.publish(&router, EventType::Warning, error.reason(), "Cleanup", format!("{error}; retrying (annotate {SKIP_BROKER_CLEANUP_ANNOTATION}=true to skip)")).await;
+            ctx.publish(
+                &router,
+                EventType::Warning,
+                error.reason(),
+                "Cleanup",
+                format!(
+                    "{error}; retrying (annotate {SKIP_BROKER_CLEANUP_ANNOTATION}=true to skip)"
+                ),
+            )
+            .await;
             Err(Error::Broker(error))
         }
     }
@@ -404,20 +603,29 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let ns = ns.as_deref();
     let routers: Api<EventRouter> = api_for(&client, ns);
     // Children are found by their managed-by label, so unrelated objects never wake the controller.
-    let children = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
+    let children = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::MANAGED_BY
+    ));
     let config = ControllerConfig::default().concurrency(ctx.settings.concurrency);
     Controller::new(routers, watcher::Config::default().any_semantic())
         .owns(api_for::<Deployment>(&client, ns), children.clone())
         .owns(api_for::<Service>(&client, ns), children.clone())
         .owns(api_for::<ServiceAccount>(&client, ns), children.clone())
-        .owns(api_for::<PodDisruptionBudget>(&client, ns), children.clone())
+        .owns(
+            api_for::<PodDisruptionBudget>(&client, ns),
+            children.clone(),
+        )
         .owns(api_for::<HorizontalPodAutoscaler>(&client, ns), children)
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
-                Ok((object, _)) => debug!(router = %object.name, namespace = ?object.namespace, "reconcile done"),
+                Ok((object, _)) => {
+                    debug!(router = %object.name, namespace = ?object.namespace, "reconcile done")
+                }
                 Err(error) => debug!(%error, "controller event"),
             }
         })

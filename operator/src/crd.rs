@@ -22,6 +22,8 @@ pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
 
 /// An event router: a Deployment of the event service, its Service, its RabbitMQ topology and an
 /// autoscaler that scales on connections and on kernel receive-queue bytes per pod.
+// Several printcolumn(...) entries repeat keys by design; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "eventrouter.io",
@@ -70,7 +72,11 @@ pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
         description = "Why the router is (not) ready",
         priority = 1
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventRouterSpec {
@@ -437,7 +443,9 @@ pub struct RecordedTopology {
 }
 
 /// One exchange-to-exchange binding.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordedBinding {
     /// Source exchange.
@@ -471,7 +479,10 @@ pub fn api_version() -> String {
 }
 
 fn default_image() -> String {
-    format!("ghcr.io/event-router/event-service:{}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "ghcr.io/event-router/event-service:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 fn default_replicas() -> i32 {
     2
@@ -531,10 +542,16 @@ fn default_target_recv_queue_bytes() -> i64 {
     1024 * 1024
 }
 fn default_scale_up() -> ScalingRules {
-    ScalingRules { stabilization_window_seconds: 0, pods_per_minute: 4 }
+    ScalingRules {
+        stabilization_window_seconds: 0,
+        pods_per_minute: 4,
+    }
 }
 fn default_scale_down() -> ScalingRules {
-    ScalingRules { stabilization_window_seconds: 300, pods_per_minute: 1 }
+    ScalingRules {
+        stabilization_window_seconds: 300,
+        pods_per_minute: 1,
+    }
 }
 fn default_service_port() -> i32 {
     80
@@ -583,19 +600,30 @@ impl Default for AutoscalingSpec {
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { type_: ServiceType::default(), port: default_service_port(), annotations: BTreeMap::new() }
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            annotations: BTreeMap::new(),
+        }
     }
 }
 
 impl Default for DisruptionBudgetSpec {
     fn default() -> Self {
-        Self { enabled: true, max_unavailable: default_max_unavailable() }
+        Self {
+            enabled: true,
+            max_unavailable: default_max_unavailable(),
+        }
     }
 }
 
 impl Default for MonitoringSpec {
     fn default() -> Self {
-        Self { scrape_annotations: true, service_monitor: true, interval: default_scrape_interval() }
+        Self {
+            scrape_annotations: true,
+            service_monitor: true,
+            interval: default_scrape_interval(),
+        }
     }
 }
 
@@ -603,7 +631,10 @@ impl RabbitMqSpec {
     /// A RabbitMQ section with every default, reading the URL from `secret`'s key `url`.
     pub fn from_secret(secret: &str) -> Self {
         Self {
-            secret_ref: SecretKeyRef { name: secret.into(), key: default_secret_key() },
+            secret_ref: SecretKeyRef {
+                name: secret.into(),
+                key: default_secret_key(),
+            },
             exchange: None,
             upstreams: Vec::new(),
             queue_max_length: default_queue_max_length(),
@@ -649,7 +680,10 @@ mod tests {
     #[test]
     fn the_duration_pattern_constant_matches_the_schema_attributes() {
         let yaml = crd_yaml().expect("crd serializes");
-        assert!(yaml.contains(DURATION_PATTERN), "schema carries the duration pattern");
+        assert!(
+            yaml.contains(DURATION_PATTERN),
+            "schema carries the duration pattern"
+        );
     }
 
     #[test]
@@ -665,9 +699,10 @@ mod tests {
 
     #[test]
     fn a_spec_with_only_a_secret_deserializes_with_every_default() {
-        let spec: EventRouterSpec =
-            serde_json::from_value(serde_json::json!({"rabbitmq": {"secretRef": {"name": "amqp"}}}))
-                .expect("minimal spec parses");
+        let spec: EventRouterSpec = serde_json::from_value(
+            serde_json::json!({"rabbitmq": {"secretRef": {"name": "amqp"}}}),
+        )
+        .expect("minimal spec parses");
         assert_eq!(spec, EventRouterSpec::with_secret("amqp"));
     }
 }

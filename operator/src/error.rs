@@ -36,9 +36,8 @@ impl Error {
                 BrokerError::Refused { .. } => "broker_refused",
             },
             Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.metric_label()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
             Self::Serialize { .. } => "serialize",
@@ -59,7 +58,9 @@ mod tests {
     #[test]
     fn nested_finalizer_errors_keep_the_inner_label() {
         let inner = Error::MissingField("namespace");
-        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::CleanupFailed(inner)));
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::CleanupFailed(
+            inner,
+        )));
         assert_eq!(wrapped.metric_label(), "missing_field");
         let broker = Error::Broker(BrokerError::Timeout(std::time::Duration::from_secs(1)));
         assert_eq!(broker.metric_label(), "broker_unreachable");

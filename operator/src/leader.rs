@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 use tracing::{debug, info};
 
 /// Lease timings.
@@ -63,7 +63,11 @@ fn conflict(error: &kube::Error) -> bool {
 
 impl LeaderElector {
     pub fn new(client: Client, settings: LeaseSettings) -> Self {
-        Self { api: Api::namespaced(client, &settings.namespace), settings, observed: None }
+        Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: None,
+        }
     }
 
     pub fn settings(&self) -> &LeaseSettings {
@@ -76,7 +80,10 @@ impl LeaderElector {
         let me = self.settings.identity.clone();
         let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.settings.name.clone()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some(self.settings.name.clone()),
+                    ..ObjectMeta::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(me.clone()),
                     lease_duration_seconds: Some(lease_seconds(self.settings.duration)),
@@ -98,7 +105,11 @@ impl LeaderElector {
 
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let record = format!("{holder:?}/{:?}/{:?}", spec.renew_time.as_ref().map(|t| t.0), lease.metadata.resource_version);
+        let record = format!(
+            "{holder:?}/{:?}/{:?}",
+            spec.renew_time.as_ref().map(|t| t.0),
+            lease.metadata.resource_version
+        );
         let first_seen = match &self.observed {
             Some((seen, at)) if *seen == record => *at,
             _ => {
@@ -125,14 +136,19 @@ impl LeaderElector {
                 next.holder_identity = Some(me.clone());
                 next.acquire_time = Some(now.clone());
                 next.renew_time = Some(now);
-                next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+                next.lease_transitions =
+                    Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
             }
         }
         next.lease_duration_seconds = Some(lease_seconds(self.settings.duration));
         let was_holder = holder.as_deref() == Some(me.as_str());
         lease.spec = Some(next);
         // `lease` still carries the resourceVersion we read: the replace is conditional on it.
-        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => {
                 if !was_holder {
                     info!(lease = %self.settings.name, identity = %me, previous = ?holder, "acquired the Lease: now leader");
@@ -146,14 +162,23 @@ impl LeaderElector {
 
     /// Give the Lease up (on shutdown) so another replica takes over at once, not after expiry.
     pub async fn release(&mut self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else { return };
-        let Some(spec) = lease.spec.as_mut() else { return };
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
         if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
-        if self.api.replace(&self.settings.name, &PostParams::default(), &lease).await.is_ok() {
+        if self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+            .is_ok()
+        {
             info!(lease = %self.settings.name, identity = %self.settings.identity, "released the Lease");
         }
     }

@@ -75,7 +75,8 @@ pub async fn run(
         let stop = CancellationToken::new();
         let stop_signal = stop.clone();
         let controller = controller::run(ctx.clone(), async move { stop_signal.cancelled().await });
-        tokio::pin!(controller);
+        // Boxed so it can be dropped (cancelling every in-flight reconcile) the moment leadership ends.
+        let mut controller = Box::pin(controller);
         let mut last_renewal = tokio::time::Instant::now();
         let released = loop {
             tokio::select! {

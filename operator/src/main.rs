@@ -21,7 +21,7 @@ enum Command {
     /// Print the EventRouter CustomResourceDefinition as YAML (what `crds/` holds).
     Crd,
     /// Run the operator against the cluster of `KUBECONFIG` (or the in-cluster service account).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -37,15 +37,27 @@ struct RunArgs {
     namespace: Option<String>,
 
     /// Address of the admin port: `/healthz`, `/readyz`, `/metrics`.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "EVENTROUTER_OPERATOR_ADMIN_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     admin_listen: SocketAddr,
 
     /// Name of the leader-election Lease.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_LEASE_NAME", default_value = "eventrouter-operator")]
+    #[arg(
+        long,
+        env = "EVENTROUTER_OPERATOR_LEASE_NAME",
+        default_value = "eventrouter-operator"
+    )]
     lease_name: String,
 
     /// Namespace of the leader-election Lease (usually the operator's own namespace).
-    #[arg(long, env = "EVENTROUTER_OPERATOR_LEASE_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        env = "EVENTROUTER_OPERATOR_LEASE_NAMESPACE",
+        default_value = "default"
+    )]
     lease_namespace: String,
 
     /// How long the Lease stays valid without renewal; a crashed leader is replaced after this.
@@ -78,17 +90,32 @@ struct RunArgs {
     concurrency: u16,
 
     /// Log filter (tracing `EnvFilter` syntax).
-    #[arg(long, env = "EVENTROUTER_OPERATOR_LOG", default_value = "info,kube=warn")]
+    #[arg(
+        long,
+        env = "EVENTROUTER_OPERATOR_LOG",
+        default_value = "info,kube=warn"
+    )]
     log: String,
 
     /// Log format.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "EVENTROUTER_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
 }
 
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    format!("{}-{}", if host.is_empty() { "operator" } else { &host }, std::process::id())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "operator" } else { &host },
+        std::process::id()
+    )
 }
 
 #[tokio::main]
@@ -96,18 +123,26 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Crd => {
-            print!("{}", operator::crd::crd_yaml().context("serializing the CRD")?);
+            print!(
+                "{}",
+                operator::crd::crd_yaml().context("serializing the CRD")?
+            );
             return Ok(());
         }
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?;
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
     }
 
-    let client = kube::Client::try_default().await.context("loading kubeconfig (KUBECONFIG or in-cluster)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("loading kubeconfig (KUBECONFIG or in-cluster)")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let settings = operator::Settings {
         namespace: args.namespace.clone(),
@@ -118,7 +153,12 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         identity: identity.clone(),
     };
-    let lease = operator::LeaseSettings::new(&args.lease_name, &args.lease_namespace, &identity, args.lease_duration);
+    let lease = operator::LeaseSettings::new(
+        &args.lease_name,
+        &args.lease_namespace,
+        &identity,
+        args.lease_duration,
+    );
     let metrics = operator::Metrics::new();
     let readiness = operator::Readiness::default();
     let shutdown = CancellationToken::new();
@@ -127,11 +167,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin port {}", args.admin_listen))?;
     info!(admin = %listener.local_addr()?, namespace = ?args.namespace, identity = %identity, "operator starting");
-    let admin = tokio::spawn(operator::admin::serve(listener, metrics.clone(), readiness.clone(), shutdown.clone()));
+    let admin = tokio::spawn(operator::admin::serve(
+        listener,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
 
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
@@ -139,7 +185,15 @@ async fn main() -> anyhow::Result<()> {
         signal.cancel();
     });
 
-    operator::run(client, settings, lease, metrics, readiness, shutdown.clone()).await;
+    operator::run(
+        client,
+        settings,
+        lease,
+        metrics,
+        readiness,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     let _ = admin.await;
     Ok(())

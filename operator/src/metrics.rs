@@ -37,22 +37,36 @@ impl Metrics {
         let registry = Registry::new();
         // Names are literals known to be valid, and each is registered exactly once here.
         let reconciles = IntCounterVec::new(
-            Opts::new("eventrouter_operator_reconciles_total", "Reconciles of EventRouters by result."),
+            Opts::new(
+                "eventrouter_operator_reconciles_total",
+                "Reconciles of EventRouters by result.",
+            ),
             &["result"],
         )
         .expect("valid metric");
         let errors = IntCounterVec::new(
-            Opts::new("eventrouter_operator_reconcile_errors_total", "Failed reconciles by reason."),
+            Opts::new(
+                "eventrouter_operator_reconcile_errors_total",
+                "Failed reconciles by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let duration = Histogram::with_opts(
-            HistogramOpts::new("eventrouter_operator_reconcile_duration_seconds", "Duration of one reconcile.")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "eventrouter_operator_reconcile_duration_seconds",
+                "Duration of one reconcile.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         )
         .expect("valid metric");
-        let leader = IntGauge::new("eventrouter_operator_leader", "1 while this operator holds the leader Lease.")
-            .expect("valid metric");
+        let leader = IntGauge::new(
+            "eventrouter_operator_leader",
+            "1 while this operator holds the leader Lease.",
+        )
+        .expect("valid metric");
         let invalid_specs = IntCounter::new(
             "eventrouter_operator_invalid_specs_total",
             "Reconciles that found a spec the API server accepted but the operator cannot act on.",
@@ -65,14 +79,26 @@ impl Metrics {
             Box::new(leader.clone()),
             Box::new(invalid_specs.clone()),
         ] {
-            registry.register(collector).expect("each metric is registered once");
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
         }
-        Self { registry, reconciles, errors, duration, leader, invalid_specs }
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            leader,
+            invalid_specs,
+        }
     }
 
     /// Start timing a reconcile; the duration is recorded when the timer drops.
     pub fn start_reconcile(&self) -> ReconcileTimer {
-        ReconcileTimer { start: Instant::now(), histogram: self.duration.clone() }
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.duration.clone(),
+        }
     }
 
     pub fn record_success(&self) {
@@ -87,7 +113,9 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let families = self.registry.gather();
-        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_default()
     }
 }
 

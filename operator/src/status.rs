@@ -18,9 +18,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BrokerState {
     Ready,
-    Failed { reason: &'static str, message: String },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
     /// Not attempted (invalid spec, paused): the previous condition is kept if there is one.
-    NotAttempted { reason: &'static str, message: String },
+    NotAttempted {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Everything the status is computed from.
@@ -36,7 +42,14 @@ pub struct Observed<'a> {
     pub keda_missing: bool,
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -62,7 +75,12 @@ fn carry_transition_times(mut next: Vec<Condition>, previous: &[Condition]) -> V
 /// The ready and total replicas of `deployment`.
 pub fn replica_counts(deployment: Option<&Deployment>) -> (Option<i32>, Option<i32>) {
     let status = deployment.and_then(|d| d.status.as_ref());
-    (status.and_then(|s| s.replicas).or(deployment.map(|_| 0)), status.and_then(|s| s.ready_replicas).or(deployment.map(|_| 0)))
+    (
+        status.and_then(|s| s.replicas).or(deployment.map(|_| 0)),
+        status
+            .and_then(|s| s.ready_replicas)
+            .or(deployment.map(|_| 0)),
+    )
 }
 
 /// The conditions for `observed`, given the `previous` ones and the current time.
@@ -72,13 +90,34 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
     let ready = ready.unwrap_or(0);
 
     let paused = if observed.paused {
-        condition("Paused", true, "PausedBySpec", "spec.paused is true: the operator changes nothing".into(), g, now)
+        condition(
+            "Paused",
+            true,
+            "PausedBySpec",
+            "spec.paused is true: the operator changes nothing".into(),
+            g,
+            now,
+        )
     } else {
-        condition("Paused", false, "Running", "the operator reconciles this router".into(), g, now)
+        condition(
+            "Paused",
+            false,
+            "Running",
+            "the operator reconciles this router".into(),
+            g,
+            now,
+        )
     };
 
     let available = match observed.deployment {
-        None => condition("Available", false, "DeploymentMissing", "the Deployment does not exist yet".into(), g, now),
+        None => condition(
+            "Available",
+            false,
+            "DeploymentMissing",
+            "the Deployment does not exist yet".into(),
+            g,
+            now,
+        ),
         Some(_) if ready > 0 => condition(
             "Available",
             true,
@@ -87,7 +126,14 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
             g,
             now,
         ),
-        Some(_) => condition("Available", false, "NoReadyReplicas", "no pod is ready yet".into(), g, now),
+        Some(_) => condition(
+            "Available",
+            false,
+            "NoReadyReplicas",
+            "no pod is ready yet".into(),
+            g,
+            now,
+        ),
     };
 
     let progressing = match observed.deployment {
@@ -95,36 +141,86 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
         Some(d) => {
             let status = d.status.clone().unwrap_or_default();
             let generation_seen = status.observed_generation >= d.metadata.generation;
-            let desired = d.spec.as_ref().and_then(|s| s.replicas).or(status.replicas).unwrap_or(0);
+            let desired = d
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .or(status.replicas)
+                .unwrap_or(0);
             let updated = status.updated_replicas.unwrap_or(0);
-            let rolling = !generation_seen || updated < desired || status.replicas.unwrap_or(0) > updated;
+            let rolling =
+                !generation_seen || updated < desired || status.replicas.unwrap_or(0) > updated;
             if rolling {
-                condition("Progressing", true, "RolloutInProgress", format!("{updated} of {desired} pods updated"), g, now)
+                condition(
+                    "Progressing",
+                    true,
+                    "RolloutInProgress",
+                    format!("{updated} of {desired} pods updated"),
+                    g,
+                    now,
+                )
             } else {
-                condition("Progressing", false, "RolloutComplete", "every pod runs the current template".into(), g, now)
+                condition(
+                    "Progressing",
+                    false,
+                    "RolloutComplete",
+                    "every pod runs the current template".into(),
+                    g,
+                    now,
+                )
             }
         }
-        None => condition("Progressing", true, "RolloutInProgress", "creating the Deployment".into(), g, now),
+        None => condition(
+            "Progressing",
+            true,
+            "RolloutInProgress",
+            "creating the Deployment".into(),
+            g,
+            now,
+        ),
     };
 
     let broker = match &observed.broker {
-        BrokerState::Ready => {
-            condition("BrokerReady", true, "TopologyDeclared", "exchange and bindings are declared".into(), g, now)
+        BrokerState::Ready => condition(
+            "BrokerReady",
+            true,
+            "TopologyDeclared",
+            "exchange and bindings are declared".into(),
+            g,
+            now,
+        ),
+        BrokerState::Failed { reason, message } => {
+            condition("BrokerReady", false, reason, message.clone(), g, now)
         }
-        BrokerState::Failed { reason, message } => condition("BrokerReady", false, reason, message.clone(), g, now),
-        BrokerState::NotAttempted { reason, message } => match previous.iter().find(|c| c.type_ == "BrokerReady") {
-            // Paused: the broker was not touched, so the last known state still describes it.
-            Some(old) if *reason == "Paused" => old.clone(),
-            _ => condition("BrokerReady", false, reason, message.clone(), g, now),
-        },
+        BrokerState::NotAttempted { reason, message } => {
+            match previous.iter().find(|c| c.type_ == "BrokerReady") {
+                // Paused: the broker was not touched, so the last known state still describes it.
+                Some(old) if *reason == "Paused" => old.clone(),
+                _ => condition("BrokerReady", false, reason, message.clone(), g, now),
+            }
+        }
     };
 
     let ready_condition = if let Some(problems) = &observed.invalid {
         condition("Ready", false, "InvalidSpec", problems.clone(), g, now)
     } else if observed.paused {
-        condition("Ready", false, "Paused", "spec.paused is true".into(), g, now)
+        condition(
+            "Ready",
+            false,
+            "Paused",
+            "spec.paused is true".into(),
+            g,
+            now,
+        )
     } else if broker.status != "True" {
-        condition("Ready", false, "BrokerNotReady", broker.message.clone(), g, now)
+        condition(
+            "Ready",
+            false,
+            "BrokerNotReady",
+            broker.message.clone(),
+            g,
+            now,
+        )
     } else if observed.keda_missing {
         condition(
             "Ready",
@@ -135,12 +231,29 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
             now,
         )
     } else if available.status != "True" {
-        condition("Ready", false, "NotAvailable", available.message.clone(), g, now)
+        condition(
+            "Ready",
+            false,
+            "NotAvailable",
+            available.message.clone(),
+            g,
+            now,
+        )
     } else {
-        condition("Ready", true, "Reconciled", "all children applied, topology declared, pods ready".into(), g, now)
+        condition(
+            "Ready",
+            true,
+            "Reconciled",
+            "all children applied, topology declared, pods ready".into(),
+            g,
+            now,
+        )
     };
 
-    carry_transition_times(vec![ready_condition, available, broker, progressing, paused], previous)
+    carry_transition_times(
+        vec![ready_condition, available, broker, progressing, paused],
+        previous,
+    )
 }
 
 #[cfg(test)]
@@ -156,8 +269,14 @@ mod tests {
 
     fn a_deployment_with(ready: i32, of: i32) -> Deployment {
         Deployment {
-            metadata: ObjectMeta { generation: Some(2), ..ObjectMeta::default() },
-            spec: Some(DeploymentSpec { replicas: Some(of), ..DeploymentSpec::default() }),
+            metadata: ObjectMeta {
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(of),
+                ..DeploymentSpec::default()
+            }),
             status: Some(DeploymentStatus {
                 observed_generation: Some(2),
                 replicas: Some(of),
@@ -180,7 +299,10 @@ mod tests {
     }
 
     fn find<'a>(conditions: &'a [Condition], type_: &str) -> &'a Condition {
-        conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
     }
 
     #[test]
@@ -198,9 +320,15 @@ mod tests {
     #[test]
     fn an_invalid_spec_makes_ready_false_with_the_problems_as_message() {
         let d = a_deployment_with(2, 2);
-        let observed = Observed { invalid: Some("Secret \"amqp\" does not exist".into()), ..healthy(&d) };
+        let observed = Observed {
+            invalid: Some("Secret \"amqp\" does not exist".into()),
+            ..healthy(&d)
+        };
         let ready = find(&conditions(&observed, &[], &at(100)), "Ready").clone();
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
         assert!(ready.message.contains("amqp"));
     }
 
@@ -208,7 +336,10 @@ mod tests {
     fn an_unreachable_broker_makes_broker_ready_and_ready_false() {
         let d = a_deployment_with(2, 2);
         let observed = Observed {
-            broker: BrokerState::Failed { reason: "BrokerUnreachable", message: "connection refused".into() },
+            broker: BrokerState::Failed {
+                reason: "BrokerUnreachable",
+                message: "connection refused".into(),
+            },
             ..healthy(&d)
         };
         let c = conditions(&observed, &[], &at(100));
@@ -222,7 +353,10 @@ mod tests {
         let before = conditions(&healthy(&d), &[], &at(100));
         let observed = Observed {
             paused: true,
-            broker: BrokerState::NotAttempted { reason: "Paused", message: "paused".into() },
+            broker: BrokerState::NotAttempted {
+                reason: "Paused",
+                message: "paused".into(),
+            },
             ..healthy(&d)
         };
         let c = conditions(&observed, &before, &at(200));
@@ -250,13 +384,19 @@ mod tests {
         if let Some(s) = d.status.as_mut() {
             s.updated_replicas = Some(1);
         }
-        assert_eq!(find(&conditions(&healthy(&d), &[], &at(1)), "Progressing").reason, "RolloutInProgress");
+        assert_eq!(
+            find(&conditions(&healthy(&d), &[], &at(1)), "Progressing").reason,
+            "RolloutInProgress"
+        );
     }
 
     #[test]
     fn missing_keda_says_so_in_ready() {
         let d = a_deployment_with(2, 2);
-        let observed = Observed { keda_missing: true, ..healthy(&d) };
+        let observed = Observed {
+            keda_missing: true,
+            ..healthy(&d)
+        };
         let ready = find(&conditions(&observed, &[], &at(1)), "Ready").clone();
         assert_eq!(ready.reason, "AutoscalerUnavailable");
         assert!(ready.message.contains("keda.sh"));

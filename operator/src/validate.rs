@@ -69,7 +69,9 @@ fn is_dns_1035_label(name: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 63
         && bytes[0].is_ascii_lowercase()
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes.last().is_some_and(|b| *b != b'-')
 }
 
@@ -81,7 +83,9 @@ fn duration(problems: &mut Vec<String>, field: &str, value: &str) -> Option<Dura
             None
         }
         Err(error) => {
-            problems.push(format!("{field} {value:?} is not a duration like 20s or 1m30s: {error}"));
+            problems.push(format!(
+                "{field} {value:?} is not a duration like 20s or 1m30s: {error}"
+            ));
             None
         }
     }
@@ -101,14 +105,16 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
     }
 
     match &facts.amqp_url {
-        SecretLookup::Found(url) if url.trim().starts_with("amqp://") || url.trim().starts_with("amqps://") => {}
+        SecretLookup::Found(url)
+            if url.trim().starts_with("amqp://") || url.trim().starts_with("amqps://") => {}
         SecretLookup::Found(_) => problems.push(format!(
             "key {:?} of Secret {:?} must hold an amqp:// or amqps:// URL",
             spec.rabbitmq.secret_ref.key, spec.rabbitmq.secret_ref.name
         )),
-        SecretLookup::SecretMissing => {
-            problems.push(format!("Secret {:?} (spec.rabbitmq.secretRef) does not exist", spec.rabbitmq.secret_ref.name))
-        }
+        SecretLookup::SecretMissing => problems.push(format!(
+            "Secret {:?} (spec.rabbitmq.secretRef) does not exist",
+            spec.rabbitmq.secret_ref.name
+        )),
         SecretLookup::KeyMissing => problems.push(format!(
             "Secret {:?} has no key {:?} (spec.rabbitmq.secretRef.key)",
             spec.rabbitmq.secret_ref.name, spec.rabbitmq.secret_ref.key
@@ -117,18 +123,51 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
 
     let exchange = router.exchange_name();
     if exchange.starts_with("amq.") {
-        problems.push(format!("exchange {exchange:?} is reserved by RabbitMQ (amq.*); set spec.rabbitmq.exchange"));
+        problems.push(format!(
+            "exchange {exchange:?} is reserved by RabbitMQ (amq.*); set spec.rabbitmq.exchange"
+        ));
     }
-    if spec.rabbitmq.upstreams.iter().any(|u| u.exchange == exchange) {
-        problems.push(format!("upstream exchange {exchange:?} is the router's own exchange"));
+    if spec
+        .rabbitmq
+        .upstreams
+        .iter()
+        .any(|u| u.exchange == exchange)
+    {
+        problems.push(format!(
+            "upstream exchange {exchange:?} is the router's own exchange"
+        ));
     }
 
-    duration(&mut problems, "spec.rabbitmq.queueMessageTtl", &spec.rabbitmq.queue_message_ttl);
-    duration(&mut problems, "spec.rabbitmq.queueExpires", &spec.rabbitmq.queue_expires);
-    duration(&mut problems, "spec.websocket.handshakeTimeout", &spec.websocket.handshake_timeout);
-    duration(&mut problems, "spec.monitoring.interval", &spec.monitoring.interval);
-    let ping = duration(&mut problems, "spec.websocket.pingInterval", &spec.websocket.ping_interval);
-    let idle = duration(&mut problems, "spec.websocket.idleTimeout", &spec.websocket.idle_timeout);
+    duration(
+        &mut problems,
+        "spec.rabbitmq.queueMessageTtl",
+        &spec.rabbitmq.queue_message_ttl,
+    );
+    duration(
+        &mut problems,
+        "spec.rabbitmq.queueExpires",
+        &spec.rabbitmq.queue_expires,
+    );
+    duration(
+        &mut problems,
+        "spec.websocket.handshakeTimeout",
+        &spec.websocket.handshake_timeout,
+    );
+    duration(
+        &mut problems,
+        "spec.monitoring.interval",
+        &spec.monitoring.interval,
+    );
+    let ping = duration(
+        &mut problems,
+        "spec.websocket.pingInterval",
+        &spec.websocket.ping_interval,
+    );
+    let idle = duration(
+        &mut problems,
+        "spec.websocket.idleTimeout",
+        &spec.websocket.idle_timeout,
+    );
     if let (Some(ping), Some(idle)) = (ping, idle)
         && ping >= idle
     {
@@ -137,11 +176,18 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
             spec.websocket.ping_interval, spec.websocket.idle_timeout
         ));
     }
-    let drain = duration(&mut problems, "spec.websocket.drainDuration", &spec.websocket.drain_duration);
+    let drain = duration(
+        &mut problems,
+        "spec.websocket.drainDuration",
+        &spec.websocket.drain_duration,
+    );
     if let Some(drain) = drain
         && drain > MAX_DRAIN
     {
-        problems.push(format!("spec.websocket.drainDuration must be at most {}", humantime::format_duration(MAX_DRAIN)));
+        problems.push(format!(
+            "spec.websocket.drainDuration must be at most {}",
+            humantime::format_duration(MAX_DRAIN)
+        ));
     }
 
     let autoscaling = &spec.autoscaling;
@@ -149,8 +195,11 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
         if autoscaling.min_replicas > autoscaling.max_replicas {
             problems.push("spec.autoscaling.minReplicas must not exceed maxReplicas".into());
         }
-        if autoscaling.provider == AutoscalingProvider::Keda && autoscaling.prometheus_address.is_none() {
-            problems.push("spec.autoscaling.prometheusAddress is required with provider keda".into());
+        if autoscaling.provider == AutoscalingProvider::Keda
+            && autoscaling.prometheus_address.is_none()
+        {
+            problems
+                .push("spec.autoscaling.prometheusAddress is required with provider keda".into());
         }
     }
 
@@ -163,10 +212,15 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
         .upstreams
         .iter()
         .flat_map(|u| {
-            u.routing_keys.iter().map(|key| RecordedBinding { source: u.exchange.clone(), routing_key: key.clone() })
+            u.routing_keys.iter().map(|key| RecordedBinding {
+                source: u.exchange.clone(),
+                routing_key: key.clone(),
+            })
         })
         .collect();
-    let keda_missing = autoscaling.enabled && autoscaling.provider == AutoscalingProvider::Keda && !facts.keda_installed;
+    let keda_missing = autoscaling.enabled
+        && autoscaling.provider == AutoscalingProvider::Keda
+        && !facts.keda_installed;
     Ok(Plan {
         name,
         namespace,
@@ -200,7 +254,9 @@ pub(crate) mod tests {
     }
 
     fn problems_of(router: &EventRouter, facts: &ClusterFacts) -> Vec<String> {
-        validate(router, facts).expect_err("the spec must be rejected").problems
+        validate(router, facts)
+            .expect_err("the spec must be rejected")
+            .problems
     }
 
     #[test]
@@ -214,16 +270,28 @@ pub(crate) mod tests {
 
     #[test]
     fn a_missing_secret_is_an_invalid_spec_naming_the_secret() {
-        let facts = ClusterFacts { amqp_url: SecretLookup::SecretMissing, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            amqp_url: SecretLookup::SecretMissing,
+            ..a_cluster_with_the_secret()
+        };
         let problems = problems_of(&a_router_named("chat"), &facts);
-        assert_eq!(problems, vec![r#"Secret "amqp" (spec.rabbitmq.secretRef) does not exist"#.to_string()]);
+        assert_eq!(
+            problems,
+            vec![r#"Secret "amqp" (spec.rabbitmq.secretRef) does not exist"#.to_string()]
+        );
     }
 
     #[test]
     fn a_secret_without_the_key_or_with_a_non_amqp_url_is_invalid() {
-        let facts = ClusterFacts { amqp_url: SecretLookup::KeyMissing, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            amqp_url: SecretLookup::KeyMissing,
+            ..a_cluster_with_the_secret()
+        };
         assert!(problems_of(&a_router_named("chat"), &facts)[0].contains("has no key \"url\""));
-        let facts = ClusterFacts { amqp_url: SecretLookup::Found("http://x".into()), ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            amqp_url: SecretLookup::Found("http://x".into()),
+            ..a_cluster_with_the_secret()
+        };
         assert!(problems_of(&a_router_named("chat"), &facts)[0].contains("amqp://"));
     }
 
@@ -240,20 +308,28 @@ pub(crate) mod tests {
         let mut router = a_router_named("chat");
         router.spec.websocket.drain_duration = "1h".into();
         router.spec.rabbitmq.queue_expires = "soon".into();
-        let facts = ClusterFacts { amqp_url: SecretLookup::SecretMissing, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            amqp_url: SecretLookup::SecretMissing,
+            ..a_cluster_with_the_secret()
+        };
         assert_eq!(problems_of(&router, &facts).len(), 3);
     }
 
     #[test]
     fn a_name_that_cannot_name_a_service_is_invalid() {
-        assert!(problems_of(&a_router_named("Chat.v2"), &a_cluster_with_the_secret())[0].contains("DNS label"));
+        assert!(
+            problems_of(&a_router_named("Chat.v2"), &a_cluster_with_the_secret())[0]
+                .contains("DNS label")
+        );
     }
 
     #[test]
     fn an_upstream_equal_to_the_default_exchange_is_invalid() {
         let mut router = a_router_named("chat");
-        router.spec.rabbitmq.upstreams =
-            vec![UpstreamBinding { exchange: "chat".into(), routing_keys: vec!["#".into()] }];
+        router.spec.rabbitmq.upstreams = vec![UpstreamBinding {
+            exchange: "chat".into(),
+            routing_keys: vec!["#".into()],
+        }];
         assert!(problems_of(&router, &a_cluster_with_the_secret())[0].contains("own exchange"));
     }
 
@@ -261,12 +337,30 @@ pub(crate) mod tests {
     fn upstreams_become_one_binding_per_routing_key() {
         let mut router = a_router_named("chat");
         router.spec.rabbitmq.upstreams = vec![
-            UpstreamBinding { exchange: "orders".into(), routing_keys: vec!["order.*".into(), "refund.#".into()] },
-            UpstreamBinding { exchange: "users".into(), routing_keys: vec!["user.#".into()] },
+            UpstreamBinding {
+                exchange: "orders".into(),
+                routing_keys: vec!["order.*".into(), "refund.#".into()],
+            },
+            UpstreamBinding {
+                exchange: "users".into(),
+                routing_keys: vec!["user.#".into()],
+            },
         ];
         let plan = validate(&router, &a_cluster_with_the_secret()).expect("valid");
-        let keys: Vec<_> = plan.topology.bindings.iter().map(|b| (b.source.as_str(), b.routing_key.as_str())).collect();
-        assert_eq!(keys, vec![("orders", "order.*"), ("orders", "refund.#"), ("users", "user.#")]);
+        let keys: Vec<_> = plan
+            .topology
+            .bindings
+            .iter()
+            .map(|b| (b.source.as_str(), b.routing_key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("orders", "order.*"),
+                ("orders", "refund.#"),
+                ("users", "user.#")
+            ]
+        );
     }
 
     #[test]
@@ -278,7 +372,10 @@ pub(crate) mod tests {
         let plan = validate(&router, &a_cluster_with_the_secret()).expect("valid");
         assert!(plan.keda_missing);
         assert_eq!(plan.autoscaler, None);
-        let facts = ClusterFacts { keda_installed: true, ..a_cluster_with_the_secret() };
+        let facts = ClusterFacts {
+            keda_installed: true,
+            ..a_cluster_with_the_secret()
+        };
         let plan = validate(&router, &facts).expect("valid");
         assert_eq!(plan.autoscaler, Some(AutoscalingProvider::Keda));
     }
@@ -288,7 +385,9 @@ pub(crate) mod tests {
         let mut router = a_router_named("chat");
         router.spec.autoscaling.enabled = true;
         router.spec.autoscaling.provider = AutoscalingProvider::Keda;
-        assert!(problems_of(&router, &a_cluster_with_the_secret())[0].contains("prometheusAddress"));
+        assert!(
+            problems_of(&router, &a_cluster_with_the_secret())[0].contains("prometheusAddress")
+        );
     }
 
     #[test]
@@ -303,8 +402,15 @@ pub(crate) mod tests {
     #[test]
     fn a_service_monitor_is_planned_only_when_wanted_and_installed() {
         let router = a_router_named("chat");
-        assert!(!validate(&router, &a_cluster_with_the_secret()).expect("valid").service_monitor);
-        let facts = ClusterFacts { service_monitor_installed: true, ..a_cluster_with_the_secret() };
+        assert!(
+            !validate(&router, &a_cluster_with_the_secret())
+                .expect("valid")
+                .service_monitor
+        );
+        let facts = ClusterFacts {
+            service_monitor_installed: true,
+            ..a_cluster_with_the_secret()
+        };
         assert!(validate(&router, &facts).expect("valid").service_monitor);
         let mut router = a_router_named("chat");
         router.spec.monitoring.service_monitor = false;

@@ -21,12 +21,23 @@ fn a_router_spec_reading(secret: &str) -> EventRouterSpec {
     let mut spec = EventRouterSpec::with_secret(secret);
     spec.image = "registry.example/event-service:1.0".into();
     spec.replicas = 3;
-    spec.rabbitmq.upstreams = vec![UpstreamBinding { exchange: "amq.topic".into(), routing_keys: vec!["order.*".into()] }];
+    spec.rabbitmq.upstreams = vec![UpstreamBinding {
+        exchange: "amq.topic".into(),
+        routing_keys: vec!["order.*".into()],
+    }];
     spec
 }
 
 fn container_image(d: &Deployment) -> Option<String> {
-    d.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.image.clone()
+    d.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?
+        .image
+        .clone()
 }
 
 fn replicas(d: &Deployment) -> Option<i32> {
@@ -36,18 +47,35 @@ fn replicas(d: &Deployment) -> Option<i32> {
 fn assert_owned_by(meta: &kube::api::ObjectMeta, uid: &str, what: &str) {
     let owners = meta.owner_references.clone().unwrap_or_default();
     assert!(
-        owners.iter().any(|o| o.uid == uid && o.kind == "EventRouter" && o.controller == Some(true)),
+        owners
+            .iter()
+            .any(|o| o.uid == uid && o.kind == "EventRouter" && o.controller == Some(true)),
         "{what} is not controlled by the EventRouter: {owners:?}"
     );
-    assert_eq!(meta.labels.as_ref().and_then(|l| l.get(names::LABEL_MANAGED_BY)).map(String::as_str), Some(names::MANAGED_BY));
+    assert_eq!(
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(names::LABEL_MANAGED_BY))
+            .map(String::as_str),
+        Some(names::MANAGED_BY)
+    );
 }
 
-async fn wait_deployment<F: Fn(&Deployment) -> bool>(client: &Client, ns: &str, what: &str, check: F) -> Deployment {
+async fn wait_deployment<F: Fn(&Deployment) -> bool>(
+    client: &Client,
+    ns: &str,
+    what: &str,
+    check: F,
+) -> Deployment {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     eventrouter_e2e::wait::wait_for(what, CONVERGE, || async {
         match api.get_opt("chat").await {
             Ok(Some(d)) if check(&d) => Ok(d),
-            Ok(Some(d)) => Err(format!("image {:?}, replicas {:?}", container_image(&d), replicas(&d))),
+            Ok(Some(d)) => Err(format!(
+                "image {:?}, replicas {:?}",
+                container_image(&d),
+                replicas(&d)
+            )),
             Ok(None) => Err("no Deployment".to_string()),
             Err(e) => Err(e.to_string()),
         }
@@ -64,44 +92,113 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
 
     let started = std::time::Instant::now();
     apply_router(&client, &ns, "chat", &a_router_spec_reading("amqp")).await;
-    let uid = routers(&client, &ns).get("chat").await.expect("router").uid().expect("uid");
+    let uid = routers(&client, &ns)
+        .get("chat")
+        .await
+        .expect("router")
+        .uid()
+        .expect("uid");
 
     // Every child, with owner references and the fields the spec asks for.
-    let deployment = wait_present(&Api::<Deployment>::namespaced(client.clone(), &ns), "chat").await;
+    let deployment =
+        wait_present(&Api::<Deployment>::namespaced(client.clone(), &ns), "chat").await;
     let service = wait_present(&Api::<Service>::namespaced(client.clone(), &ns), "chat").await;
-    let metrics_service = wait_present(&Api::<Service>::namespaced(client.clone(), &ns), "chat-metrics").await;
-    let account = wait_present(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), "chat").await;
-    let budget = wait_present(&Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns), "chat").await;
-    eprintln!("all children present {:?} after the EventRouter was applied", started.elapsed());
+    let metrics_service = wait_present(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        "chat-metrics",
+    )
+    .await;
+    let account = wait_present(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
+    let budget = wait_present(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
+    eprintln!(
+        "all children present {:?} after the EventRouter was applied",
+        started.elapsed()
+    );
     assert_owned_by(&deployment.metadata, &uid, "Deployment");
     assert_owned_by(&service.metadata, &uid, "Service");
     assert_owned_by(&metrics_service.metadata, &uid, "metrics Service");
     assert_owned_by(&account.metadata, &uid, "ServiceAccount");
     assert_owned_by(&budget.metadata, &uid, "PodDisruptionBudget");
     assert_eq!(replicas(&deployment), Some(3));
-    assert_eq!(container_image(&deployment).as_deref(), Some("registry.example/event-service:1.0"));
-    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec");
+    assert_eq!(
+        container_image(&deployment).as_deref(),
+        Some("registry.example/event-service:1.0")
+    );
+    let pod = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
     let env: Vec<_> = pod.containers[0].env.clone().unwrap_or_default();
-    let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
-    assert_eq!(value(eventrouter_contract::env::EXCHANGE).as_deref(), Some("chat"));
-    assert_eq!(value(eventrouter_contract::env::SOURCE).as_deref(), Some("amqp"));
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        value(eventrouter_contract::env::EXCHANGE).as_deref(),
+        Some("chat")
+    );
+    assert_eq!(
+        value(eventrouter_contract::env::SOURCE).as_deref(),
+        Some("amqp")
+    );
     assert_eq!(pod.service_account_name.as_deref(), Some("chat"));
-    assert_eq!(service.spec.and_then(|s| s.ports).map(|p| p[0].port), Some(80));
+    assert_eq!(
+        service.spec.and_then(|s| s.ports).map(|p| p[0].port),
+        Some(80)
+    );
 
     // Status: the broker side is declared, the pods never become ready (no kubelet here).
-    wait_condition(&client, &ns, "chat", "BrokerReady", "True", Some("TopologyDeclared")).await;
+    wait_condition(
+        &client,
+        &ns,
+        "chat",
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await;
     wait_condition(&client, &ns, "chat", "Ready", "False", Some("NotAvailable")).await;
     wait_condition(&client, &ns, "chat", "Paused", "False", None).await;
     // Replicas come from the Deployment's status, which its controller fills in shortly after.
     let status = eventrouter_e2e::wait::wait_for("status.replicas = 3", CONVERGE, || async {
-        let status = routers(&client, &ns).get("chat").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-        if status.replicas == Some(3) { Ok(status) } else { Err(format!("{:?}", status.replicas)) }
+        let status = routers(&client, &ns)
+            .get("chat")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        if status.replicas == Some(3) {
+            Ok(status)
+        } else {
+            Err(format!("{:?}", status.replicas))
+        }
     })
     .await;
-    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/instance=chat,app.kubernetes.io/name=event-router"));
-    assert_eq!(status.topology.expect("topology recorded").bindings.len(), 1);
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=chat,app.kubernetes.io/name=event-router")
+    );
+    assert_eq!(
+        status.topology.expect("topology recorded").bindings.len(),
+        1
+    );
     let events = router_events(&client, &ns, "chat").await;
-    assert!(events.iter().any(|(reason, _, _)| reason == "TopologyDeclared"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|(reason, _, _)| reason == "TopologyDeclared"),
+        "{events:?}"
+    );
 
     // Change the spec: new image, HPA autoscaling, no disruption budget.
     let mut spec = a_router_spec_reading("amqp");
@@ -111,36 +208,82 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
     spec.autoscaling.max_replicas = 8;
     spec.disruption_budget.enabled = false;
     apply_router(&client, &ns, "chat", &spec).await;
-    wait_deployment(&client, &ns, "the new image", |d| container_image(d).as_deref() == Some("registry.example/event-service:1.1")).await;
-    let hpa = wait_present(&Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns), "chat").await;
+    wait_deployment(&client, &ns, "the new image", |d| {
+        container_image(d).as_deref() == Some("registry.example/event-service:1.1")
+    })
+    .await;
+    let hpa = wait_present(
+        &Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
     assert_owned_by(&hpa.metadata, &uid, "HorizontalPodAutoscaler");
     let hpa_spec = hpa.spec.expect("hpa spec");
     assert_eq!((hpa_spec.min_replicas, hpa_spec.max_replicas), (Some(2), 8));
-    let metric_names: Vec<_> =
-        hpa_spec.metrics.unwrap_or_default().into_iter().filter_map(|m| m.pods.map(|p| p.metric.name)).collect();
-    assert_eq!(metric_names, vec!["eventrouter_connections", "eventrouter_socket_recv_queue_bytes"]);
-    wait_absent(&Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns), "chat").await;
+    let metric_names: Vec<_> = hpa_spec
+        .metrics
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.pods.map(|p| p.metric.name))
+        .collect();
+    assert_eq!(
+        metric_names,
+        vec![
+            "eventrouter_connections",
+            "eventrouter_socket_recv_queue_bytes"
+        ]
+    );
+    wait_absent(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
 
     // The operator no longer owns replicas: scale as the HPA would, through the scale subresource.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     deployments
-        .patch_scale("chat", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 6}})))
+        .patch_scale(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 6}})),
+        )
         .await
         .expect("the scale subresource accepts replicas");
     // Force reconciles: change the spec (a new generation) and wait for the operator to see it.
     spec.websocket.max_connections_per_pod = 9000;
     apply_router(&client, &ns, "chat", &spec).await;
-    let generation = routers(&client, &ns).get("chat").await.expect("router").metadata.generation;
+    let generation = routers(&client, &ns)
+        .get("chat")
+        .await
+        .expect("router")
+        .metadata
+        .generation;
     wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
     let d = deployments.get("chat").await.expect("deployment");
-    let env = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].env.clone().unwrap_or_default()).unwrap_or_default();
-    assert!(env.iter().any(|e| e.name == eventrouter_contract::env::MAX_CONNECTIONS && e.value.as_deref() == Some("9000")));
-    assert_eq!(replicas(&d), Some(6), "the reconcile of generation {generation:?} left the autoscaler's replicas alone");
+    let env = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e.name == eventrouter_contract::env::MAX_CONNECTIONS
+                && e.value.as_deref() == Some("9000"))
+    );
+    assert_eq!(
+        replicas(&d),
+        Some(6),
+        "the reconcile of generation {generation:?} left the autoscaler's replicas alone"
+    );
 
     // A deleted child comes back.
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let old_uid = services.get("chat").await.expect("service").uid();
-    services.delete("chat", &DeleteParams::default()).await.expect("delete the Service");
+    services
+        .delete("chat", &DeleteParams::default())
+        .await
+        .expect("delete the Service");
     eventrouter_e2e::wait::wait_for("the Service to be recreated", CONVERGE, || async {
         match services.get_opt("chat").await {
             Ok(Some(s)) if s.uid() != old_uid => Ok(()),
@@ -153,8 +296,15 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
     spec.autoscaling.enabled = false;
     spec.replicas = 4;
     apply_router(&client, &ns, "chat", &spec).await;
-    wait_absent(&Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns), "chat").await;
-    wait_deployment(&client, &ns, "replicas 4 from the spec", |d| replicas(d) == Some(4)).await;
+    wait_absent(
+        &Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
+    wait_deployment(&client, &ns, "replicas 4 from the spec", |d| {
+        replicas(d) == Some(4)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +316,10 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
 
     let mut spec = a_router_spec_reading("amqp");
     apply_router(&client, &ns, "chat", &spec).await;
-    wait_deployment(&client, &ns, "the first Deployment", |d| replicas(d) == Some(3)).await;
+    wait_deployment(&client, &ns, "the first Deployment", |d| {
+        replicas(d) == Some(3)
+    })
+    .await;
 
     spec.paused = true;
     spec.image = "registry.example/event-service:2.0".into();
@@ -174,12 +327,25 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
     wait_condition(&client, &ns, "chat", "Paused", "True", Some("PausedBySpec")).await;
     wait_condition(&client, &ns, "chat", "Ready", "False", Some("Paused")).await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    services.delete("chat", &DeleteParams::default()).await.expect("delete the Service");
+    services
+        .delete("chat", &DeleteParams::default())
+        .await
+        .expect("delete the Service");
     // Give the operator several chances to act (its children watch fires on the delete).
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let d = Api::<Deployment>::namespaced(client.clone(), &ns).get("chat").await.expect("deployment");
-    assert_eq!(container_image(&d).as_deref(), Some("registry.example/event-service:1.0"), "paused: image untouched");
-    assert!(services.get_opt("chat").await.expect("get").is_none(), "paused: the deleted Service stays deleted");
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("chat")
+        .await
+        .expect("deployment");
+    assert_eq!(
+        container_image(&d).as_deref(),
+        Some("registry.example/event-service:1.0"),
+        "paused: image untouched"
+    );
+    assert!(
+        services.get_opt("chat").await.expect("get").is_none(),
+        "paused: the deleted Service stays deleted"
+    );
 
     spec.paused = false;
     apply_router(&client, &ns, "chat", &spec).await;

@@ -17,7 +17,12 @@ use operator_support::*;
 async fn deployment_writers(client: &kube::Client, ns: &str) -> Vec<String> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let d = api.get("chat").await.expect("deployment");
-    d.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect()
+    d.metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,30 +31,57 @@ async fn operator_only_the_leader_reconciles_and_the_standby_takes_over() {
     let ns = ns.name().to_string();
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
     let first = RunningOperator::start(&client, &ns, "replica-one", "eventrouter-operator").await;
-    wait_until("replica-one to lead", CONVERGE, || async { first.is_leader() }).await;
+    wait_until("replica-one to lead", CONVERGE, || async {
+        first.is_leader()
+    })
+    .await;
     let second = RunningOperator::start(&client, &ns, "replica-two", "eventrouter-operator").await;
 
     apply_router(&client, &ns, "chat", &EventRouterSpec::with_secret("amqp")).await;
     wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
     // Let the standby campaign a few times while the leader works.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(first.is_leader() && !second.is_leader(), "exactly one leader");
+    assert!(
+        first.is_leader() && !second.is_leader(),
+        "exactly one leader"
+    );
     let reconciles = |op: &RunningOperator| {
-        op.metrics.reconciles.with_label_values(&["ok"]).get() + op.metrics.reconciles.with_label_values(&["error"]).get()
+        op.metrics.reconciles.with_label_values(&["ok"]).get()
+            + op.metrics.reconciles.with_label_values(&["error"]).get()
     };
     assert!(reconciles(&first) > 0, "the leader reconciled");
     assert_eq!(reconciles(&second), 0, "the standby never reconciled");
     let events = router_events(&client, &ns, "chat").await;
     assert!(!events.is_empty());
-    assert!(events.iter().all(|(_, _, instance)| instance == "replica-one"), "only the leader wrote events: {events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(_, _, instance)| instance == "replica-one"),
+        "only the leader wrote events: {events:?}"
+    );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let holder = leases.get("eventrouter-operator").await.expect("lease").spec.and_then(|s| s.holder_identity);
+    let holder = leases
+        .get("eventrouter-operator")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some("replica-one"));
-    assert_eq!(deployment_writers(&client, &ns).await.iter().filter(|m| m.as_str() == "eventrouter-operator").count(), 1);
+    assert_eq!(
+        deployment_writers(&client, &ns)
+            .await
+            .iter()
+            .filter(|m| m.as_str() == "eventrouter-operator")
+            .count(),
+        1
+    );
 
     // The leader shuts down and releases the Lease: the standby leads and acts on changes.
     first.shutdown().await;
-    wait_until("replica-two to lead", CONVERGE, || async { second.is_leader() }).await;
+    wait_until("replica-two to lead", CONVERGE, || async {
+        second.is_leader()
+    })
+    .await;
     let mut spec = EventRouterSpec::with_secret("amqp");
     spec.replicas = 5;
     apply_router(&client, &ns, "chat", &spec).await;
@@ -63,7 +95,12 @@ async fn operator_only_the_leader_reconciles_and_the_standby_takes_over() {
     })
     .await;
     assert!(reconciles(&second) > 0, "the new leader reconciled");
-    let holder = leases.get("eventrouter-operator").await.expect("lease").spec.expect("spec");
+    let holder = leases
+        .get("eventrouter-operator")
+        .await
+        .expect("lease")
+        .spec
+        .expect("spec");
     assert_eq!(holder.holder_identity.as_deref(), Some("replica-two"));
     assert!(holder.lease_transitions.unwrap_or(0) >= 1);
 }
@@ -81,16 +118,31 @@ async fn operator_a_leader_that_loses_its_lease_stops_reconciling() {
     let mut lease = leases.get("eventrouter-operator").await.expect("lease");
     if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = Some("intruder".into());
-        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now()));
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
         spec.lease_duration_seconds = Some(3600);
     }
-    leases.replace("eventrouter-operator", &Default::default(), &lease).await.expect("take the Lease");
-    wait_until("replica-one to step down", CONVERGE, || async { !op.is_leader() }).await;
+    leases
+        .replace("eventrouter-operator", &Default::default(), &lease)
+        .await
+        .expect("take the Lease");
+    wait_until("replica-one to step down", CONVERGE, || async {
+        !op.is_leader()
+    })
+    .await;
 
     let before = op.metrics.reconciles.with_label_values(&["ok"]).get();
     apply_router(&client, &ns, "chat", &EventRouterSpec::with_secret("amqp")).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(op.metrics.reconciles.with_label_values(&["ok"]).get(), before, "a non-leader does not reconcile");
+    assert_eq!(
+        op.metrics.reconciles.with_label_values(&["ok"]).get(),
+        before,
+        "a non-leader does not reconcile"
+    );
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    assert!(deployments.get_opt("chat").await.expect("get").is_none(), "and writes nothing");
+    assert!(
+        deployments.get_opt("chat").await.expect("get").is_none(),
+        "and writes nothing"
+    );
 }

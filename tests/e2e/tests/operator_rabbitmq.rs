@@ -12,34 +12,62 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use operator::crd::{DeletionPolicy, EventRouterSpec, SKIP_BROKER_CLEANUP_ANNOTATION, UpstreamBinding};
+use operator::crd::{
+    DeletionPolicy, EventRouterSpec, SKIP_BROKER_CLEANUP_ANNOTATION, UpstreamBinding,
+};
 use operator_support::*;
 
 /// Declare (or delete) a test-owned upstream exchange on the shared node.
 async fn upstream_exchange(name: &str, present: bool) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("AMQP connects");
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("AMQP connects");
     let channel = connection.create_channel().await.expect("a channel");
     if present {
-        let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
         channel
-            .exchange_declare(name.into(), ExchangeKind::Topic, options, FieldTable::default())
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
             .await
             .expect("declare the upstream exchange");
     } else {
-        channel.exchange_delete(name.into(), ExchangeDeleteOptions::default()).await.expect("delete an exchange");
+        channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("delete an exchange");
     }
     let _ = connection.close(200, "done".into()).await;
 }
 
 /// `(source, routing_key)` of every binding into exchange `destination`.
 async fn bindings_into(mgmt: &Management, destination: &str) -> Vec<(String, String)> {
-    let path = format!("exchanges/{}/{}/bindings/destination", encode_segment(DEFAULT_VHOST), encode_segment(destination));
-    let value = mgmt.get(&path).await.expect("management API answers").unwrap_or_default();
+    let path = format!(
+        "exchanges/{}/{}/bindings/destination",
+        encode_segment(DEFAULT_VHOST),
+        encode_segment(destination)
+    );
+    let value = mgmt
+        .get(&path)
+        .await
+        .expect("management API answers")
+        .unwrap_or_default();
     let mut pairs: Vec<(String, String)> = value
         .as_array()
         .map(|list| {
             list.iter()
-                .map(|b| (b["source"].as_str().unwrap_or("").to_string(), b["routing_key"].as_str().unwrap_or("").to_string()))
+                .map(|b| {
+                    (
+                        b["source"].as_str().unwrap_or("").to_string(),
+                        b["routing_key"].as_str().unwrap_or("").to_string(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -47,11 +75,18 @@ async fn bindings_into(mgmt: &Management, destination: &str) -> Vec<(String, Str
     pairs
 }
 
-fn a_router_spec(exchange: &str, upstream: &str, keys: &[&str], policy: DeletionPolicy) -> EventRouterSpec {
+fn a_router_spec(
+    exchange: &str,
+    upstream: &str,
+    keys: &[&str],
+    policy: DeletionPolicy,
+) -> EventRouterSpec {
     let mut spec = EventRouterSpec::with_secret("amqp");
     spec.rabbitmq.exchange = Some(exchange.into());
-    spec.rabbitmq.upstreams =
-        vec![UpstreamBinding { exchange: upstream.into(), routing_keys: keys.iter().map(|k| k.to_string()).collect() }];
+    spec.rabbitmq.upstreams = vec![UpstreamBinding {
+        exchange: upstream.into(),
+        routing_keys: keys.iter().map(|k| k.to_string()).collect(),
+    }];
     spec.deletion_policy = policy;
     spec
 }
@@ -66,43 +101,106 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
     let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
-    apply_router(&client, &ns, "chat", &a_router_spec(&exchange, &upstream, &["order.*", "refund.#"], DeletionPolicy::Delete)).await;
-    wait_condition(&client, &ns, "chat", "BrokerReady", "True", Some("TopologyDeclared")).await;
-    assert!(mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.expect("mgmt"), "the router's exchange exists");
+    apply_router(
+        &client,
+        &ns,
+        "chat",
+        &a_router_spec(
+            &exchange,
+            &upstream,
+            &["order.*", "refund.#"],
+            DeletionPolicy::Delete,
+        ),
+    )
+    .await;
+    wait_condition(
+        &client,
+        &ns,
+        "chat",
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await;
+    assert!(
+        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
+            .await
+            .expect("mgmt"),
+        "the router's exchange exists"
+    );
     let details = mgmt
-        .get(&format!("exchanges/{}/{}", encode_segment(DEFAULT_VHOST), encode_segment(&exchange)))
+        .get(&format!(
+            "exchanges/{}/{}",
+            encode_segment(DEFAULT_VHOST),
+            encode_segment(&exchange)
+        ))
         .await
         .expect("mgmt")
         .expect("exchange");
-    assert_eq!((details["type"].as_str(), details["durable"].as_bool()), (Some("topic"), Some(true)));
+    assert_eq!(
+        (details["type"].as_str(), details["durable"].as_bool()),
+        (Some("topic"), Some(true))
+    );
     assert_eq!(
         bindings_into(&mgmt, &exchange).await,
-        vec![(upstream.clone(), "order.*".to_string()), (upstream.clone(), "refund.#".to_string())]
+        vec![
+            (upstream.clone(), "order.*".to_string()),
+            (upstream.clone(), "refund.#".to_string())
+        ]
     );
 
     // One pattern fewer in the spec: exactly that binding goes.
-    apply_router(&client, &ns, "chat", &a_router_spec(&exchange, &upstream, &["order.*"], DeletionPolicy::Delete)).await;
+    apply_router(
+        &client,
+        &ns,
+        "chat",
+        &a_router_spec(&exchange, &upstream, &["order.*"], DeletionPolicy::Delete),
+    )
+    .await;
     wait_until("the refund.# binding to be removed", CONVERGE, || async {
         bindings_into(&mgmt, &exchange).await == vec![(upstream.clone(), "order.*".to_string())]
     })
     .await;
-    let recorded = routers(&client, &ns).get("chat").await.expect("router").status.and_then(|s| s.topology).expect("record");
+    let recorded = routers(&client, &ns)
+        .get("chat")
+        .await
+        .expect("router")
+        .status
+        .and_then(|s| s.topology)
+        .expect("record");
     assert_eq!(recorded.bindings.len(), 1);
 
     // Drift on the broker (someone deletes the exchange) is repaired by the periodic resync.
     upstream_exchange(&exchange, false).await;
-    wait_until("the resync to re-declare the exchange", std::time::Duration::from_secs(45), || async {
-        mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.unwrap_or(false)
-    })
+    wait_until(
+        "the resync to re-declare the exchange",
+        std::time::Duration::from_secs(45),
+        || async {
+            mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
+                .await
+                .unwrap_or(false)
+        },
+    )
     .await;
 
-    routers(&client, &ns).delete("chat", &DeleteParams::default()).await.expect("delete the router");
+    routers(&client, &ns)
+        .delete("chat", &DeleteParams::default())
+        .await
+        .expect("delete the router");
     wait_until("the router's exchange to be deleted", CONVERGE, || async {
-        !mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.unwrap_or(true)
+        !mgmt
+            .exchange_exists(DEFAULT_VHOST, &exchange)
+            .await
+            .unwrap_or(true)
     })
     .await;
     wait_absent(&routers(&client, &ns), "chat").await;
-    assert!(mgmt.exchange_exists(DEFAULT_VHOST, &upstream).await.expect("mgmt"), "the upstream exchange is not ours to delete");
+    assert!(
+        mgmt.exchange_exists(DEFAULT_VHOST, &upstream)
+            .await
+            .expect("mgmt"),
+        "the upstream exchange is not ours to delete"
+    );
     upstream_exchange(&upstream, false).await;
 }
 
@@ -116,12 +214,30 @@ async fn operator_retain_policy_keeps_the_topology_after_deletion() {
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
     let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
-    apply_router(&client, &ns, "chat", &a_router_spec(&exchange, &upstream, &["#"], DeletionPolicy::Retain)).await;
+    apply_router(
+        &client,
+        &ns,
+        "chat",
+        &a_router_spec(&exchange, &upstream, &["#"], DeletionPolicy::Retain),
+    )
+    .await;
     wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
-    routers(&client, &ns).delete("chat", &DeleteParams::default()).await.expect("delete the router");
+    routers(&client, &ns)
+        .delete("chat", &DeleteParams::default())
+        .await
+        .expect("delete the router");
     wait_absent(&routers(&client, &ns), "chat").await;
-    assert!(mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.expect("mgmt"), "retain keeps the exchange");
-    assert_eq!(bindings_into(&mgmt, &exchange).await, vec![(upstream.clone(), "#".to_string())], "and its bindings");
+    assert!(
+        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
+            .await
+            .expect("mgmt"),
+        "retain keeps the exchange"
+    );
+    assert_eq!(
+        bindings_into(&mgmt, &exchange).await,
+        vec![(upstream.clone(), "#".to_string())],
+        "and its bindings"
+    );
     upstream_exchange(&exchange, false).await;
     upstream_exchange(&upstream, false).await;
 }
@@ -133,44 +249,125 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
     let mgmt = Management::shared().expect("the management API");
     let exchange = format!("{ns}.router");
     let closed = eventrouter_e2e::free_port().expect("a free port");
-    put_amqp_secret(&client, &ns, "amqp", &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f")).await;
+    put_amqp_secret(
+        &client,
+        &ns,
+        "amqp",
+        &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
+    )
+    .await;
     let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
     let mut spec = a_router_spec(&exchange, "amq.topic", &["order.*"], DeletionPolicy::Delete);
     spec.rabbitmq.upstreams.clear();
     apply_router(&client, &ns, "chat", &spec).await;
-    let broker = wait_condition(&client, &ns, "chat", "BrokerReady", "False", Some("BrokerUnreachable")).await;
-    assert!(broker.message.contains("cannot connect to RabbitMQ"), "{}", broker.message);
-    wait_condition(&client, &ns, "chat", "Ready", "False", Some("BrokerNotReady")).await;
+    let broker = wait_condition(
+        &client,
+        &ns,
+        "chat",
+        "BrokerReady",
+        "False",
+        Some("BrokerUnreachable"),
+    )
+    .await;
+    assert!(
+        broker.message.contains("cannot connect to RabbitMQ"),
+        "{}",
+        broker.message
+    );
+    wait_condition(
+        &client,
+        &ns,
+        "chat",
+        "Ready",
+        "False",
+        Some("BrokerNotReady"),
+    )
+    .await;
     // The Kubernetes side does not wait for the broker.
-    wait_present(&kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns), "chat").await;
+    wait_present(
+        &kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns),
+        "chat",
+    )
+    .await;
     let events = router_events(&client, &ns, "chat").await;
-    assert!(events.iter().any(|(r, t, _)| r == "BrokerUnreachable" && t == "Warning"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|(r, t, _)| r == "BrokerUnreachable" && t == "Warning"),
+        "{events:?}"
+    );
     wait_until("failures to be counted by reason", CONVERGE, || async {
-        operator.metrics.errors.with_label_values(&["broker_unreachable"]).get() >= 2
+        operator
+            .metrics
+            .errors
+            .with_label_values(&["broker_unreachable"])
+            .get()
+            >= 2
     })
     .await;
 
     // Fix the Secret: the backoff retry picks it up.
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    wait_condition(&client, &ns, "chat", "BrokerReady", "True", Some("TopologyDeclared")).await;
-    assert!(mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.expect("mgmt"));
+    wait_condition(
+        &client,
+        &ns,
+        "chat",
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await;
+    assert!(
+        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
+            .await
+            .expect("mgmt")
+    );
 
     // Break it again, then delete: cleanup cannot reach the broker and keeps retrying...
-    put_amqp_secret(&client, &ns, "amqp", &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f")).await;
-    routers(&client, &ns).delete("chat", &DeleteParams::default()).await.expect("delete the router");
+    put_amqp_secret(
+        &client,
+        &ns,
+        "amqp",
+        &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
+    )
+    .await;
+    routers(&client, &ns)
+        .delete("chat", &DeleteParams::default())
+        .await
+        .expect("delete the router");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert!(routers(&client, &ns).get_opt("chat").await.expect("get").is_some(), "the finalizer holds the router");
+    assert!(
+        routers(&client, &ns)
+            .get_opt("chat")
+            .await
+            .expect("get")
+            .is_some(),
+        "the finalizer holds the router"
+    );
     // ...until the documented escape hatch is used.
-    let patch = serde_json::json!({"metadata": {"annotations": {SKIP_BROKER_CLEANUP_ANNOTATION: "true"}}});
-    routers(&client, &ns).patch("chat", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {SKIP_BROKER_CLEANUP_ANNOTATION: "true"}}});
+    routers(&client, &ns)
+        .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
     wait_absent(&routers(&client, &ns), "chat").await;
     let found = wait_for("the skip event", CONVERGE, || async {
         let events = router_events(&client, &ns, "chat").await;
-        if events.iter().any(|(r, _, _)| r == "BrokerCleanupSkipped") { Ok(events) } else { Err(format!("{events:?}")) }
+        if events.iter().any(|(r, _, _)| r == "BrokerCleanupSkipped") {
+            Ok(events)
+        } else {
+            Err(format!("{events:?}"))
+        }
     })
     .await;
     assert!(!found.is_empty());
-    assert!(mgmt.exchange_exists(DEFAULT_VHOST, &exchange).await.expect("mgmt"), "skipped cleanup leaves the exchange");
+    assert!(
+        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
+            .await
+            .expect("mgmt"),
+        "skipped cleanup leaves the exchange"
+    );
     upstream_exchange(&exchange, false).await;
 }

@@ -35,9 +35,17 @@ async fn operator_crd_rejects_impossible_specs_with_clear_messages() {
     let secret = json!({"secretRef": {"name": "amqp"}});
 
     let message = rejection(&client, ns, json!({"rabbitmq": secret, "autoscaling": {"enabled": true, "minReplicas": 5, "maxReplicas": 2}})).await;
-    assert!(message.contains("minReplicas must not exceed maxReplicas"), "{message}");
+    assert!(
+        message.contains("minReplicas must not exceed maxReplicas"),
+        "{message}"
+    );
 
-    let message = rejection(&client, ns, json!({"rabbitmq": {"secretRef": {"name": "amqp"}, "exchange": "amq.mine"}})).await;
+    let message = rejection(
+        &client,
+        ns,
+        json!({"rabbitmq": {"secretRef": {"name": "amqp"}, "exchange": "amq.mine"}}),
+    )
+    .await;
     assert!(message.contains("reserved by RabbitMQ"), "{message}");
 
     let message = rejection(
@@ -46,18 +54,39 @@ async fn operator_crd_rejects_impossible_specs_with_clear_messages() {
         json!({"rabbitmq": {"secretRef": {"name": "amqp"}, "exchange": "chat", "upstreams": [{"exchange": "chat", "routingKeys": ["#"]}]}}),
     )
     .await;
-    assert!(message.contains("must differ from the router's own exchange"), "{message}");
+    assert!(
+        message.contains("must differ from the router's own exchange"),
+        "{message}"
+    );
 
-    let message = rejection(&client, ns, json!({"rabbitmq": secret, "autoscaling": {"enabled": true, "provider": "keda"}})).await;
-    assert!(message.contains("the keda provider needs prometheusAddress"), "{message}");
+    let message = rejection(
+        &client,
+        ns,
+        json!({"rabbitmq": secret, "autoscaling": {"enabled": true, "provider": "keda"}}),
+    )
+    .await;
+    assert!(
+        message.contains("the keda provider needs prometheusAddress"),
+        "{message}"
+    );
 
     let message = rejection(&client, ns, json!({"rabbitmq": secret, "replicas": -1})).await;
     assert!(message.contains("spec.replicas"), "{message}");
 
-    let message = rejection(&client, ns, json!({"rabbitmq": secret, "websocket": {"pingInterval": "twenty seconds"}})).await;
+    let message = rejection(
+        &client,
+        ns,
+        json!({"rabbitmq": secret, "websocket": {"pingInterval": "twenty seconds"}}),
+    )
+    .await;
     assert!(message.contains("spec.websocket.pingInterval"), "{message}");
 
-    let message = rejection(&client, ns, json!({"rabbitmq": secret, "service": {"type": "ExternalName"}})).await;
+    let message = rejection(
+        &client,
+        ns,
+        json!({"rabbitmq": secret, "service": {"type": "ExternalName"}}),
+    )
+    .await;
     assert!(message.contains("spec.service.type"), "{message}");
 
     let message = rejection(&client, ns, json!({"replicas": 2})).await;
@@ -71,14 +100,32 @@ async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_noth
     let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
     // The Secret does not exist: the API server cannot know, the operator can.
-    apply_router(&client, &ns, "chat", &EventRouterSpec::with_secret("nowhere")).await;
+    apply_router(
+        &client,
+        &ns,
+        "chat",
+        &EventRouterSpec::with_secret("nowhere"),
+    )
+    .await;
     let ready = wait_condition(&client, &ns, "chat", "Ready", "False", Some("InvalidSpec")).await;
-    assert!(ready.message.contains(r#"Secret "nowhere""#), "{}", ready.message);
+    assert!(
+        ready.message.contains(r#"Secret "nowhere""#),
+        "{}",
+        ready.message
+    );
     let events = router_events(&client, &ns, "chat").await;
-    assert!(events.iter().any(|(reason, type_, _)| reason == "InvalidSpec" && type_ == "Warning"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|(reason, type_, _)| reason == "InvalidSpec" && type_ == "Warning"),
+        "{events:?}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    assert!(deployments.get_opt("chat").await.expect("get").is_none(), "no child for an invalid spec");
+    assert!(
+        deployments.get_opt("chat").await.expect("get").is_none(),
+        "no child for an invalid spec"
+    );
 
     // A ping interval not shorter than the idle timeout: valid to the schema, not to the operator.
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
@@ -87,7 +134,10 @@ async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_noth
     apply_router(&client, &ns, "chat", &spec).await;
     let ready = wait_condition(&client, &ns, "chat", "Ready", "False", Some("InvalidSpec")).await;
     assert!(ready.message.contains("pingInterval"), "{}", ready.message);
-    assert!(deployments.get_opt("chat").await.expect("get").is_none(), "still no child");
+    assert!(
+        deployments.get_opt("chat").await.expect("get").is_none(),
+        "still no child"
+    );
 
     // Fixed: the children appear.
     spec.websocket.ping_interval = "20s".into();

@@ -23,45 +23,71 @@ pub const TEST_MANAGER: &str = "eventrouter-e2e";
 
 /// Apply the committed CRD and wait until it is served.
 pub async fn install_crd(client: &Client) {
-    let path = eventrouter_e2e::repo_root().join("crds").join("eventrouter.io_eventrouters.yaml");
+    let path = eventrouter_e2e::repo_root()
+        .join("crds")
+        .join("eventrouter.io_eventrouters.yaml");
     let text = std::fs::read_to_string(&path).expect("the committed CRD is readable");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("the committed CRD parses");
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&text).expect("the committed CRD parses");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(&crd.name_any(), &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .expect("the API server accepts the CRD");
-    wait_for("the EventRouter CRD to be established", CONVERGE, || async {
-        let crd = api.get(&crd.name_any()).await.map_err(|e| e.to_string())?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established { Ok(()) } else { Err("not established yet".to_string()) }
-    })
+    api.patch(
+        &crd.name_any(),
+        &PatchParams::apply(TEST_MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("the API server accepts the CRD");
+    wait_for(
+        "the EventRouter CRD to be established",
+        CONVERGE,
+        || async {
+            let crd = api.get(&crd.name_any()).await.map_err(|e| e.to_string())?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                Ok(())
+            } else {
+                Err("not established yet".to_string())
+            }
+        },
+    )
     .await;
 }
 
 /// A namespace with the CRD installed and a client.
 pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
-    let client = kube_client().await.expect("a client for the test API server");
+    let client = kube_client()
+        .await
+        .expect("a client for the test API server");
     install_crd(&client).await;
-    let ns = TestNamespace::create(&client, prefix).await.expect("a test namespace");
+    let ns = TestNamespace::create(&client, prefix)
+        .await
+        .expect("a test namespace");
     (client, ns)
 }
 
 /// Create (or replace) Secret `name` whose key `url` holds `url`.
 pub async fn put_amqp_secret(client: &Client, ns: &str, name: &str, url: &str) {
     let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
         string_data: Some([("url".to_string(), url.to_string())].into()),
         ..Secret::default()
     };
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&secret))
-        .await
-        .expect("the Secret is written");
+    api.patch(
+        name,
+        &PatchParams::apply(TEST_MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .expect("the Secret is written");
 }
 
 /// An operator running in this process, watching one namespace; stops when dropped.
@@ -95,7 +121,12 @@ impl RunningOperator {
             operator::Readiness::default(),
             stop.clone(),
         ));
-        Self { identity: identity.to_string(), metrics, stop, task: Some(task) }
+        Self {
+            identity: identity.to_string(),
+            metrics,
+            stop,
+            task: Some(task),
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -128,33 +159,58 @@ pub fn routers(client: &Client, ns: &str) -> Api<EventRouter> {
 pub async fn apply_router(client: &Client, ns: &str, name: &str, spec: &EventRouterSpec) {
     let router = EventRouter::new(name, spec.clone());
     routers(client, ns)
-        .patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&router))
+        .patch(
+            name,
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(&router),
+        )
         .await
         .expect("the EventRouter is accepted");
 }
 
 /// POST `router` as raw JSON (so fixtures may hold what the Rust types cannot); returns the
 /// API server's error, if any.
-pub async fn create_router(client: &Client, ns: &str, router: &serde_json::Value) -> Result<DynamicObject, kube::Error> {
+pub async fn create_router(
+    client: &Client,
+    ns: &str,
+    router: &serde_json::Value,
+) -> Result<DynamicObject, kube::Error> {
     let resource = ApiResource::erase::<EventRouter>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
-    let object: DynamicObject = serde_json::from_value(router.clone()).expect("fixture has apiVersion, kind, metadata");
+    let object: DynamicObject =
+        serde_json::from_value(router.clone()).expect("fixture has apiVersion, kind, metadata");
     api.create(&PostParams::default(), &object).await
 }
 
 /// The condition `type_` of router `name`, if the operator wrote it.
 pub async fn condition(client: &Client, ns: &str, name: &str, type_: &str) -> Option<Condition> {
     let router = routers(client, ns).get(name).await.ok()?;
-    router.status?.conditions.into_iter().find(|c| c.type_ == type_)
+    router
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
 }
 
 /// Wait until condition `type_` of `name` has `status` (and, if given, `reason`) for the current generation.
-pub async fn wait_condition(client: &Client, ns: &str, name: &str, type_: &str, status: &str, reason: Option<&str>) -> Condition {
+pub async fn wait_condition(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> Condition {
     let what = format!("{type_}={status} ({reason:?}) on EventRouter {ns}/{name}");
     wait_for(&what, CONVERGE, || async {
-        let router = routers(client, ns).get(name).await.map_err(|e| e.to_string())?;
+        let router = routers(client, ns)
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
         let generation = router.metadata.generation;
-        let found = router.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == type_));
+        let found = router
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == type_));
         match found {
             Some(c)
                 if c.status == status
@@ -204,11 +260,16 @@ where
 /// `(reason, type, reportingInstance)` of every events.k8s.io Event about router `name`.
 pub async fn router_events(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    let list = api.list(&Default::default()).await.expect("events can be listed");
+    let list = api
+        .list(&Default::default())
+        .await
+        .expect("events can be listed");
     list.items
         .into_iter()
         .filter(|e| {
-            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some("EventRouter") && r.name.as_deref() == Some(name))
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some("EventRouter") && r.name.as_deref() == Some(name)
+            })
         })
         .map(|e| {
             (
