@@ -29,6 +29,9 @@ fn dashboards_pass_the_schema_and_convention_linter() {
     }
 }
 
+/// A named change that breaks a dashboard.
+type Mutation = (&'static str, fn(&mut serde_json::Value));
+
 #[test]
 fn the_linter_rejects_what_grafana_would_reject() {
     ensure_chart_tools();
@@ -41,7 +44,7 @@ fn the_linter_rejects_what_grafana_would_reject() {
     let dir =
         std::env::temp_dir().join(format!("eventrouter-dashboard-lint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let mutations: [(&str, fn(&mut serde_json::Value)); 3] = [
+    let mutations: [Mutation; 3] = [
         ("unknown field", |d| d["panelz"] = serde_json::json!([])),
         ("wrong type", |d| d["refresh"] = serde_json::json!(30)),
         ("fixed datasource", |d| {
