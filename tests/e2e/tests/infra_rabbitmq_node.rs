@@ -15,7 +15,10 @@ use lapin::{Connection, ConnectionProperties};
 
 /// host:port of an amqp://user:pass@host:port/vhost URL.
 fn address(url: &str) -> String {
-    let after_at = url.rsplit_once('@').map_or(url, |(_, rest)| rest);
+    let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let after_at = without_scheme
+        .rsplit_once('@')
+        .map_or(without_scheme, |(_, rest)| rest);
     after_at.split('/').next().unwrap_or(after_at).to_owned()
 }
 
