@@ -169,3 +169,77 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
 
     server.stop().await.expect("the service stops");
 }
+
+/// Binds and unbinds keep arriving while the broker restarts: afterwards the broker holds exactly
+/// the patterns the source reports as bound — none was lost or left over between two
+/// connections — and every pattern whose bind eventually succeeded is among them.
+#[tokio::test]
+async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
+    use amqp_support::{Collector, metric};
+    use event_service::source::amqp::AmqpSource;
+    use tokio_util::sync::CancellationToken;
+
+    let node = DedicatedNode::start("amqp-churn").await;
+    let exchange = unique("churn");
+    let mut config = Config::for_tests();
+    config.amqp_url = Some(node.amqp_url.clone());
+    config.exchange = exchange.clone();
+    config.declare_exchange = true;
+    config.pod_name = Some(unique("router"));
+    let registry = prometheus::Registry::new();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let source = AmqpSource::start(&config, Collector::new(), &registry, shutdown)
+        .await
+        .expect("valid configuration");
+    until("up", WAIT, || async { source.is_up() }).await;
+
+    // Four workers each bind their own patterns (retrying until the broker confirms) and unbind
+    // every third one again, while the broker restarts underneath them.
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let source = source.clone();
+        workers.push(tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for i in 0..40 {
+                let pattern = format!("w{w}.p{i}.*");
+                while source.bind(&pattern).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if i % 3 == 0 {
+                    let _ = source.unbind(&pattern).await;
+                } else {
+                    kept.push(pattern);
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            kept
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.restart().await;
+    let mut want = Vec::new();
+    for worker in workers {
+        want.extend(worker.await.expect("a worker"));
+    }
+    want.sort();
+
+    until("up after the restart", OUTAGE_WAIT, || async {
+        source.is_up()
+    })
+    .await;
+    let mut recorded = source.bound_patterns();
+    recorded.sort();
+    assert_eq!(
+        recorded, want,
+        "the source's record is what the workers kept"
+    );
+    let queue = source.queue_name().to_owned();
+    until(
+        "the broker to hold exactly the recorded bindings",
+        WAIT,
+        || async { node.management.bindings(&exchange, &queue).await == want },
+    )
+    .await;
+    assert!(metric(&registry, "eventrouter_broker_reconnects_total", None) >= 1.0);
+}

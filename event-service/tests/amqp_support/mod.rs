@@ -314,37 +314,57 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn run_script(args: &[&str]) -> String {
+async fn try_script(args: &[&str]) -> Result<String, String> {
     let output = tokio::process::Command::new(script())
         .args(args)
         .output()
         .await
-        .unwrap_or_else(|e| panic!("running tests/infra/rabbitmq.sh {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "tests/infra/rabbitmq.sh {args:?} failed (is rabbitmq-server installed? \
-         tests/infra/install.sh installs it): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+        .map_err(|e| format!("running tests/infra/rabbitmq.sh {args:?}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "tests/infra/rabbitmq.sh {args:?} failed (is rabbitmq-server installed? \
+             tests/infra/install.sh installs it): {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+async fn run_script(args: &[&str]) -> String {
+    try_script(args).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl DedicatedNode {
+    /// Starts a fresh node on free ports. A port found free can be taken by someone else before
+    /// the node binds it (the machine is busy with other tests), so a failed start is retried on
+    /// new ports a few times.
     pub async fn start(prefix: &str) -> Self {
-        let name = unique(prefix);
-        let (amqp, mgmt) = (free_port(), free_port());
-        let out = run_script(&["start", &name, &amqp.to_string(), &mgmt.to_string()]).await;
-        let value = |var: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("export {var}=")))
-                .map(|v| v.trim_matches('\'').to_owned())
-                .unwrap_or_else(|| panic!("rabbitmq.sh start printed no {var}: {out}"))
-        };
-        Self {
-            amqp_url: value(AMQP_URL_VAR),
-            management: Management::new(value(MGMT_URL_VAR)),
-            name,
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let name = unique(prefix);
+            let (amqp, mgmt) = (free_port(), free_port());
+            match try_script(&["start", &name, &amqp.to_string(), &mgmt.to_string()]).await {
+                Ok(out) => {
+                    let value = |var: &str| {
+                        out.lines()
+                            .find_map(|l| l.strip_prefix(&format!("export {var}=")))
+                            .map(|v| v.trim_matches('\'').to_owned())
+                            .unwrap_or_else(|| panic!("rabbitmq.sh start printed no {var}: {out}"))
+                    };
+                    return Self {
+                        amqp_url: value(AMQP_URL_VAR),
+                        management: Management::new(value(MGMT_URL_VAR)),
+                        name,
+                    };
+                }
+                Err(error) => {
+                    let _ = try_script(&["stop", &name]).await;
+                    last_error = error;
+                }
+            }
         }
+        panic!("could not start a dedicated RabbitMQ node in 3 attempts: {last_error}");
     }
 
     pub async fn stop_app(&self) {
