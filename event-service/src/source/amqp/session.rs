@@ -139,14 +139,23 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
                 }
             }
             Err(error) => {
+                let attempt = backoff.attempt() + 1;
+                let delay = backoff.next_delay();
                 warn!(
                     %endpoint,
                     %error,
-                    attempt = backoff.attempt() + 1,
+                    attempt,
+                    retry_in_ms = delay.as_millis(),
                     "cannot set up the RabbitMQ session; retrying"
                 );
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
             }
         }
+        // After a lost session: a short jittered pause, so a fleet does not reconnect at once.
         let delay = backoff.next_delay();
         debug!(
             retry_in_ms = delay.as_millis(),

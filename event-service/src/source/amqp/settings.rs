@@ -30,7 +30,7 @@ const MAX_NAME_BYTES: usize = 255;
 pub(crate) struct Settings {
     /// Where to connect (with the heartbeat filled in).
     pub uri: AMQPUri,
-    /// `host:port/vhost` of the broker: safe to log (no credentials).
+    /// `host:port (vhost "…")` of the broker: safe to log (no credentials).
     pub endpoint: String,
     pub exchange: String,
     pub declare_exchange: bool,
@@ -73,7 +73,7 @@ impl Settings {
             uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
         }
         let endpoint = format!(
-            "{}:{}/{}",
+            "{}:{} (vhost {:?})",
             uri.authority.host, uri.authority.port, uri.vhost
         );
 
@@ -195,7 +195,7 @@ mod tests {
         cfg.pod_name = Some("router-7d9f-abc".into());
         let s = Settings::from_config(&cfg).expect("valid settings");
         assert_eq!(s.queue, "eventrouter.router-7d9f-abc");
-        assert_eq!(s.endpoint, "127.0.0.1:5672//");
+        assert_eq!(s.endpoint, r#"127.0.0.1:5672 (vhost "/")"#);
         assert_eq!(s.uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
     }
 
@@ -226,7 +226,7 @@ mod tests {
         cfg.amqp_url_file = Some(dir.clone());
         let s = Settings::from_config(&cfg).expect("valid settings");
         std::fs::remove_file(&dir).expect("remove temp file");
-        assert_eq!(s.endpoint, "broker.example:5673/prod");
+        assert_eq!(s.endpoint, r#"broker.example:5673 (vhost "prod")"#);
         assert_eq!(s.uri.authority.userinfo.password, "p");
     }
 
