@@ -439,6 +439,15 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         },
     );
 
+    // Everything the operator did ran under the chart's RBAC. Stop it before the uninstall takes
+    // its rights away (in a cluster its Deployment goes in the same step).
+    let operator_log = operator.output();
+    drop(operator);
+    assert!(
+        !operator_log.contains("forbidden"),
+        "the chart's RBAC denied the operator something:\n{operator_log}"
+    );
+
     run(cluster
         .helm()
         .args(["uninstall", RELEASE, "-n", &namespace, "--wait"]));
@@ -460,12 +469,6 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
     assert!(
         cluster.exists(&["crd", CRD]),
         "the CRD is kept on uninstall by design"
-    );
-    let operator_log = operator.output();
-    drop(operator);
-    assert!(
-        !operator_log.contains("forbidden"),
-        "the chart's RBAC denied the operator something:\n{operator_log}"
     );
 
     run(cluster
