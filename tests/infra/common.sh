@@ -6,6 +6,12 @@
 # git-ignored for that).
 set -euo pipefail
 
+# CI may start us with a bare environment; the cache and the Erlang cookie live under $HOME.
+if [[ -z "${HOME:-}" ]]; then
+  HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"
+  export HOME
+fi
+
 EVENTROUTER_TOOLS="${EVENTROUTER_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/event-router-tools}"
 export EVENTROUTER_TOOLS
 mkdir -p "$EVENTROUTER_TOOLS/bin"
