@@ -134,7 +134,9 @@ impl ConnShared {
             return Pushed::Closed;
         }
         let mut dropped_oldest = 0u64;
-        if q.bytes + len > limits.max_bytes {
+        // The bound limits the backlog: one frame always fits into an empty queue, so an event
+        // as large as the bound still reaches clients that keep up.
+        if q.bytes > 0 && q.bytes + len > limits.max_bytes {
             match limits.policy {
                 SlowConsumerPolicy::Disconnect => {
                     let discarded = q.frames.len() as u64 + 1;
@@ -154,7 +156,8 @@ impl ConnShared {
                         q.bytes -= old.frame.len();
                         dropped_oldest += 1;
                     }
-                    if q.bytes + len > limits.max_bytes {
+                    if q.bytes > 0 && q.bytes + len > limits.max_bytes {
+                        // What is left is the batch being written; it cannot be dropped.
                         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
                         return Pushed::DroppedNew { dropped_oldest };
                     }
@@ -304,8 +307,14 @@ mod tests {
             max_bytes: 10,
             policy: SlowConsumerPolicy::Disconnect,
         };
-        assert_eq!(c.push(out("12345"), limits), Pushed::Queued { dropped_oldest: 0 });
-        assert_eq!(c.push(out("12345"), limits), Pushed::Queued { dropped_oldest: 0 });
+        assert_eq!(
+            c.push(out("12345"), limits),
+            Pushed::Queued { dropped_oldest: 0 }
+        );
+        assert_eq!(
+            c.push(out("12345"), limits),
+            Pushed::Queued { dropped_oldest: 0 }
+        );
         assert_eq!(c.push(out("1"), limits), Pushed::Overflow { discarded: 3 });
         assert_eq!(c.close_requested(), Some(CloseRequest::SlowConsumer));
         assert_eq!(c.sample().outbound, 0);
@@ -321,16 +330,39 @@ mod tests {
         };
         c.push(out("aaaa"), limits);
         c.push(out("bbbb"), limits);
-        assert_eq!(c.push(out("cccc"), limits), Pushed::Queued { dropped_oldest: 1 });
+        assert_eq!(
+            c.push(out("cccc"), limits),
+            Pushed::Queued { dropped_oldest: 1 }
+        );
         assert_eq!(c.sample().outbound, 8);
+        // Larger than the bound: everything older goes, the big frame alone is queued.
         assert_eq!(
             c.push(out("this frame is too big"), limits),
-            Pushed::DroppedNew { dropped_oldest: 2 }
+            Pushed::Queued { dropped_oldest: 2 }
         );
         let mut batch = VecDeque::new();
         c.take_all(&mut batch);
-        assert!(batch.is_empty());
+        assert_eq!(batch.len(), 1);
+        // While that frame is being written, a new one that does not fit is the one dropped.
+        assert_eq!(
+            c.push(out("x"), limits),
+            Pushed::DroppedNew { dropped_oldest: 0 }
+        );
         assert_eq!(c.close_requested(), None);
+    }
+
+    #[test]
+    fn one_frame_larger_than_the_bound_fits_an_empty_queue() {
+        let c = conn();
+        let limits = QueueLimits {
+            max_bytes: 4,
+            policy: SlowConsumerPolicy::Disconnect,
+        };
+        assert_eq!(
+            c.push(out("123456"), limits),
+            Pushed::Queued { dropped_oldest: 0 }
+        );
+        assert_eq!(c.push(out("1"), limits), Pushed::Overflow { discarded: 2 });
     }
 
     #[test]
@@ -344,7 +376,11 @@ mod tests {
         let mut batch = VecDeque::new();
         c.take_all(&mut batch);
         assert_eq!(batch.len(), 1);
-        assert_eq!(c.sample().outbound, 8, "still counted while in the writer's hands");
+        assert_eq!(
+            c.sample().outbound,
+            8,
+            "still counted while in the writer's hands"
+        );
         c.written(8);
         assert_eq!(c.sample().outbound, 0);
     }

@@ -45,8 +45,10 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body>
 pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -55,7 +57,11 @@ fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> 
 }
 
 /// Accepts connections on the main port until `stop` fires.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -103,7 +109,10 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
         (&Method::GET, paths::HEALTHZ_PATH) => text(StatusCode::OK, "ok\n"),
         (&Method::GET, paths::READYZ_PATH) => match shared.readiness.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         (_, paths::WS_PATH | paths::PUBLISH_PATH | paths::HEALTHZ_PATH | paths::READYZ_PATH) => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
@@ -144,7 +153,10 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
             .connections_rejected
             .with_label_values(&[RejectReason::Draining.as_str()])
             .inc();
-        return text(StatusCode::SERVICE_UNAVAILABLE, "draining; connect elsewhere\n");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining; connect elsewhere\n",
+        );
     }
     let Ok(permit) = shared.connection_slots.clone().try_acquire_owned() else {
         metrics
@@ -177,11 +189,16 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
                 return;
             }
         };
-        let stream = parts.io.into_inner();
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+        // `read_buf` is hyper's whole 8 KiB read buffer frozen, even when empty: copy out what
+        // the client already sent and free it, or every connection would keep 8 KiB for life.
+        let leftover = read_buf.to_vec();
+        drop(read_buf);
+        let stream = io.into_inner();
         let fd = stream.as_raw_fd();
         let ws = WebSocketStream::from_partially_read(
             stream,
-            parts.read_buf.to_vec(),
+            leftover,
             Role::Server,
             Some(shared2.ws_config),
         )
@@ -268,7 +285,10 @@ pub(crate) fn parse_publish(body: &[u8], max_name: usize) -> Result<Vec<Event>, 
             let data = item
                 .data
                 .ok_or_else(|| at("missing \"data\" (any JSON value but null)".into()))?;
-            Ok(Event::new(name, Bytes::copy_from_slice(data.get().as_bytes())))
+            Ok(Event::new(
+                name,
+                Bytes::copy_from_slice(data.get().as_bytes()),
+            ))
         })
         .collect()
 }
@@ -292,10 +312,16 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
-            if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return too_big();
             }
-            return json_error(StatusCode::BAD_REQUEST, format!("could not read the body: {error}"));
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the body: {error}"),
+            );
         }
     };
     let events = match parse_publish(&body, shared.config.max_pattern_length) {
@@ -303,7 +329,10 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
     };
     let Some(source) = shared.hub.source() else {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the event source is starting");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event source is starting",
+        );
     };
     match source.publish(events).await {
         Ok(n) => json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": n })),
@@ -322,8 +351,11 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].name, "order.created");
         assert_eq!(&one[0].data[..], br#"{"id": 1}"#, "data kept byte for byte");
-        let two = parse_publish(br#" [{"event":"a","data":1},{"event":"b","data":"x"}]"#, 255)
-            .expect("batch");
+        let two = parse_publish(
+            br#" [{"event":"a","data":1},{"event":"b","data":"x"}]"#,
+            255,
+        )
+        .expect("batch");
         assert_eq!(two.len(), 2);
         for bad in [
             &b"nope"[..],
@@ -334,7 +366,11 @@ mod tests {
             br#"[]"#,
             br#"[{"event":"a","data":1},{"event":"","data":1}]"#,
         ] {
-            assert!(parse_publish(bad, 255).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_publish(bad, 255).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
