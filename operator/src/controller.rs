@@ -4,6 +4,7 @@
 //! `validate` and `build` are pure; this module gathers their inputs (the Secret, which optional
 //! APIs exist), applies their output, declares the broker topology and writes the status.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ use crate::validate::{ClusterFacts, SecretLookup, validate};
 const OPTIONAL_API_TTL: Duration = Duration::from_secs(30);
 /// Retry interval for a spec that is invalid because of something outside it (e.g. the Secret).
 const INVALID_SPEC_RETRY: Duration = Duration::from_secs(30);
+
+/// A router's namespace and name.
+type RouterKey = (String, String);
 
 /// Tunables of the reconciler (from `operator run` flags).
 #[derive(Clone, Debug)]
@@ -78,6 +82,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     optional_apis: Mutex<Option<(Instant, OptionalApis)>>,
+    /// When each router's topology was last declared, and for which generation. Reconciles woken
+    /// by child changes (Deployment status updates, mostly) skip the AMQP round trip while this
+    /// is recent; the periodic resync still re-declares, which repairs drift on the broker.
+    broker_synced: Mutex<HashMap<RouterKey, (Option<i64>, Instant)>>,
 }
 
 impl Context {
@@ -93,6 +101,7 @@ impl Context {
             metrics,
             settings,
             optional_apis: Mutex::new(None),
+            broker_synced: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,6 +124,29 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), apis));
         Ok(apis)
+    }
+
+    /// Whether `key`'s topology was declared for `generation` less than 90% of a resync ago.
+    fn broker_recently_synced(&self, key: &(String, String), generation: Option<i64>) -> bool {
+        let synced = self
+            .broker_synced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        synced.get(key).is_some_and(|(g, at)| {
+            *g == generation && at.elapsed() < self.settings.resync.mul_f64(0.9)
+        })
+    }
+
+    fn remember_broker_sync(&self, key: (String, String), generation: Option<i64>, ok: bool) {
+        let mut synced = self
+            .broker_synced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            synced.insert(key, (generation, Instant::now()));
+        } else {
+            synced.remove(&key);
+        }
     }
 
     async fn publish(
@@ -370,13 +402,25 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
     let SecretLookup::Found(url) = &amqp_url else {
         return Err(Error::MissingField("AMQP URL after validation"));
     };
-    let broker = sync_broker(
-        url,
-        &topology,
-        previous.topology.as_ref(),
-        router.spec.deletion_policy,
-    )
-    .await;
+    let key = (namespace.clone(), name.clone());
+    let broker_ready_before = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "BrokerReady" && c.status == "True");
+    let unchanged = previous.topology.as_ref() == Some(&topology.record()) && broker_ready_before;
+    let broker = if unchanged && ctx.broker_recently_synced(&key, router.metadata.generation) {
+        Ok(topology.record())
+    } else {
+        let result = sync_broker(
+            url,
+            &topology,
+            previous.topology.as_ref(),
+            router.spec.deletion_policy,
+        )
+        .await;
+        ctx.remember_broker_sync(key, router.metadata.generation, result.is_ok());
+        result
+    };
     let (state, record, broker_error) = match broker {
         Ok(record) => (BrokerState::Ready, Some(record), None),
         Err(error) => (
