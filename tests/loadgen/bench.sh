@@ -121,7 +121,7 @@ run_idle() {
   echo "  established              $(stats established 0 "${files[@]}")"
   echo "  RSS per connection (B)   $(stats rss_per_connection_bytes 0 "${files[@]}")"
   echo "  RssAnon per conn (B)     $(stats rss_anon_per_connection_bytes 0 "${files[@]}")"
-  echo "  kernel TCP per pair (B)  $(stats kernel_tcp_per_connection_pair_bytes 0 "${files[@]}")"
+  echo "  kernel slab per pair (B) $(stats kernel_slab_per_connection_pair_bytes 0 "${files[@]}")"
   echo "  server Recv-Q after hold $(jq -s '[.[] | .snapshots[] | select(.label == "after hold") | .queues.server_side.recv_q] | add' "${files[@]}") B (sum over runs)"
   echo "  pings answered           $(stats pongs_sent 0 "${files[@]}")"
   echo "  closed by server         $(stats closed_by_server 0 "${files[@]}")"

@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub label: &'static str,
     pub service_memory: Option<ProcMemory>,
     pub sockstat: Option<TcpSockstat>,
+    /// System-wide unreclaimable kernel slab (`SUnreclaim`), KiB.
+    pub slab_unreclaimable_kib: Option<u64>,
     pub queues: Option<PortQueues>,
     /// The service's own gauges, when `--admin` is given.
     pub service_connections: Option<f64>,
@@ -67,8 +69,9 @@ pub struct IdleReport {
     pub rss_per_connection_bytes: Option<f64>,
     /// The same from RssAnon (heap and stacks only, no file-backed pages).
     pub rss_anon_per_connection_bytes: Option<f64>,
-    /// TCP stack memory growth / established: both ends of each loopback connection, outside RSS.
-    pub kernel_tcp_per_connection_pair_bytes: Option<f64>,
+    /// Growth of the kernel's unreclaimable slab / established: socket objects of both ends of
+    /// each loopback connection, outside any RSS (system-wide, so approximate).
+    pub kernel_slab_per_connection_pair_bytes: Option<f64>,
     pub pings_received: u64,
     pub pongs_sent: u64,
     pub unexpected_messages: u64,
@@ -95,6 +98,7 @@ async fn snapshot(args: &IdleArgs, label: &'static str) -> Snapshot {
             .service_pid
             .and_then(|pid| procfs::process_memory(pid).ok()),
         sockstat: procfs::tcp_sockstat().ok(),
+        slab_unreclaimable_kib: procfs::unreclaimable_slab_kib().ok(),
         queues: procfs::port_queues(common.addr.port()).ok(),
         service_connections: gauge(m::CONNECTIONS),
         service_kernel_buffered_bytes: gauge(m::KERNEL_BUFFERED_BYTES),
@@ -148,7 +152,6 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
         let after = f(&snapshots[1])?;
         (established > 0).then(|| (after as f64 - before as f64) / established as f64)
     };
-    let page = 4096;
     Ok(IdleReport {
         requested: args.connections,
         established,
@@ -159,7 +162,9 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
         rss_anon_per_connection_bytes: per_conn(&|s| {
             s.service_memory.map(|m| m.rss_anon_kib * 1024)
         }),
-        kernel_tcp_per_connection_pair_bytes: per_conn(&|s| s.sockstat.map(|k| k.mem_pages * page)),
+        kernel_slab_per_connection_pair_bytes: per_conn(&|s| {
+            s.slab_unreclaimable_kib.map(|k| k * 1024)
+        }),
         snapshots,
         pings_received: stats.pings.load(Ordering::Relaxed),
         pongs_sent: stats.pongs_sent.load(Ordering::Relaxed),

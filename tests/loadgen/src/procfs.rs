@@ -147,6 +147,22 @@ pub fn accumulate_port_queues(text: &str, port: u16, totals: &mut PortQueues) {
     }
 }
 
+/// Reads `SUnreclaim` from `/proc/meminfo`, in KiB: the kernel's unreclaimable slab, where
+/// socket objects live (system-wide, so other activity on the machine shows up as noise).
+pub fn unreclaimable_slab_kib() -> io::Result<u64> {
+    let text = fs::read_to_string("/proc/meminfo")?;
+    parse_meminfo_field(&text, "SUnreclaim")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no SUnreclaim in /proc/meminfo"))
+}
+
+/// One `Name:   123 kB` field of a `/proc/meminfo` text, in KiB.
+pub fn parse_meminfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// The TCP line of `/proc/net/sockstat`: sockets in use and the stack's memory, in pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TcpSockstat {
@@ -250,6 +266,14 @@ mod tests {
             (totals.server_side.send_q, totals.server_side.recv_q),
             (2, 3)
         );
+    }
+
+    #[test]
+    fn meminfo_field() {
+        let text = "MemTotal:       24000000 kB\nSlab:            1056704 kB\nSUnreclaim:       113264 kB\n";
+        assert_eq!(parse_meminfo_field(text, "SUnreclaim"), Some(113_264));
+        assert_eq!(parse_meminfo_field(text, "Slab"), Some(1_056_704));
+        assert_eq!(parse_meminfo_field(text, "Sl"), None);
     }
 
     #[test]

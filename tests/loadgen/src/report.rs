@@ -27,7 +27,14 @@ pub fn idle(r: &IdleReport) -> String {
             );
         }
         if let Some(k) = s.sockstat {
-            let _ = write!(out, "; TCP sockets {} mem {} pages", k.inuse, k.mem_pages);
+            let _ = write!(
+                out,
+                "; TCP sockets {} (buffers {} pages)",
+                k.inuse, k.mem_pages
+            );
+        }
+        if let Some(slab) = s.slab_unreclaimable_kib {
+            let _ = write!(out, "; SUnreclaim {slab} KiB");
         }
         if let Some(q) = s.queues {
             let _ = write!(
@@ -57,8 +64,8 @@ pub fn idle(r: &IdleReport) -> String {
     );
     let _ = writeln!(
         out,
-        "kernel TCP memory    {} per connection, both ends (outside RSS)",
-        opt(r.kernel_tcp_per_connection_pair_bytes, "B")
+        "kernel slab          {} per connection, both ends (outside RSS; system-wide SUnreclaim)",
+        opt(r.kernel_slab_per_connection_pair_bytes, "B")
     );
     let _ = writeln!(
         out,
