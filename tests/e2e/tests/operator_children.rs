@@ -192,13 +192,7 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
         status.topology.expect("topology recorded").bindings.len(),
         1
     );
-    let events = router_events(&client, &ns, "chat").await;
-    assert!(
-        events
-            .iter()
-            .any(|(reason, _, _)| reason == "TopologyDeclared"),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "chat", "TopologyDeclared", "Normal").await;
 
     // Change the spec: new image, HPA autoscaling, no disruption budget.
     let mut spec = a_router_spec_reading("amqp");
@@ -355,4 +349,67 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
     })
     .await;
     wait_present(&services, "chat").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_keda_provider_follows_whether_the_cluster_serves_scaled_objects() {
+    let (client, ns) = setup("op-keda").await;
+    let ns = ns.name().to_string();
+    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
+    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+
+    let mut spec = a_router_spec_reading("amqp");
+    spec.autoscaling.enabled = true;
+    spec.autoscaling.provider = operator::crd::AutoscalingProvider::Keda;
+    spec.autoscaling.prometheus_address = Some("http://prometheus.monitoring:9090".into());
+    apply_router(&client, &ns, "chat", &spec).await;
+    let deployment =
+        wait_present(&Api::<Deployment>::namespaced(client.clone(), &ns), "chat").await;
+    // The API server defaults replicas to 1; what matters is that the operator does not own it.
+    let operator_fields: Vec<String> = deployment
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.manager.as_deref() == Some(names::FIELD_MANAGER))
+        .map(|m| serde_json::to_string(&m.fields_v1).expect("fields serialize"))
+        .collect();
+    assert_eq!(
+        operator_fields.len(),
+        1,
+        "the operator applied the Deployment"
+    );
+    assert!(
+        !operator_fields[0].contains("\"f:replicas\""),
+        "the autoscaler owns replicas, even one that is missing: {}",
+        operator_fields[0]
+    );
+    let keda_served = match client.list_api_group_resources("keda.sh/v1alpha1").await {
+        Ok(list) => list.resources.iter().any(|r| r.name == "scaledobjects"),
+        Err(_) => false,
+    };
+    if keda_served {
+        let resource = operator::build::scaled_object_resource();
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &resource);
+        wait_present(&api, "chat").await;
+    } else {
+        let ready = wait_condition(
+            &client,
+            &ns,
+            "chat",
+            "Ready",
+            "False",
+            Some("AutoscalerUnavailable"),
+        )
+        .await;
+        assert!(ready.message.contains("keda.sh"), "{}", ready.message);
+        wait_event(&client, &ns, "chat", "AutoscalerUnavailable", "Warning").await;
+    }
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        hpas.get_opt("chat").await.expect("get").is_none(),
+        "no HPA with provider keda"
+    );
+    wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
 }

@@ -113,13 +113,7 @@ async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_noth
         "{}",
         ready.message
     );
-    let events = router_events(&client, &ns, "chat").await;
-    assert!(
-        events
-            .iter()
-            .any(|(reason, type_, _)| reason == "InvalidSpec" && type_ == "Warning"),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "chat", "InvalidSpec", "Warning").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     assert!(

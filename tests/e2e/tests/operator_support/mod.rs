@@ -280,3 +280,18 @@ pub async fn router_events(client: &Client, ns: &str, name: &str) -> Vec<(String
         })
         .collect()
 }
+
+/// Wait until an Event with `reason` and `type_` about router `name` exists (events are recorded
+/// right after the status they explain, so a test must not race them).
+pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, type_: &str) {
+    let what = format!("a {type_} event {reason} on EventRouter {ns}/{name}");
+    wait_for(&what, CONVERGE, || async {
+        let events = router_events(client, ns, name).await;
+        if events.iter().any(|(r, t, _)| r == reason && t == type_) {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await;
+}
