@@ -36,8 +36,9 @@ use crate::{
 };
 
 /// Per-connection read buffer. tokio-tungstenite's default (128 KiB) would dominate the memory
-/// of an idle connection; client frames are small and a larger one just takes more reads.
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// of an idle connection; client frames are small (a ping is ~20 bytes, so one read still takes
+/// ~100 of them) and a larger frame just grows the buffer while it is read.
+pub const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// Bytes tungstenite buffers before writing through to the socket within one batch.
 pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;

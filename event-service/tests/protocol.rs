@@ -169,3 +169,19 @@ async fn publish_api_answers() {
     assert_eq!(status, 404);
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_request_larger_than_the_read_buffer_is_read_whole() {
+    let server = start(|_| {}).await;
+    let mut c = Client::connect(&server).await;
+    // 100 patterns of ~200 bytes: a ~20 KiB frame, ten times the per-connection read buffer.
+    let patterns: Vec<String> = (0..100)
+        .map(|i| format!("big.{i}.{}", "w".repeat(190)))
+        .collect();
+    let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+    let ack = c.subscribe(1, &refs).await;
+    assert_eq!(ack["events"].as_array().map(Vec::len), Some(100));
+    publish_event(&server, &patterns[42], json!("hit")).await;
+    assert_eq!(c.recv_json().await["data"], "hit");
+    server.stop().await.expect("clean stop");
+}
