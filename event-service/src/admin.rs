@@ -24,7 +24,11 @@ use crate::{
 };
 
 /// Serves the admin port until `stop` fires.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,

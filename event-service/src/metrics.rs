@@ -12,8 +12,7 @@
 
 use eventrouter_contract::metrics as names;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    core::Collector,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
 };
 
 use crate::connection::ConnRegistry;

@@ -92,7 +92,10 @@ mod tests {
             if depth.recv_q == 1000 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "Recv-Q never reached 1000: {depth:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Recv-Q never reached 1000: {depth:?}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
