@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use eventrouter_contract::{autoscaling as metric_names, env, http, kube as names};
+use eventrouter_contract::{
+    autoscaling as metric_names, env, http, kube as names, prometheus as target_labels,
+};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -587,6 +589,12 @@ fn service_monitor(router: &EventRouter, plan: &Plan) -> DynamicObject {
                 "port": "metrics",
                 "path": http::METRICS_PATH,
                 "interval": router.spec.monitoring.interval,
+                // The dashboards, alerts and adapter rules group by `router`.
+                "relabelings": [{
+                    "sourceLabels": [target_labels::ROUTER_LABEL_SOURCE],
+                    "targetLabel": target_labels::ROUTER_LABEL,
+                    "action": "replace",
+                }],
             }],
         }
     });
@@ -879,6 +887,12 @@ mod tests {
         let d = desired(&a_router_named("chat"), &facts);
         let sm = d.service_monitor.expect("a ServiceMonitor");
         assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "metrics");
+        let relabel = &sm.data["spec"]["endpoints"][0]["relabelings"][0];
+        assert_eq!(relabel["targetLabel"], "router");
+        assert_eq!(
+            relabel["sourceLabels"][0],
+            "__meta_kubernetes_pod_label_app_kubernetes_io_instance"
+        );
         assert_eq!(
             sm.data["spec"]["selector"]["matchLabels"][METRICS_SERVICE_LABEL],
             "true"
