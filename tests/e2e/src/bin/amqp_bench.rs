@@ -299,6 +299,17 @@ impl Drop for Service {
     }
 }
 
+/// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at "state".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // /proc reports in USER_HZ, which is 100 on every Linux architecture's ABI.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -455,6 +466,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rates = [Vec::new(), Vec::new()];
     for run in 0..args.runs {
         for receiver in [Receiver::Bare, Receiver::Service] {
+            let cpu_before = service.child.id().and_then(cpu_time);
             let (got, published) = measure(
                 receiver,
                 &connection,
@@ -467,8 +479,15 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             let rate = got.rate();
+            let cpu = match (cpu_before, service.child.id().and_then(cpu_time)) {
+                (Some(before), Some(after)) if receiver == Receiver::Service => format!(
+                    ", service CPU {:.1} µs/event",
+                    (after - before).as_secs_f64() * 1e6 / args.messages as f64
+                ),
+                _ => String::new(),
+            };
             println!(
-                "  run {run} {receiver:?}: received {}/{} in {:.2} s = {rate:.0} events/s (publisher took {:.2} s)",
+                "  run {run} {receiver:?}: received {}/{} in {:.2} s = {rate:.0} events/s (publisher took {:.2} s){cpu}",
                 got.count,
                 args.messages,
                 match (got.first, got.last) {
@@ -553,6 +572,9 @@ async fn measure(
     };
     let published = publish(publish_channel, exchange, args.messages, rate, pad).await?;
     let got = task.await.context("the receiver task")?;
+    // Let the finished receiver's queue or binding go before the next run, so the broker routes
+    // each run's events to one receiver only.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     Ok((got, published))
 }
 
