@@ -85,8 +85,20 @@ pub fn infra_script(name: &str) -> PathBuf {
 /// A TCP port that is free on 127.0.0.1 right now, for services that cannot bind port 0
 /// themselves (a RabbitMQ node). Servers under test should bind port 0 instead.
 pub fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(listener.local_addr()?.port())
+    let [port] = free_ports::<1>()?;
+    Ok(port)
+}
+
+/// `N` distinct free ports: all probe sockets are held open together, so none repeats.
+pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 #[cfg(test)]
@@ -124,5 +136,11 @@ mod tests {
     fn free_port_is_bindable() {
         let port = free_port().expect("a free port");
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let [a, b, c] = free_ports::<3>().expect("three free ports");
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
     }
 }

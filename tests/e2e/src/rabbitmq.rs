@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use crate::command::{run_async, run_ok_async};
-use crate::{free_port, infra_script, require_env, vars};
+use crate::{free_ports, infra_script, require_env, vars};
 
 /// The default virtual host, as the management API spells it in paths.
 pub const DEFAULT_VHOST: &str = "/";
@@ -181,8 +181,8 @@ impl RabbitNode {
     pub async fn start(prefix: &str) -> anyhow::Result<Self> {
         let name = crate::cluster::unique_name(prefix);
         let script = infra_script("rabbitmq.sh");
-        let amqp_port = free_port().context("finding a free AMQP port")?;
-        let management_port = free_port().context("finding a free management port")?;
+        let [amqp_port, management_port] =
+            free_ports::<2>().context("finding free AMQP and management ports")?;
         let stdout = run_ok_async(
             tokio::process::Command::new(&script)
                 .arg("start")
