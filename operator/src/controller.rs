@@ -29,9 +29,12 @@ use crate::apply::{OptionalApis, apply_children, current_deployment};
 use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerError};
 use crate::build::{build, selector_string};
-use crate::crd::{DeletionPolicy, EventRouter, RecordedTopology, SKIP_BROKER_CLEANUP_ANNOTATION};
+use crate::crd::{
+    AutoscalingProvider, DeletionPolicy, EventRouter, RecordedTopology,
+    SKIP_BROKER_CLEANUP_ANNOTATION,
+};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouterReplicas};
 use crate::status::{BrokerState, Observed, conditions};
 use crate::validate::{ClusterFacts, SecretLookup, validate};
 
@@ -265,6 +268,34 @@ fn status_json(
     })
 }
 
+/// Report the router's current and desired replicas in the operator's metrics (the routers
+/// dashboard's *Replicas* panel). With autoscaling on, the desired count comes from the HPA's
+/// status: the operator's own HPA, or the one KEDA makes for the ScaledObject (`keda-hpa-<name>`).
+/// A failed read only loses that detail, so it falls back rather than failing the reconcile.
+async fn record_replicas(ctx: &Context, router: &EventRouter, deployment: Option<&Deployment>) {
+    let namespace = router.namespace().unwrap_or_default();
+    let name = router.name_any();
+    let autoscaling = &router.spec.autoscaling;
+    let autoscaler = if autoscaling.enabled {
+        let hpa_name = match autoscaling.provider {
+            AutoscalingProvider::Hpa => name.clone(),
+            AutoscalingProvider::Keda => format!("keda-hpa-{name}"),
+        };
+        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.get_opt(&hpa_name).await.unwrap_or_else(|error| {
+            debug!(%error, router = %name, %namespace, hpa = %hpa_name, "cannot read the autoscaler's status");
+            None
+        })
+    } else {
+        None
+    };
+    ctx.metrics.set_router_replicas(
+        &namespace,
+        &name,
+        RouterReplicas::observe(deployment, autoscaler.as_ref()),
+    );
+}
+
 /// Declare the topology with the Secret's URL; the new record, or why not.
 async fn sync_broker(
     url: &str,
@@ -300,6 +331,7 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
 
     if router.spec.paused {
         let deployment = current_deployment(client, &namespace, &name).await?;
+        record_replicas(&ctx, &router, deployment.as_ref()).await;
         let observed = Observed {
             generation: router.metadata.generation,
             paused: true,
@@ -341,6 +373,7 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
             ctx.metrics.invalid_specs.inc();
             warn!(router = %name, %namespace, problems = %invalid, "invalid spec; no child changed");
             let deployment = current_deployment(client, &namespace, &name).await?;
+            record_replicas(&ctx, &router, deployment.as_ref()).await;
             let observed = Observed {
                 generation: router.metadata.generation,
                 paused: false,
@@ -387,6 +420,7 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
             return Err(error);
         }
     };
+    record_replicas(&ctx, &router, applied.deployment.as_ref()).await;
     for kind in &applied.deleted {
         ctx.publish(
             &router,
@@ -611,7 +645,11 @@ pub async fn reconcile(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<Ac
     let action = finalizer(&api, names::FINALIZER, router, |event| async {
         match event {
             FinalizerEvent::Apply(router) => reconcile_live(router, ctx.clone()).await,
-            FinalizerEvent::Cleanup(router) => cleanup(router, ctx.clone()).await,
+            FinalizerEvent::Cleanup(router) => {
+                // The router is going: its replica series go with it.
+                ctx.metrics.forget_router(&namespace, &name);
+                cleanup(router, ctx.clone()).await
+            }
         }
     })
     .await
@@ -640,8 +678,21 @@ where
     }
 }
 
+/// Removes every router's replica series when the controller stops or is dropped (leadership
+/// lost): only the leader reports routers, so a standby never shows stale counts beside the
+/// leader's.
+struct ForgetRoutersOnDrop(Metrics);
+
+impl Drop for ForgetRoutersOnDrop {
+    fn drop(&mut self) {
+        self.0.forget_routers();
+    }
+}
+
 /// Run the controller until `shutdown` resolves (then in-flight reconciles finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let _forget_routers = ForgetRoutersOnDrop(ctx.metrics.clone());
+    let metrics = ctx.metrics.clone();
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
     let ns = ns.as_deref();
@@ -665,12 +716,22 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => {
-                    debug!(router = %object.name, namespace = ?object.namespace, "reconcile done")
+        .for_each(|result| {
+            // A wake-up for a router no longer in the cache: it was deleted (e.g. without the
+            // finalizer running); drop its replica series.
+            if let Err(kube::runtime::controller::Error::ObjectNotFound(object)) = &result {
+                metrics.forget_router(
+                    object.namespace.as_deref().unwrap_or_default(),
+                    &object.name,
+                );
+            }
+            async move {
+                match result {
+                    Ok((object, _)) => {
+                        debug!(router = %object.name, namespace = ?object.namespace, "reconcile done")
+                    }
+                    Err(error) => debug!(%error, "controller event"),
                 }
-                Err(error) => debug!(%error, "controller event"),
             }
         })
         .await;

@@ -7,10 +7,26 @@
 //! | `eventrouter_operator_reconcile_duration_seconds` | histogram | — |
 //! | `eventrouter_operator_leader` | gauge | — (1 while this process holds the Lease) |
 //! | `eventrouter_operator_invalid_specs_total` | counter | — |
+//! | `eventrouter_operator_router_replicas` | gauge | `router_namespace`, `router`, `state` = `current` \| `desired` |
+//!
+//! `eventrouter_operator_router_replicas` is what the routers dashboard's *Replicas* panel shows
+//! instead of kube-state-metrics' HPA series: `current` is the router Deployment's
+//! `status.replicas`, `desired` the autoscaler's `status.desiredReplicas` (its HPA, KEDA's too)
+//! and, without autoscaling or before the autoscaler has computed one, the Deployment's
+//! `spec.replicas`. The router's namespace is `router_namespace`, not `namespace`: Prometheus
+//! puts the operator pod's own `namespace` target label on every series it scrapes here, and
+//! without `honorLabels` a metric label of that name would be renamed `exported_namespace`.
+//! Only the leader reports routers; a router's series go when it is deleted or no longer found,
+//! and all of them when this process stops leading.
 
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use eventrouter_contract::prometheus::ROUTER_LABEL;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::error::Error;
 
@@ -23,6 +39,55 @@ pub struct Metrics {
     pub duration: Histogram,
     pub leader: IntGauge,
     pub invalid_specs: IntCounter,
+    /// Per router: `current` and `desired` replicas (see the module docs).
+    pub router_replicas: IntGaugeVec,
+}
+
+/// The label holding the router's namespace (`namespace` is the operator pod's target label).
+pub const ROUTER_NAMESPACE_LABEL: &str = "router_namespace";
+
+/// One router's replicas as the operator last saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterReplicas {
+    /// Pods the Deployment has (`status.replicas`), ready or not.
+    pub current: i64,
+    /// What the autoscaler wants, else what the Deployment is asked to run.
+    pub desired: i64,
+}
+
+impl RouterReplicas {
+    /// The replicas of a router from its Deployment and, when autoscaling is on, the HPA that
+    /// scales it. `None` without a Deployment (nothing runs, nothing to report).
+    ///
+    /// `desired` is the HPA's `status.desiredReplicas` once the HPA controller has written a
+    /// status; until then (and without autoscaling) it is the Deployment's `spec.replicas`, which
+    /// is what the operator applied or, with autoscaling, what the autoscaler last set through the
+    /// scale subresource.
+    pub fn observe(
+        deployment: Option<&Deployment>,
+        autoscaler: Option<&HorizontalPodAutoscaler>,
+    ) -> Option<Self> {
+        let deployment = deployment?;
+        let current = deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(0);
+        // The API server defaults an omitted `spec.replicas` to 1, so a Deployment read back from
+        // it always has one; 1 is that same default.
+        let spec_replicas = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let desired = autoscaler
+            .and_then(|hpa| hpa.status.as_ref())
+            .map_or(spec_replicas, |s| s.desired_replicas);
+        Some(Self {
+            current: i64::from(current),
+            desired: i64::from(desired),
+        })
+    }
 }
 
 impl Default for Metrics {
@@ -72,12 +137,22 @@ impl Metrics {
             "Reconciles that found a spec the API server accepted but the operator cannot act on.",
         )
         .expect("valid metric");
+        let router_replicas = IntGaugeVec::new(
+            Opts::new(
+                "eventrouter_operator_router_replicas",
+                "Replicas of each EventRouter: current (pods its Deployment has) and desired (the \
+                 autoscaler's desired replicas, else the Deployment's spec.replicas).",
+            ),
+            &[ROUTER_NAMESPACE_LABEL, ROUTER_LABEL, "state"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
             Box::new(invalid_specs.clone()),
+            Box::new(router_replicas.clone()),
         ] {
             registry
                 .register(collector)
@@ -90,7 +165,41 @@ impl Metrics {
             duration,
             leader,
             invalid_specs,
+            router_replicas,
         }
+    }
+
+    /// Report `replicas` for the router `namespace`/`name`, or remove its series when `None`.
+    pub fn set_router_replicas(
+        &self,
+        namespace: &str,
+        name: &str,
+        replicas: Option<RouterReplicas>,
+    ) {
+        let Some(replicas) = replicas else {
+            self.forget_router(namespace, name);
+            return;
+        };
+        for (state, value) in [("current", replicas.current), ("desired", replicas.desired)] {
+            self.router_replicas
+                .with_label_values(&[namespace, name, state])
+                .set(value);
+        }
+    }
+
+    /// Remove the router's series (it was deleted): a gone router must not linger on dashboards.
+    pub fn forget_router(&self, namespace: &str, name: &str) {
+        for state in ["current", "desired"] {
+            // Absent series (never reported) are fine: there is nothing to remove.
+            let _ = self
+                .router_replicas
+                .remove_label_values(&[namespace, name, state]);
+        }
+    }
+
+    /// Remove every router's series (this process stopped leading; the new leader reports them).
+    pub fn forget_routers(&self) {
+        self.router_replicas.reset();
     }
 
     /// Start timing a reconcile; the duration is recorded when the timer drops.
@@ -128,5 +237,124 @@ pub struct ReconcileTimer {
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerStatus;
+
+    use super::*;
+
+    fn deployment(spec_replicas: Option<i32>, status_replicas: Option<i32>) -> Deployment {
+        Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: spec_replicas,
+                ..DeploymentSpec::default()
+            }),
+            status: status_replicas.map(|r| DeploymentStatus {
+                replicas: Some(r),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    fn hpa(desired: Option<i32>) -> HorizontalPodAutoscaler {
+        HorizontalPodAutoscaler {
+            status: desired.map(|d| HorizontalPodAutoscalerStatus {
+                desired_replicas: d,
+                current_replicas: Some(1),
+                ..HorizontalPodAutoscalerStatus::default()
+            }),
+            ..HorizontalPodAutoscaler::default()
+        }
+    }
+
+    fn replica_lines(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("eventrouter_operator_router_replicas{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn desired_is_the_autoscalers_once_it_has_a_status_else_the_deployments_spec() {
+        let d = deployment(Some(2), Some(1));
+        let fixed = RouterReplicas::observe(Some(&d), None);
+        assert_eq!(
+            fixed,
+            Some(RouterReplicas {
+                current: 1,
+                desired: 2
+            })
+        );
+        assert_eq!(RouterReplicas::observe(Some(&d), Some(&hpa(None))), fixed);
+        assert_eq!(
+            RouterReplicas::observe(Some(&d), Some(&hpa(Some(5)))),
+            Some(RouterReplicas {
+                current: 1,
+                desired: 5
+            })
+        );
+        let fresh = deployment(Some(3), None);
+        assert_eq!(
+            RouterReplicas::observe(Some(&fresh), None),
+            Some(RouterReplicas {
+                current: 0,
+                desired: 3
+            })
+        );
+        assert_eq!(RouterReplicas::observe(None, Some(&hpa(Some(5)))), None);
+    }
+
+    #[test]
+    fn router_replicas_are_set_replaced_and_removed_per_router() {
+        let metrics = Metrics::new();
+        let two = RouterReplicas {
+            current: 2,
+            desired: 3,
+        };
+        metrics.set_router_replicas("shop", "chat", Some(two));
+        metrics.set_router_replicas("news", "chat", Some(two));
+        metrics.set_router_replicas(
+            "shop",
+            "chat",
+            Some(RouterReplicas {
+                current: 3,
+                desired: 3,
+            }),
+        );
+        let lines = replica_lines(&metrics);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines.contains(
+            &r#"eventrouter_operator_router_replicas{router="chat",router_namespace="shop",state="current"} 3"#.to_string()
+        ), "{lines:?}");
+        assert!(lines.contains(
+            &r#"eventrouter_operator_router_replicas{router="chat",router_namespace="news",state="desired"} 3"#.to_string()
+        ), "{lines:?}");
+
+        // A deleted router's series go; the other router's stay.
+        metrics.forget_router("shop", "chat");
+        metrics.forget_router("shop", "never-seen");
+        let lines = replica_lines(&metrics);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains(r#"router_namespace="news""#))
+        );
+
+        // A router without a Deployment reports nothing.
+        metrics.set_router_replicas("news", "chat", None);
+        assert!(replica_lines(&metrics).is_empty());
+
+        // Losing leadership clears every router.
+        metrics.set_router_replicas("shop", "chat", Some(two));
+        metrics.forget_routers();
+        assert!(replica_lines(&metrics).is_empty());
     }
 }
