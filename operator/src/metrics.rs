@@ -12,8 +12,8 @@
 //! `eventrouter_operator_router_replicas` is what the routers dashboard's *Replicas* panel shows
 //! instead of kube-state-metrics' HPA series: `current` is the router Deployment's
 //! `status.replicas`, `desired` the autoscaler's `status.desiredReplicas` (its HPA, KEDA's too)
-//! and, without autoscaling or before the autoscaler has computed one, the Deployment's
-//! `spec.replicas`. The router's namespace is `router_namespace`, not `namespace`: Prometheus
+//! once the HPA controller has written a status and, without autoscaling or before that, the
+//! Deployment's `spec.replicas`. The router's namespace is `router_namespace`, not `namespace`: Prometheus
 //! puts the operator pod's own `namespace` target label on every series it scrapes here, and
 //! without `honorLabels` a metric label of that name would be renamed `exported_namespace`.
 //! Only the leader reports routers; a router's series go when it is deleted or no longer found,
@@ -62,7 +62,9 @@ impl RouterReplicas {
     /// `desired` is the HPA's `status.desiredReplicas` once the HPA controller has written a
     /// status; until then (and without autoscaling) it is the Deployment's `spec.replicas`, which
     /// is what the operator applied or, with autoscaling, what the autoscaler last set through the
-    /// scale subresource.
+    /// scale subresource. The API server returns a new HPA with `status.desiredReplicas: 0` (a
+    /// required field), so a status counts as written only when it has conditions, which the HPA
+    /// controller sets on every pass (`AbleToScale`, `ScalingActive`, ...).
     pub fn observe(
         deployment: Option<&Deployment>,
         autoscaler: Option<&HorizontalPodAutoscaler>,
@@ -82,6 +84,7 @@ impl RouterReplicas {
             .unwrap_or(1);
         let desired = autoscaler
             .and_then(|hpa| hpa.status.as_ref())
+            .filter(|s| s.conditions.as_ref().is_some_and(|c| !c.is_empty()))
             .map_or(spec_replicas, |s| s.desired_replicas);
         Some(Self {
             current: i64::from(current),
@@ -243,7 +246,9 @@ impl Drop for ReconcileTimer {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
-    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerStatus;
+    use k8s_openapi::api::autoscaling::v2::{
+        HorizontalPodAutoscalerCondition, HorizontalPodAutoscalerStatus,
+    };
 
     use super::*;
 
@@ -261,13 +266,28 @@ mod tests {
         }
     }
 
+    /// An HPA whose controller computed `desired` replicas.
     fn hpa(desired: Option<i32>) -> HorizontalPodAutoscaler {
         HorizontalPodAutoscaler {
             status: desired.map(|d| HorizontalPodAutoscalerStatus {
                 desired_replicas: d,
                 current_replicas: Some(1),
+                conditions: Some(vec![HorizontalPodAutoscalerCondition {
+                    type_: "AbleToScale".into(),
+                    status: "True".into(),
+                    reason: Some("ReadyForNewScale".into()),
+                    ..HorizontalPodAutoscalerCondition::default()
+                }]),
                 ..HorizontalPodAutoscalerStatus::default()
             }),
+            ..HorizontalPodAutoscaler::default()
+        }
+    }
+
+    /// An HPA as the API server returns it before any controller wrote its status.
+    fn new_hpa() -> HorizontalPodAutoscaler {
+        HorizontalPodAutoscaler {
+            status: Some(HorizontalPodAutoscalerStatus::default()),
             ..HorizontalPodAutoscaler::default()
         }
     }
@@ -293,6 +313,11 @@ mod tests {
             })
         );
         assert_eq!(RouterReplicas::observe(Some(&d), Some(&hpa(None))), fixed);
+        assert_eq!(
+            RouterReplicas::observe(Some(&d), Some(&new_hpa())),
+            fixed,
+            "desiredReplicas 0 of a status no controller wrote is not a desire"
+        );
         assert_eq!(
             RouterReplicas::observe(Some(&d), Some(&hpa(Some(5)))),
             Some(RouterReplicas {
