@@ -8,9 +8,16 @@
 //!    the install itself created the CRD, as documented);
 //! 3. the operator binary, run with the chart's arguments and **the chart's ServiceAccount token**
 //!    (so its RBAC is what is tested), reconciles that EventRouter: its children appear;
-//! 4. a Prometheus scrapes the operator, and every query of `dashboards/operator.json` returns data;
+//! 4. a Prometheus scrapes the operator with the target labels the chart's ServiceMonitor gives
+//!    it, and every query of `dashboards/operator.json` returns data; so do the queries of
+//!    `dashboards/routers.json` on operator metrics (the *Replicas* panel's current and desired
+//!    replicas of the chart's autoscaled EventRouter), with the values kubectl shows in the
+//!    Deployment's and the HPA's status — before the HPA has a status, after this test writes one
+//!    as the HPA controller would (the test cluster does not run that controller), and after it
+//!    scales the Deployment as the HPA would;
 //! 5. the documented removal (`eventRouter.create=false`, then `helm uninstall`) leaves nothing
-//!    behind but the CRD, which is kept by design.
+//!    behind but the CRD, which is kept by design, and the operator stops reporting the deleted
+//!    routers' replicas.
 
 mod chart_support;
 
@@ -25,6 +32,8 @@ use chart_support::*;
 const RELEASE: &str = "er-chart-test";
 const ROUTER: &str = "events";
 const CRD: &str = "eventrouters.eventrouter.io";
+/// The replicas the test, playing the HPA controller, has the autoscaler want.
+const HPA_DESIRED: i64 = 3;
 
 struct Cluster {
     kubeconfig: PathBuf,
@@ -65,6 +74,31 @@ impl Cluster {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The chart's router as kubectl shows it: (current, desired) replicas as the dashboard defines
+/// them — the Deployment's `status.replicas`; the HPA's `status.desiredReplicas` once the HPA
+/// controller wrote its status (it always sets conditions), else the Deployment's `spec.replicas`.
+fn kube_replicas(cluster: &Cluster, namespace: &str) -> (i64, i64) {
+    let deployment = cluster.json(&["deployment", ROUTER, "-n", namespace]);
+    let hpa = cluster.json(&["hpa", ROUTER, "-n", namespace]);
+    let current = deployment["status"]["replicas"].as_i64().unwrap_or(0);
+    let hpa_written = hpa["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty());
+    let desired = hpa["status"]["desiredReplicas"]
+        .as_i64()
+        .filter(|_| hpa_written)
+        .or_else(|| deployment["spec"]["replicas"].as_i64())
+        .expect("the API server sets the Deployment's spec.replicas");
+    (current, desired)
+}
+
+fn sample_value(sample: &serde_json::Value) -> f64 {
+    sample["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("a sample value")
 }
 
 /// A kubeconfig for the same API server that authenticates as the chart's ServiceAccount.
@@ -202,6 +236,10 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         "eventRouter.spec.rabbitmq.secretRef.key=url".to_string(),
         format!("eventRouter.spec.rabbitmq.exchange={exchange}"),
         "eventRouter.spec.deletionPolicy=delete".to_string(),
+        // Autoscaled, so the routers dashboard's desired replicas come from an HPA.
+        "eventRouter.spec.autoscaling.enabled=true".to_string(),
+        "eventRouter.spec.autoscaling.minReplicas=1".to_string(),
+        "eventRouter.spec.autoscaling.maxReplicas=4".to_string(),
     ];
     let mut install = cluster.helm();
     install
@@ -304,6 +342,7 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         vec!["service", ROUTER],
         vec!["serviceaccount", ROUTER],
         vec!["poddisruptionbudget", ROUTER],
+        vec!["horizontalpodautoscaler", ROUTER],
     ] {
         eventually(Duration::from_secs(60), &format!("{child:?}"), || {
             cluster
@@ -354,10 +393,18 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
     run(cluster.kubectl().args(["apply", "-f"]).arg(&broken_file));
 
     // --- 4. the operator dashboard's queries against a Prometheus scraping the operator ------------
+    // The target labels the Prometheus Operator gives a ServiceMonitor endpoint (the chart's sets
+    // no honorLabels), so a metric label clashing with one of them would be renamed here too.
+    let metrics_service = manifest_docs
+        .iter()
+        .find(|d| kind_of(d) == "Service" && d["spec"]["ports"][0]["name"] == "admin")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("the operator's metrics Service");
+    let container_name = container["name"].as_str().expect("container name");
     let prometheus = Prometheus::start(
         "chart-install",
         &format!(
-            "  - job_name: operator\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n        labels: {{namespace: {namespace}, pod: operator-test-0}}\n"
+            "  - job_name: {metrics_service}\n    honor_labels: false\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n        labels: {{namespace: {namespace}, service: {metrics_service}, endpoint: admin, pod: operator-test-0, container: {container_name}}}\n"
         ),
     );
     prometheus.wait_targets_up(1);
@@ -398,6 +445,104 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         leader[0]["value"][1], "1",
         "the single operator holds the Lease"
     );
+
+    // The routers dashboard's queries on operator metrics, against what kubectl shows.
+    let routers_vars = [
+        ("namespace", namespace.as_str()),
+        ("router", ROUTER),
+        ("pod", ".*"),
+    ];
+    let replica_queries = routers_queries_on_operator_metrics();
+    assert!(
+        !replica_queries.is_empty(),
+        "the Replicas panel reads the operator's gauges"
+    );
+    let check_replicas = |when: &str| {
+        eventually(
+            Duration::from_secs(60),
+            &format!("the routers dashboard's replicas {when} to equal kubectl's"),
+            || {
+                let (current, desired) = kube_replicas(&cluster, &namespace);
+                let mut seen = vec![format!("kubectl: current {current}, desired {desired}")];
+                for q in &replica_queries {
+                    let expr = substitute(&q.expr, &routers_vars);
+                    let result = prometheus.query(&expr);
+                    let want = if expr.contains(r#"state="current""#) {
+                        Some(current)
+                    } else if expr.contains(r#"state="desired""#) {
+                        Some(desired)
+                    } else {
+                        None
+                    };
+                    let got: Vec<(String, f64)> = result
+                        .iter()
+                        .map(|r| {
+                            (
+                                r["metric"]["router"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                sample_value(r),
+                            )
+                        })
+                        .collect();
+                    seen.push(format!("`{expr}` = {got:?}"));
+                    let ok = match want {
+                        Some(want) => got == [(ROUTER.to_string(), want as f64)],
+                        None => !got.is_empty(),
+                    };
+                    if !ok {
+                        eprintln!("not yet: {}", seen.join("; "));
+                        return None;
+                    }
+                }
+                Some(seen)
+            },
+        )
+    };
+    // Before the HPA controller's first pass: desired falls back to the Deployment's
+    // spec.replicas. The API server shows such an HPA with `desiredReplicas: 0` (a required
+    // field) and no conditions; that 0 is nobody's desire.
+    let hpa = cluster.json(&["hpa", ROUTER, "-n", &namespace]);
+    assert!(
+        hpa["status"]["conditions"].is_null() && hpa["status"]["desiredReplicas"] == 0,
+        "no HPA controller runs in the test cluster, yet the HPA has a status: {}",
+        hpa["status"]
+    );
+    let seen = check_replicas("before the HPA computed anything");
+    eprintln!("replicas without an HPA status: {seen:?}");
+    // The HPA controller's turn: it writes its status (replicas and conditions, as it does on
+    // every pass), wanting more pods than there are ...
+    let status = serde_json::json!({"status": {
+        "currentReplicas": 1,
+        "desiredReplicas": HPA_DESIRED,
+        "conditions": [
+            {"type": "AbleToScale", "status": "True", "reason": "SucceededRescale",
+             "message": "the HPA controller was able to update the target scale"},
+            {"type": "ScalingActive", "status": "True", "reason": "ValidMetricFound",
+             "message": "the HPA was able to compute the replica count"},
+        ],
+    }});
+    run(cluster
+        .kubectl()
+        .args(["patch", "hpa", ROUTER, "-n", &namespace])
+        .args(["--subresource=status", "--type=merge", "-p"])
+        .arg(status.to_string()));
+    let seen = check_replicas("once the HPA wants more pods");
+    eprintln!("replicas with the HPA wanting {HPA_DESIRED}: {seen:?}");
+    assert_eq!(kube_replicas(&cluster, &namespace).1, HPA_DESIRED);
+    // ... and scales the Deployment through its scale subresource, as the HPA controller does.
+    run(cluster
+        .kubectl()
+        .args(["scale", "deployment", ROUTER, "-n", &namespace])
+        .arg(format!("--replicas={HPA_DESIRED}")));
+    eventually(
+        Duration::from_secs(60),
+        "the Deployment to have the pods the HPA asked for",
+        || (kube_replicas(&cluster, &namespace).0 == HPA_DESIRED).then_some(()),
+    );
+    let seen = check_replicas("once the Deployment scaled");
+    eprintln!("replicas after scaling: {seen:?}");
     drop(prometheus);
 
     // --- 5. removal --------------------------------------------------------------------------------
@@ -437,6 +582,23 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             ]);
             left.is_empty().then_some(())
         },
+    );
+
+    // The deleted routers' replica series are gone from the operator's metrics.
+    let (status, metrics) = http(
+        format!("127.0.0.1:{admin_port}").parse().expect("address"),
+        "GET",
+        "/metrics",
+        "",
+    );
+    assert_eq!(status, 200, "{metrics}");
+    let left: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("eventrouter_operator_router_replicas{"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the deleted routers' replicas are still reported: {left:?}"
     );
 
     // Everything the operator did ran under the chart's RBAC. Stop it before the uninstall takes

@@ -344,6 +344,20 @@ pub fn dashboard_queries(file: &Path) -> Vec<PanelQuery> {
     out
 }
 
+/// The prefix of the operator's own metrics. The routers dashboard reads one of them (the
+/// *Replicas* panel's current/desired replicas): `chart_promql` has no operator and cannot
+/// produce them, so those queries are run against the real operator by `chart_install`.
+pub const OPERATOR_METRIC_PREFIX: &str = "eventrouter_operator_";
+
+/// The routers-dashboard queries that read operator metrics: exactly the ones `chart_install`
+/// runs and `chart_promql` leaves to it.
+pub fn routers_queries_on_operator_metrics() -> Vec<PanelQuery> {
+    dashboard_queries(&chart_dir().join("dashboards/routers.json"))
+        .into_iter()
+        .filter(|q| q.expr.contains(OPERATOR_METRIC_PREFIX))
+        .collect()
+}
+
 /// Every template variable query (`label_values(...)`) of a dashboard, by variable name.
 pub fn dashboard_variable_queries(file: &Path) -> BTreeMap<String, String> {
     let d: Json = serde_json::from_str(&std::fs::read_to_string(file).expect("read dashboard"))
