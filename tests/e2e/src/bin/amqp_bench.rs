@@ -69,6 +69,8 @@ struct Args {
 
 const QUEUE_MAX_LENGTH: u64 = 100_000;
 const QUEUE_TTL_MS: i64 = 60_000;
+/// The service's partial-batch ack delay (`ACK_IDLE` in its consumer).
+const ACK_IDLE: Duration = Duration::from_millis(5);
 /// A receiver that got nothing for this long is done (and reports what it got).
 const IDLE_END: Duration = Duration::from_secs(5);
 
@@ -248,16 +250,30 @@ async fn bare_consumer(
         let mut pending = 0;
         let mut last_acker = None;
         loop {
+            // The service's ack policy: every quarter prefetch, and after ACK_IDLE with nothing
+            // ready.
             let next = match futures_util::FutureExt::now_or_never(consumer.next()) {
                 Some(next) => next,
                 None => {
-                    if let Some(acker) = last_acker.take() {
-                        pending = 0;
-                        let _ = lapin::Acker::ack(&acker, BasicAckOptions { multiple: true }).await;
-                    }
-                    match tokio::time::timeout(IDLE_END, consumer.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
+                    let waited = if last_acker.is_some() {
+                        tokio::time::timeout(ACK_IDLE, consumer.next()).await.ok()
+                    } else {
+                        None
+                    };
+                    match waited {
+                        Some(next) => next,
+                        None => {
+                            if let Some(acker) = last_acker.take() {
+                                pending = 0;
+                                let _ =
+                                    lapin::Acker::ack(&acker, BasicAckOptions { multiple: true })
+                                        .await;
+                            }
+                            match tokio::time::timeout(IDLE_END, consumer.next()).await {
+                                Ok(next) => next,
+                                Err(_) => break,
+                            }
+                        }
                     }
                 }
             };
@@ -467,6 +483,7 @@ async fn main() -> anyhow::Result<()> {
     for run in 0..args.runs {
         for receiver in [Receiver::Bare, Receiver::Service] {
             let cpu_before = service.child.id().and_then(cpu_time);
+            let own_cpu_before = cpu_time(std::process::id());
             let (got, published) = measure(
                 receiver,
                 &connection,
@@ -486,8 +503,17 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 _ => String::new(),
             };
+            // This process runs the publisher (the same work in every run) and the receiver: the
+            // bare consumer, or the WebSocket client of the service.
+            let own_cpu = match (own_cpu_before, cpu_time(std::process::id())) {
+                (Some(before), Some(after)) => format!(
+                    ", bench process CPU {:.1} µs/event",
+                    (after - before).as_secs_f64() * 1e6 / args.messages as f64
+                ),
+                _ => String::new(),
+            };
             println!(
-                "  run {run} {receiver:?}: received {}/{} in {:.2} s = {rate:.0} events/s (publisher took {:.2} s){cpu}",
+                "  run {run} {receiver:?}: received {}/{} in {:.2} s = {rate:.0} events/s (publisher took {:.2} s){cpu}{own_cpu}",
                 got.count,
                 args.messages,
                 match (got.first, got.last) {
