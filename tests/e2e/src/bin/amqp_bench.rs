@@ -7,6 +7,9 @@
 //! batched acknowledgements. The bare consumer's rate is therefore what the broker can hand to
 //! any client on this machine; the ratio says whether the service is ever the bottleneck.
 //!
+//! `tests/e2e/amqp-bench.sh` builds it, starts a dedicated RabbitMQ node and runs it with the
+//! broker sharing the CPUs and with the broker pinned to a CPU of its own. By hand:
+//!
 //! ```text
 //! cargo build --release -p event-service -p eventrouter-e2e --bin event-service --bin amqp_bench
 //! target/release/amqp_bench --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f
