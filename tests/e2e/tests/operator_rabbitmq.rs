@@ -161,14 +161,18 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
         bindings_into(&mgmt, &exchange).await == vec![(upstream.clone(), "order.*".to_string())]
     })
     .await;
-    let recorded = routers(&client, &ns)
-        .get("chat")
-        .await
-        .expect("router")
-        .status
-        .and_then(|s| s.topology)
-        .expect("record");
-    assert_eq!(recorded.bindings.len(), 1);
+    // The status record follows the broker (the operator changes the broker first, then writes
+    // the status), so it is awaited too.
+    wait_until("the status to record one binding", CONVERGE, || async {
+        routers(&client, &ns)
+            .get("chat")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|s| s.topology)
+            .is_some_and(|t| t.bindings.len() == 1)
+    })
+    .await;
 
     // Drift on the broker (someone deletes the exchange) is repaired by the periodic resync.
     upstream_exchange(&exchange, false).await;
