@@ -296,6 +296,38 @@ async fn record_replicas(ctx: &Context, router: &EventRouter, deployment: Option
     );
 }
 
+/// Status and replica gauges for a router whose children and broker are left as they are: it
+/// is paused (`invalid` is `None`) or its spec is invalid. The recorded topology is kept.
+async fn report_untouched(
+    ctx: &Context,
+    router: &EventRouter,
+    invalid: Option<String>,
+    reason: &'static str,
+    message: &str,
+) -> Result<(), Error> {
+    let namespace = router.namespace().ok_or(Error::MissingField("namespace"))?;
+    let deployment = current_deployment(&ctx.client, &namespace, &router.name_any()).await?;
+    record_replicas(ctx, router, deployment.as_ref()).await;
+    let observed = Observed {
+        generation: router.metadata.generation,
+        paused: invalid.is_none(),
+        invalid,
+        broker: BrokerState::NotAttempted {
+            reason,
+            message: message.into(),
+        },
+        deployment: deployment.as_ref(),
+        keda_missing: false,
+    };
+    let recorded = router.status.as_ref().and_then(|s| s.topology.as_ref());
+    write_status(
+        &ctx.client,
+        router,
+        status_json(router, &observed, recorded)?,
+    )
+    .await
+}
+
 /// Declare the topology with the Secret's URL; the new record, or why not.
 async fn sync_broker(
     url: &str,
@@ -330,25 +362,7 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
     };
 
     if router.spec.paused {
-        let deployment = current_deployment(client, &namespace, &name).await?;
-        record_replicas(&ctx, &router, deployment.as_ref()).await;
-        let observed = Observed {
-            generation: router.metadata.generation,
-            paused: true,
-            invalid: None,
-            broker: BrokerState::NotAttempted {
-                reason: "Paused",
-                message: "paused".into(),
-            },
-            deployment: deployment.as_ref(),
-            keda_missing: false,
-        };
-        write_status(
-            client,
-            &router,
-            status_json(&router, &observed, previous.topology.as_ref())?,
-        )
-        .await?;
+        report_untouched(&ctx, &router, None, "Paused", "paused").await?;
         if previous
             .conditions
             .iter()
@@ -372,23 +386,12 @@ async fn reconcile_live(router: Arc<EventRouter>, ctx: Arc<Context>) -> Result<A
         Err(invalid) => {
             ctx.metrics.invalid_specs.inc();
             warn!(router = %name, %namespace, problems = %invalid, "invalid spec; no child changed");
-            let deployment = current_deployment(client, &namespace, &name).await?;
-            record_replicas(&ctx, &router, deployment.as_ref()).await;
-            let observed = Observed {
-                generation: router.metadata.generation,
-                paused: false,
-                invalid: Some(invalid.to_string()),
-                broker: BrokerState::NotAttempted {
-                    reason: "InvalidSpec",
-                    message: "the spec is invalid".into(),
-                },
-                deployment: deployment.as_ref(),
-                keda_missing: false,
-            };
-            write_status(
-                client,
+            report_untouched(
+                &ctx,
                 &router,
-                status_json(&router, &observed, previous.topology.as_ref())?,
+                Some(invalid.to_string()),
+                "InvalidSpec",
+                "the spec is invalid",
             )
             .await?;
             ctx.publish(
