@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::{
     Acker, Connection, ConnectionProperties, Consumer, ExchangeKind,
     options::{
@@ -345,17 +345,16 @@ async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
     let mut unacked_count = 0usize;
     let mut malformed_log = RateLimitedLog::new(MALFORMED_LOG_INTERVAL);
     loop {
-        let next = match consumer.next().now_or_never() {
-            Some(next) => next,
-            None if unacked.is_none() => consumer.next().await,
-            None => match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+        // `timeout` polls the delivery first, so a ready one costs no timer. A pending acker
+        // taken here is superseded by the next delivery's (`multiple` acks cover it).
+        let next = match unacked.take() {
+            None => consumer.next().await,
+            Some(acker) => match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    if let Some(acker) = unacked.take() {
-                        unacked_count = 0;
-                        if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
-                            return format!("acknowledging failed: {error}");
-                        }
+                    unacked_count = 0;
+                    if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
+                        return format!("acknowledging failed: {error}");
                     }
                     consumer.next().await
                 }

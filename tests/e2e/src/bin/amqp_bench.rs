@@ -251,34 +251,28 @@ async fn bare_consumer(
         let _ = ready_tx.send(());
         let mut got = Received::default();
         let mut pending = 0;
-        let mut last_acker = None;
+        let mut last_acker: Option<lapin::Acker> = None;
         loop {
             // The service's ack policy: every quarter prefetch, and after ACK_IDLE with nothing
             // ready.
-            let next = match futures_util::FutureExt::now_or_never(consumer.next()) {
-                Some(next) => next,
-                None => {
-                    let waited = if last_acker.is_some() {
-                        tokio::time::timeout(ACK_IDLE, consumer.next()).await.ok()
-                    } else {
+            // A pending acker taken here is superseded by the next delivery's.
+            let ready = match last_acker.take() {
+                None => None,
+                Some(acker) => match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+                    Ok(next) => Some(next),
+                    Err(_) => {
+                        pending = 0;
+                        let _ = acker.ack(BasicAckOptions { multiple: true }).await;
                         None
-                    };
-                    match waited {
-                        Some(next) => next,
-                        None => {
-                            if let Some(acker) = last_acker.take() {
-                                pending = 0;
-                                let _ =
-                                    lapin::Acker::ack(&acker, BasicAckOptions { multiple: true })
-                                        .await;
-                            }
-                            match tokio::time::timeout(IDLE_END, consumer.next()).await {
-                                Ok(next) => next,
-                                Err(_) => break,
-                            }
-                        }
                     }
-                }
+                },
+            };
+            let next = match ready {
+                Some(next) => next,
+                None => match tokio::time::timeout(IDLE_END, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
             };
             let Some(Ok(delivery)) = next else { break };
             let at = Instant::now();
