@@ -1,5 +1,5 @@
 //! Applies a `Desired` set to the API server with server-side apply (one field manager, forced),
-//! and deletes children that are no longer desired.
+//! and deletes children that are no longer desired, every child through one `reconcile_child`.
 //!
 //! `apply_children` destructures `Desired` without `..`: a new child added to `build` is a compile
 //! error here until it is applied (or deleted when `None`).
@@ -7,12 +7,11 @@
 use std::fmt::Debug;
 
 use eventrouter_contract::kube as names;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::{Client, Resource, ResourceExt};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::info;
@@ -20,7 +19,7 @@ use tracing::info;
 use crate::build::{
     Desired, metrics_service_name, scaled_object_resource, service_monitor_resource,
 };
-use crate::error::Error;
+use crate::error::{Error, is_not_found};
 
 /// Which optional APIs the cluster serves (so a missing CRD is neither applied to nor deleted from).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,75 +37,68 @@ pub struct Applied {
     pub deleted: Vec<&'static str>,
 }
 
-fn params() -> PatchParams {
-    PatchParams::apply(names::FIELD_MANAGER).force()
+/// What `reconcile_child` did.
+enum ChildOutcome<K> {
+    /// Applied; the object as the API server returned it.
+    Applied(K),
+    /// Not desired, and the router's object of that name was deleted.
+    Deleted,
+    /// Not desired and not there (or not the router's, or its API is not served).
+    Absent,
 }
 
-async fn apply_typed<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + Debug
-        + Serialize
-        + DeserializeOwned,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let name = object
-        .meta()
-        .name
-        .clone()
-        .ok_or(Error::MissingField("child name"))?;
-    api.patch(&name, &params(), &Patch::Apply(object))
-        .await
-        .map_err(Error::kube("applying a child"))
-}
-
-async fn apply_dynamic(
-    client: &Client,
-    namespace: &str,
-    resource: &ApiResource,
-    object: &DynamicObject,
-) -> Result<(), Error> {
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
-    let name = object.name_any();
-    api.patch(&name, &params(), &Patch::Apply(object))
-        .await
-        .map_err(Error::kube("applying a custom-resource child"))?;
-    Ok(())
-}
-
-fn owned_by(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+/// The one way a child is brought to its desired state: server-side apply it (one field manager,
+/// forced) when `desired` is `Some`, else delete the object named `name` if this router owns it
+/// (a same-named object someone else made stays). `served` is false for an optional API the
+/// cluster does not serve, which is then neither applied to nor deleted from.
+async fn reconcile_child<K>(
+    api: Api<K>,
+    name: &str,
     owner_uid: &str,
-) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|r| r.uid == owner_uid)
-}
-
-/// Delete `name` if it exists and this router owns it (a same-named object someone else made stays).
-async fn delete_owned<K>(api: Api<K>, name: &str, owner_uid: &str) -> Result<bool, Error>
+    desired: Option<&K>,
+    served: bool,
+) -> Result<ChildOutcome<K>, Error>
 where
-    K: Resource + Clone + Debug + DeserializeOwned,
+    K: Resource + Clone + Debug + Serialize + DeserializeOwned,
 {
-    match api
+    if let Some(object) = desired {
+        let params = PatchParams::apply(names::FIELD_MANAGER).force();
+        let child = object
+            .meta()
+            .name
+            .as_deref()
+            .ok_or(Error::MissingField("child name"))?;
+        let applied = api
+            .patch(child, &params, &Patch::Apply(object))
+            .await
+            .map_err(Error::kube("applying a child"))?;
+        return Ok(ChildOutcome::Applied(applied));
+    }
+    if !served {
+        return Ok(ChildOutcome::Absent);
+    }
+    let existing = api
         .get_opt(name)
         .await
-        .map_err(Error::kube("looking up an undesired child"))?
-    {
-        Some(existing) if owned_by(existing.meta(), owner_uid) => {
-            match api.delete(name, &DeleteParams::background()).await {
-                Ok(_) => Ok(true),
-                // Already gone counts as done.
-                Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-                Err(source) => Err(Error::Kube {
-                    action: "deleting an undesired child",
-                    source,
-                }),
-            }
-        }
-        _ => Ok(false),
+        .map_err(Error::kube("looking up an undesired child"))?;
+    let owned = existing.is_some_and(|e| {
+        e.meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == owner_uid)
+    });
+    if !owned {
+        return Ok(ChildOutcome::Absent);
+    }
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(ChildOutcome::Deleted),
+        // Already gone counts as done.
+        Err(error) if is_not_found(&error) => Ok(ChildOutcome::Absent),
+        Err(source) => Err(Error::Kube {
+            action: "deleting an undesired child",
+            source,
+        }),
     }
 }
 
@@ -131,71 +123,96 @@ pub async fn apply_children(
         // The broker side is declared over AMQP by the reconciler, not applied here.
         topology: _,
     } = desired;
+    let typed = || client.clone();
     let mut applied = Applied::default();
+    let mut note = |kind: &'static str, deleted: bool| {
+        if deleted {
+            applied.deleted.push(kind);
+        }
+    };
 
-    apply_typed(client, namespace, &service_account).await?;
-    applied.deployment = Some(apply_typed(client, namespace, &deployment).await?);
-    apply_typed(client, namespace, &service).await?;
-    apply_typed(client, namespace, &metrics_service).await?;
+    let sa_name = service_account.metadata.name.clone().unwrap_or_default();
+    reconcile_child(
+        Api::namespaced(typed(), namespace),
+        &sa_name,
+        owner_uid,
+        Some(&service_account),
+        true,
+    )
+    .await?;
+    let deployment = match reconcile_child(
+        Api::namespaced(typed(), namespace),
+        name,
+        owner_uid,
+        Some(&deployment),
+        true,
+    )
+    .await?
+    {
+        ChildOutcome::Applied(deployment) => Some(deployment),
+        ChildOutcome::Deleted | ChildOutcome::Absent => None,
+    };
+    reconcile_child(
+        Api::namespaced(typed(), namespace),
+        name,
+        owner_uid,
+        Some(&service),
+        true,
+    )
+    .await?;
+    let metrics_name = metrics_service_name(name);
     debug_assert_eq!(
         metrics_service.metadata.name.as_deref(),
-        Some(metrics_service_name(name).as_str())
+        Some(metrics_name.as_str())
     );
+    reconcile_child(
+        Api::namespaced(typed(), namespace),
+        &metrics_name,
+        owner_uid,
+        Some(&metrics_service),
+        true,
+    )
+    .await?;
 
-    match disruption_budget {
-        Some(pdb) => {
-            apply_typed(client, namespace, &pdb).await?;
-        }
-        None => {
-            if delete_owned(
-                Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace),
-                name,
-                owner_uid,
-            )
-            .await?
-            {
-                applied.deleted.push("PodDisruptionBudget");
-            }
-        }
-    }
-    match horizontal_autoscaler {
-        Some(hpa) => {
-            apply_typed(client, namespace, &hpa).await?;
-        }
-        None => {
-            if delete_owned(
-                Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), namespace),
-                name,
-                owner_uid,
-            )
-            .await?
-            {
-                applied.deleted.push("HorizontalPodAutoscaler");
-            }
-        }
-    }
-    let keda = scaled_object_resource();
-    match scaled_object {
-        Some(so) => apply_dynamic(client, namespace, &keda, &so).await?,
-        None if apis.keda => {
-            let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &keda);
-            if delete_owned(api, name, owner_uid).await? {
-                applied.deleted.push("ScaledObject");
-            }
-        }
-        None => {}
-    }
-    let monitor = service_monitor_resource();
-    match service_monitor {
-        Some(sm) => apply_dynamic(client, namespace, &monitor, &sm).await?,
-        None if apis.service_monitor => {
-            let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &monitor);
-            if delete_owned(api, name, owner_uid).await? {
-                applied.deleted.push("ServiceMonitor");
-            }
-        }
-        None => {}
-    }
+    let outcome = reconcile_child::<PodDisruptionBudget>(
+        Api::namespaced(typed(), namespace),
+        name,
+        owner_uid,
+        disruption_budget.as_ref(),
+        true,
+    )
+    .await?;
+    note(
+        "PodDisruptionBudget",
+        matches!(outcome, ChildOutcome::Deleted),
+    );
+    let outcome = reconcile_child::<HorizontalPodAutoscaler>(
+        Api::namespaced(typed(), namespace),
+        name,
+        owner_uid,
+        horizontal_autoscaler.as_ref(),
+        true,
+    )
+    .await?;
+    note(
+        "HorizontalPodAutoscaler",
+        matches!(outcome, ChildOutcome::Deleted),
+    );
+    let keda = Api::namespaced_with(typed(), namespace, &scaled_object_resource());
+    let outcome = reconcile_child(keda, name, owner_uid, scaled_object.as_ref(), apis.keda).await?;
+    note("ScaledObject", matches!(outcome, ChildOutcome::Deleted));
+    let monitors = Api::namespaced_with(typed(), namespace, &service_monitor_resource());
+    let outcome = reconcile_child(
+        monitors,
+        name,
+        owner_uid,
+        service_monitor.as_ref(),
+        apis.service_monitor,
+    )
+    .await?;
+    note("ServiceMonitor", matches!(outcome, ChildOutcome::Deleted));
+
+    applied.deployment = deployment;
     if !applied.deleted.is_empty() {
         info!(router = name, namespace, deleted = ?applied.deleted, "deleted children that are no longer desired");
     }

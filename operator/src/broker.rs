@@ -5,7 +5,6 @@
 //! status) and hands that record back to `sync` (to unbind what is no longer wanted) and to
 //! `remove` (the finalizer). Every operation is idempotent and "already gone" counts as done.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lapin::options::{
@@ -17,28 +16,13 @@ use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use tracing::{debug, info};
 
 use crate::crd::{RecordedBinding, RecordedTopology};
+use crate::status::Reason;
+use crate::topology::DesiredTopology;
 
 /// How long connecting (TCP, TLS, AMQP handshake) may take before the broker counts as unreachable.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one AMQP method may take.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The topology a router wants on the broker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredTopology {
-    pub exchange: String,
-    pub bindings: BTreeSet<RecordedBinding>,
-}
-
-impl DesiredTopology {
-    /// The record written to status once this topology is declared.
-    pub fn record(&self) -> RecordedTopology {
-        RecordedTopology {
-            exchange: self.exchange.clone(),
-            bindings: self.bindings.iter().cloned().collect(),
-        }
-    }
-}
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one AMQP method may take (the same bound as the event service's).
+const OPERATION_TIMEOUT: Duration = eventrouter_contract::amqp::OPERATION_TIMEOUT;
 
 /// Why the broker could not be brought to the desired state.
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +45,12 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// A short CamelCase reason for conditions and events.
-    pub fn reason(&self) -> &'static str {
+    /// The `BrokerReady` condition's reason (and the Event's) for this failure.
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Connect(_) | Self::Timeout(_) => "BrokerUnreachable",
-            Self::UpstreamMissing { .. } => "UpstreamExchangeMissing",
-            Self::Refused { .. } => "BrokerRefused",
+            Self::Connect(_) | Self::Timeout(_) => Reason::BrokerUnreachable,
+            Self::UpstreamMissing { .. } => Reason::UpstreamExchangeMissing,
+            Self::Refused { .. } => Reason::BrokerRefused,
         }
     }
 }

@@ -51,6 +51,11 @@ impl Error {
     }
 }
 
+/// Whether the API server answered 404 Not Found (the object or the API is not there).
+pub fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,11 @@
 //! two candidates racing for an expired Lease cannot both win: the API server answers the loser
 //! with 409 Conflict. Expiry is judged like client-go does, by how long *this* process has seen
 //! the same record unchanged, so clock skew between nodes does not matter.
+//!
+//! Kept hand-written: `kube-leader-election` needs kube 4, and `kube-lease-manager` (kube 5)
+//! judges expiry from the Lease's `renewTime` against the local wall clock, which a skewed node
+//! clock breaks. The end-to-end tests run this against a real API server, including the takeover
+//! after a leader crashes without releasing.
 
 use std::time::{Duration, Instant};
 
@@ -45,12 +50,33 @@ impl LeaseSettings {
     }
 }
 
+/// What identifies one version of the Lease's record: a holder that renews changes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeaseRecord {
+    holder: Option<String>,
+    renew_time: Option<Timestamp>,
+    resource_version: Option<String>,
+}
+
+impl LeaseRecord {
+    fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.as_ref();
+        Self {
+            holder: spec
+                .and_then(|s| s.holder_identity.clone())
+                .filter(|h| !h.is_empty()),
+            renew_time: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
+            resource_version: lease.metadata.resource_version.clone(),
+        }
+    }
+}
+
 /// Acquires, renews and releases one Lease.
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
-    /// The last record seen (holder + renew time + resourceVersion) and when it was first seen.
-    observed: Option<(String, Instant)>,
+    /// The last record seen and when this process first saw it.
+    observed: Option<(LeaseRecord, Instant)>,
 }
 
 fn lease_seconds(d: Duration) -> i32 {
@@ -68,10 +94,6 @@ impl LeaderElector {
             settings,
             observed: None,
         }
-    }
-
-    pub fn settings(&self) -> &LeaseSettings {
-        &self.settings
     }
 
     /// One attempt to become (or stay) leader. `Ok(true)`: this process holds the Lease now.
@@ -104,16 +126,12 @@ impl LeaderElector {
         };
 
         let spec = lease.spec.clone().unwrap_or_default();
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let record = format!(
-            "{holder:?}/{:?}/{:?}",
-            spec.renew_time.as_ref().map(|t| t.0),
-            lease.metadata.resource_version
-        );
+        let record = LeaseRecord::of(&lease);
+        let holder = record.holder.clone();
         let first_seen = match &self.observed {
             Some((seen, at)) if *seen == record => *at,
             _ => {
-                self.observed = Some((record.clone(), Instant::now()));
+                self.observed = Some((record, Instant::now()));
                 Instant::now()
             }
         };
@@ -181,5 +199,41 @@ impl LeaderElector {
         {
             info!(lease = %self.settings.name, identity = %self.settings.identity, "released the Lease");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a_lease(holder: &str, renewed: i64, version: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                resource_version: Some(version.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed).expect("valid"))),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_renewal_or_a_new_holder_is_a_new_record_and_an_empty_holder_is_none() {
+        let record = LeaseRecord::of(&a_lease("one", 10, "5"));
+        assert_eq!(record, LeaseRecord::of(&a_lease("one", 10, "5")));
+        assert_ne!(record, LeaseRecord::of(&a_lease("one", 11, "6")));
+        assert_ne!(record, LeaseRecord::of(&a_lease("two", 10, "5")));
+        assert_eq!(LeaseRecord::of(&a_lease("", 10, "5")).holder, None);
+    }
+
+    #[test]
+    fn timings_derive_from_the_duration() {
+        let settings = LeaseSettings::new("l", "ns", "me", Duration::from_secs(15));
+        assert_eq!(settings.retry_period, Duration::from_secs(3));
+        assert_eq!(settings.renew_deadline, Duration::from_secs(10));
+        assert_eq!(lease_seconds(Duration::from_millis(300)), 1);
     }
 }

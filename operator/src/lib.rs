@@ -6,13 +6,14 @@
 //! | module | role | I/O |
 //! |---|---|---|
 //! | `crd` | the `EventRouter` types, defaults, CEL rules, the generated CRD | none |
+//! | `topology` | the broker topology a router wants, as data | none |
 //! | `validate` | spec + cluster facts → `Plan` or every problem at once | none |
-//! | `build` | `Plan` → `Desired`, every child object | none |
-//! | `status` | observations → conditions | none |
-//! | `backoff` | per-object exponential backoff | none |
+//! | `build` | `Plan` → `Desired`, every child object (workload, autoscaling, monitoring) | none |
+//! | `status` | observations → conditions (types and reasons as enums) | none |
+//! | `reconcile_backoff` | per-router retry delays after failed reconciles (`backon`) | none |
 //! | `apply` | server-side apply of `Desired`, deletion of undesired children | API server |
 //! | `broker` | exchange and upstream bindings over AMQP | RabbitMQ |
-//! | `controller` | fetch → validate → build → apply → status; finalizer; watches | both |
+//! | `controller` | fetch → validate → build → apply → status; finalizer; Events; watches | both |
 //! | `leader` | Lease-based leader election | API server |
 //! | `metrics`, `admin` | the operator's metrics and `/healthz` `/readyz` `/metrics` | HTTP |
 //!
@@ -21,7 +22,6 @@
 
 pub mod admin;
 pub mod apply;
-pub mod backoff;
 pub mod broker;
 pub mod build;
 pub mod controller;
@@ -29,7 +29,9 @@ pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod reconcile_backoff;
 pub mod status;
+pub mod topology;
 pub mod validate;
 
 use std::sync::Arc;
@@ -39,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use crate::admin::Readiness;
-pub use crate::controller::Settings;
+pub use crate::controller::ControllerSettings;
 pub use crate::leader::LeaseSettings;
 pub use crate::metrics::Metrics;
 
@@ -47,7 +49,7 @@ pub use crate::metrics::Metrics;
 /// while leading, stop it the moment leadership is lost, release the Lease on shutdown.
 pub async fn run(
     client: Client,
-    settings: Settings,
+    settings: ControllerSettings,
     lease: LeaseSettings,
     metrics: Metrics,
     readiness: Readiness,

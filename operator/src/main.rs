@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("loading kubeconfig (KUBECONFIG or in-cluster)")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let settings = operator::Settings {
+    let settings = operator::ControllerSettings {
         namespace: args.namespace.clone(),
         resync: args.resync_interval,
         backoff_base: args.backoff_base,

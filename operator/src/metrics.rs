@@ -21,6 +21,7 @@
 
 use std::time::Instant;
 
+use eventrouter_contract::operator_metrics::{self as names, ROUTER_NAMESPACE_LABEL};
 use eventrouter_contract::prometheus::ROUTER_LABEL;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -42,9 +43,6 @@ pub struct Metrics {
     /// Per router: `current` and `desired` replicas (see the module docs).
     pub router_replicas: IntGaugeVec,
 }
-
-/// The label holding the router's namespace (`namespace` is the operator pod's target label).
-pub const ROUTER_NAMESPACE_LABEL: &str = "router_namespace";
 
 /// One router's replicas as the operator last saw them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,46 +101,38 @@ impl Metrics {
     /// Create and register every metric in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
-        // Names are literals known to be valid, and each is registered exactly once here.
+        // Names are the contract's (checked valid there), and each is registered exactly once here.
         let reconciles = IntCounterVec::new(
-            Opts::new(
-                "eventrouter_operator_reconciles_total",
-                "Reconciles of EventRouters by result.",
-            ),
+            Opts::new(names::RECONCILES, "Reconciles of EventRouters by result."),
             &["result"],
         )
         .expect("valid metric");
         let errors = IntCounterVec::new(
-            Opts::new(
-                "eventrouter_operator_reconcile_errors_total",
-                "Failed reconciles by reason.",
-            ),
+            Opts::new(names::RECONCILE_ERRORS, "Failed reconciles by reason."),
             &["reason"],
         )
         .expect("valid metric");
         let duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "eventrouter_operator_reconcile_duration_seconds",
-                "Duration of one reconcile.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            HistogramOpts::new(names::RECONCILE_DURATION, "Duration of one reconcile.").buckets(
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
         )
         .expect("valid metric");
         let leader = IntGauge::new(
-            "eventrouter_operator_leader",
+            names::LEADER,
             "1 while this operator holds the leader Lease.",
         )
         .expect("valid metric");
         let invalid_specs = IntCounter::new(
-            "eventrouter_operator_invalid_specs_total",
+            names::INVALID_SPECS,
             "Reconciles that found a spec the API server accepted but the operator cannot act on.",
         )
         .expect("valid metric");
         let router_replicas = IntGaugeVec::new(
             Opts::new(
-                "eventrouter_operator_router_replicas",
+                names::ROUTER_REPLICAS,
                 "Replicas of each EventRouter: current (pods its Deployment has) and desired (the \
                  autoscaler's desired replicas, else the Deployment's spec.replicas).",
             ),
@@ -290,6 +280,35 @@ mod tests {
             status: Some(HorizontalPodAutoscalerStatus::default()),
             ..HorizontalPodAutoscaler::default()
         }
+    }
+
+    #[test]
+    fn every_contract_operator_metric_is_registered() {
+        let metrics = Metrics::new();
+        metrics.record_success();
+        metrics.record_failure(&Error::MissingField("uid"));
+        metrics.set_router_replicas(
+            "ns",
+            "r",
+            Some(RouterReplicas {
+                current: 1,
+                desired: 1,
+            }),
+        );
+        drop(metrics.start_reconcile());
+        let registered: Vec<String> = metrics
+            .registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_string())
+            .collect();
+        for name in names::ALL {
+            assert!(
+                registered.iter().any(|r| r == name),
+                "{name} in {registered:?}"
+            );
+        }
+        assert_eq!(registered.len(), names::ALL.len(), "{registered:?}");
     }
 
     fn replica_lines(metrics: &Metrics) -> Vec<String> {

@@ -14,18 +14,67 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-/// What happened on the broker side during this reconcile.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BrokerState {
+/// The condition types of an EventRouter's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::AsRefStr, strum::Display, strum::EnumString)]
+pub enum ConditionType {
     Ready,
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
-    /// Not attempted (invalid spec, paused): the previous condition is kept if there is one.
-    NotAttempted {
-        reason: &'static str,
-        message: String,
+    Available,
+    BrokerReady,
+    Progressing,
+    Paused,
+}
+
+/// Every condition reason (the table above), as the API value `as_ref()` spells.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::AsRefStr,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+pub enum Reason {
+    Reconciled,
+    InvalidSpec,
+    Paused,
+    BrokerNotReady,
+    AutoscalerUnavailable,
+    NotAvailable,
+    MinimumReplicasAvailable,
+    NoReadyReplicas,
+    DeploymentMissing,
+    TopologyDeclared,
+    BrokerUnreachable,
+    UpstreamExchangeMissing,
+    BrokerRefused,
+    RolloutInProgress,
+    RolloutComplete,
+    PausedBySpec,
+    Running,
+}
+
+/// What happened on the broker side of a reconcile that got that far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerOutcome {
+    Ready,
+    Failed { reason: Reason, message: String },
+}
+
+/// How far a reconcile went: each state once, so no combination is contradictory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// `spec.paused`: nothing was changed; the last broker condition still describes the broker.
+    Paused,
+    /// The spec cannot be acted on; `problems` is the message. Nothing was changed.
+    Invalid { problems: String },
+    /// Children applied and the broker declared (or failed).
+    Reconciled {
+        broker: BrokerOutcome,
+        /// Autoscaling asks for KEDA but ScaledObjects are not served.
+        keda_missing: bool,
     },
 }
 
@@ -33,31 +82,41 @@ pub enum BrokerState {
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
     pub generation: Option<i64>,
-    pub paused: bool,
-    /// Problems that make the spec unusable (the `InvalidSpec` message).
-    pub invalid: Option<String>,
-    pub broker: BrokerState,
+    pub phase: Phase,
     pub deployment: Option<&'a Deployment>,
-    /// Autoscaling asks for KEDA but ScaledObjects are not served.
-    pub keda_missing: bool,
 }
 
 fn condition(
-    type_: &str,
+    type_: ConditionType,
     ok: bool,
-    reason: &str,
+    reason: Reason,
     message: String,
     generation: Option<i64>,
     now: &Time,
 ) -> Condition {
     Condition {
-        type_: type_.into(),
+        type_: type_.to_string(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
+        reason: reason.to_string(),
         message,
         observed_generation: generation,
         last_transition_time: now.clone(),
     }
+}
+
+/// The condition of `type_` in `conditions`, if any.
+pub fn find(conditions: &[Condition], type_: ConditionType) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == type_.as_ref())
+}
+
+/// Whether `conditions` hold `type_` with status `True`.
+pub fn is_true(conditions: &[Condition], type_: ConditionType) -> bool {
+    find(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+/// Whether any of `conditions` has `reason`.
+pub fn has_reason(conditions: &[Condition], reason: Reason) -> bool {
+    conditions.iter().any(|c| c.reason == reason.as_ref())
 }
 
 /// Keep `lastTransitionTime` from `previous` when the status value did not change.
@@ -83,61 +142,13 @@ pub fn replica_counts(deployment: Option<&Deployment>) -> (Option<i32>, Option<i
     )
 }
 
-/// The conditions for `observed`, given the `previous` ones and the current time.
-pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Vec<Condition> {
+fn progressing(observed: &Observed<'_>, now: &Time) -> Condition {
+    use ConditionType::Progressing;
     let g = observed.generation;
-    let (replicas, ready) = replica_counts(observed.deployment);
-    let ready = ready.unwrap_or(0);
-
-    let paused = if observed.paused {
-        condition(
-            "Paused",
-            true,
-            "PausedBySpec",
-            "spec.paused is true: the operator changes nothing".into(),
-            g,
-            now,
-        )
-    } else {
-        condition(
-            "Paused",
-            false,
-            "Running",
-            "the operator reconciles this router".into(),
-            g,
-            now,
-        )
-    };
-
-    let available = match observed.deployment {
-        None => condition(
-            "Available",
-            false,
-            "DeploymentMissing",
-            "the Deployment does not exist yet".into(),
-            g,
-            now,
-        ),
-        Some(_) if ready > 0 => condition(
-            "Available",
-            true,
-            "MinimumReplicasAvailable",
-            format!("{ready} of {} pods ready", replicas.unwrap_or(0)),
-            g,
-            now,
-        ),
-        Some(_) => condition(
-            "Available",
-            false,
-            "NoReadyReplicas",
-            "no pod is ready yet".into(),
-            g,
-            now,
-        ),
-    };
-
-    let progressing = match observed.deployment {
-        _ if observed.paused => condition("Progressing", false, "Paused", "paused".into(), g, now),
+    match observed.deployment {
+        _ if observed.phase == Phase::Paused => {
+            condition(Progressing, false, Reason::Paused, "paused".into(), g, now)
+        }
         Some(d) => {
             let status = d.status.clone().unwrap_or_default();
             let generation_seen = status.observed_generation >= d.metadata.generation;
@@ -151,104 +162,141 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
             let rolling =
                 !generation_seen || updated < desired || status.replicas.unwrap_or(0) > updated;
             if rolling {
+                let message = format!("{updated} of {desired} pods updated");
                 condition(
-                    "Progressing",
+                    Progressing,
                     true,
-                    "RolloutInProgress",
-                    format!("{updated} of {desired} pods updated"),
+                    Reason::RolloutInProgress,
+                    message,
                     g,
                     now,
                 )
             } else {
-                condition(
-                    "Progressing",
-                    false,
-                    "RolloutComplete",
-                    "every pod runs the current template".into(),
-                    g,
-                    now,
-                )
+                let message = "every pod runs the current template".into();
+                condition(Progressing, false, Reason::RolloutComplete, message, g, now)
             }
         }
-        None => condition(
-            "Progressing",
-            true,
-            "RolloutInProgress",
-            "creating the Deployment".into(),
-            g,
-            now,
-        ),
-    };
+        None => {
+            let message = "creating the Deployment".into();
+            condition(
+                Progressing,
+                true,
+                Reason::RolloutInProgress,
+                message,
+                g,
+                now,
+            )
+        }
+    }
+}
 
-    let broker = match &observed.broker {
-        BrokerState::Ready => condition(
-            "BrokerReady",
+fn broker(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Condition {
+    use ConditionType::BrokerReady;
+    let g = observed.generation;
+    match &observed.phase {
+        Phase::Reconciled {
+            broker: BrokerOutcome::Ready,
+            ..
+        } => condition(
+            BrokerReady,
             true,
-            "TopologyDeclared",
+            Reason::TopologyDeclared,
             "exchange and bindings are declared".into(),
             g,
             now,
         ),
-        BrokerState::Failed { reason, message } => {
-            condition("BrokerReady", false, reason, message.clone(), g, now)
-        }
-        BrokerState::NotAttempted { reason, message } => {
-            match previous.iter().find(|c| c.type_ == "BrokerReady") {
-                // Paused: the broker was not touched, so the last known state still describes it.
-                Some(old) if *reason == "Paused" => old.clone(),
-                _ => condition("BrokerReady", false, reason, message.clone(), g, now),
-            }
-        }
+        Phase::Reconciled {
+            broker: BrokerOutcome::Failed { reason, message },
+            ..
+        } => condition(BrokerReady, false, *reason, message.clone(), g, now),
+        // Paused: the broker was not touched, so the last known state still describes it.
+        Phase::Paused => find(previous, BrokerReady).cloned().unwrap_or_else(|| {
+            condition(BrokerReady, false, Reason::Paused, "paused".into(), g, now)
+        }),
+        Phase::Invalid { .. } => condition(
+            BrokerReady,
+            false,
+            Reason::InvalidSpec,
+            "the spec is invalid".into(),
+            g,
+            now,
+        ),
+    }
+}
+
+/// The conditions for `observed`, given the `previous` ones and the current time.
+pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Vec<Condition> {
+    use ConditionType::{Available, Paused, Ready};
+    let g = observed.generation;
+    let (replicas, ready) = replica_counts(observed.deployment);
+    let ready = ready.unwrap_or(0);
+
+    let paused = if observed.phase == Phase::Paused {
+        let message = "spec.paused is true: the operator changes nothing".into();
+        condition(Paused, true, Reason::PausedBySpec, message, g, now)
+    } else {
+        let message = "the operator reconciles this router".into();
+        condition(Paused, false, Reason::Running, message, g, now)
     };
 
-    let ready_condition = if let Some(problems) = &observed.invalid {
-        condition("Ready", false, "InvalidSpec", problems.clone(), g, now)
-    } else if observed.paused {
-        condition(
-            "Ready",
+    let available = match observed.deployment {
+        None => condition(
+            Available,
             false,
-            "Paused",
-            "spec.paused is true".into(),
+            Reason::DeploymentMissing,
+            "the Deployment does not exist yet".into(),
             g,
             now,
-        )
-    } else if broker.status != "True" {
-        condition(
-            "Ready",
-            false,
-            "BrokerNotReady",
-            broker.message.clone(),
-            g,
-            now,
-        )
-    } else if observed.keda_missing {
-        condition(
-            "Ready",
-            false,
-            "AutoscalerUnavailable",
-            "autoscaling.provider is keda but the cluster does not serve keda.sh/v1alpha1 ScaledObjects; install KEDA or use provider hpa".into(),
-            g,
-            now,
-        )
-    } else if available.status != "True" {
-        condition(
-            "Ready",
-            false,
-            "NotAvailable",
-            available.message.clone(),
-            g,
-            now,
-        )
-    } else {
-        condition(
-            "Ready",
+        ),
+        Some(_) if ready > 0 => condition(
+            Available,
             true,
-            "Reconciled",
-            "all children applied, topology declared, pods ready".into(),
+            Reason::MinimumReplicasAvailable,
+            format!("{ready} of {} pods ready", replicas.unwrap_or(0)),
             g,
             now,
-        )
+        ),
+        Some(_) => condition(
+            Available,
+            false,
+            Reason::NoReadyReplicas,
+            "no pod is ready yet".into(),
+            g,
+            now,
+        ),
     };
+
+    let progressing = progressing(observed, now);
+    let broker = broker(observed, previous, now);
+
+    let keda_missing = matches!(
+        observed.phase,
+        Phase::Reconciled {
+            keda_missing: true,
+            ..
+        }
+    );
+    let (ok, reason, message) = match &observed.phase {
+        Phase::Invalid { problems } => (false, Reason::InvalidSpec, problems.clone()),
+        Phase::Paused => (false, Reason::Paused, "spec.paused is true".into()),
+        Phase::Reconciled { .. } if broker.status != "True" => {
+            (false, Reason::BrokerNotReady, broker.message.clone())
+        }
+        Phase::Reconciled { .. } if keda_missing => (
+            false,
+            Reason::AutoscalerUnavailable,
+            "autoscaling.provider is keda but the cluster does not serve keda.sh/v1alpha1 ScaledObjects; install KEDA or use provider hpa".into(),
+        ),
+        Phase::Reconciled { .. } if available.status != "True" => {
+            (false, Reason::NotAvailable, available.message.clone())
+        }
+        Phase::Reconciled { .. } => (
+            true,
+            Reason::Reconciled,
+            "all children applied, topology declared, pods ready".into(),
+        ),
+    };
+    let ready_condition = condition(Ready, ok, reason, message, g, now);
 
     carry_transition_times(
         vec![ready_condition, available, broker, progressing, paused],
@@ -290,19 +338,17 @@ mod tests {
     fn healthy(deployment: &Deployment) -> Observed<'_> {
         Observed {
             generation: Some(4),
-            paused: false,
-            invalid: None,
-            broker: BrokerState::Ready,
+            phase: Phase::Reconciled {
+                broker: BrokerOutcome::Ready,
+                keda_missing: false,
+            },
             deployment: Some(deployment),
-            keda_missing: false,
         }
     }
 
     fn find<'a>(conditions: &'a [Condition], type_: &str) -> &'a Condition {
-        conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .expect("condition present")
+        let type_: ConditionType = type_.parse().expect("a condition type");
+        super::find(conditions, type_).expect("condition present")
     }
 
     #[test]
@@ -321,7 +367,9 @@ mod tests {
     fn an_invalid_spec_makes_ready_false_with_the_problems_as_message() {
         let d = a_deployment_with(2, 2);
         let observed = Observed {
-            invalid: Some("Secret \"amqp\" does not exist".into()),
+            phase: Phase::Invalid {
+                problems: "Secret \"amqp\" does not exist".into(),
+            },
             ..healthy(&d)
         };
         let ready = find(&conditions(&observed, &[], &at(100)), "Ready").clone();
@@ -336,9 +384,12 @@ mod tests {
     fn an_unreachable_broker_makes_broker_ready_and_ready_false() {
         let d = a_deployment_with(2, 2);
         let observed = Observed {
-            broker: BrokerState::Failed {
-                reason: "BrokerUnreachable",
-                message: "connection refused".into(),
+            phase: Phase::Reconciled {
+                broker: BrokerOutcome::Failed {
+                    reason: Reason::BrokerUnreachable,
+                    message: "connection refused".into(),
+                },
+                keda_missing: false,
             },
             ..healthy(&d)
         };
@@ -352,11 +403,7 @@ mod tests {
         let d = a_deployment_with(2, 2);
         let before = conditions(&healthy(&d), &[], &at(100));
         let observed = Observed {
-            paused: true,
-            broker: BrokerState::NotAttempted {
-                reason: "Paused",
-                message: "paused".into(),
-            },
+            phase: Phase::Paused,
             ..healthy(&d)
         };
         let c = conditions(&observed, &before, &at(200));
@@ -394,11 +441,63 @@ mod tests {
     fn missing_keda_says_so_in_ready() {
         let d = a_deployment_with(2, 2);
         let observed = Observed {
-            keda_missing: true,
+            phase: Phase::Reconciled {
+                broker: BrokerOutcome::Ready,
+                keda_missing: true,
+            },
             ..healthy(&d)
         };
         let ready = find(&conditions(&observed, &[], &at(1)), "Ready").clone();
         assert_eq!(ready.reason, "AutoscalerUnavailable");
         assert!(ready.message.contains("keda.sh"));
+    }
+
+    #[test]
+    fn paused_without_a_previous_broker_condition_says_paused() {
+        let observed = Observed {
+            generation: Some(1),
+            phase: Phase::Paused,
+            deployment: None,
+        };
+        let c = conditions(&observed, &[], &at(1));
+        assert_eq!(find(&c, "BrokerReady").reason, "Paused");
+        assert_eq!(find(&c, "Progressing").reason, "Paused");
+        assert_eq!(find(&c, "Available").reason, "DeploymentMissing");
+    }
+
+    #[test]
+    fn an_invalid_spec_is_not_broker_ready_even_if_it_was_before() {
+        let d = a_deployment_with(2, 2);
+        let before = conditions(&healthy(&d), &[], &at(100));
+        let observed = Observed {
+            phase: Phase::Invalid {
+                problems: "bad".into(),
+            },
+            ..healthy(&d)
+        };
+        let c = conditions(&observed, &before, &at(200));
+        let broker = find(&c, "BrokerReady");
+        assert_eq!(
+            (broker.status.as_str(), broker.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(find(&c, "Paused").reason, "Running");
+    }
+
+    #[test]
+    fn reasons_and_types_are_spelled_as_their_variants() {
+        assert_eq!(
+            Reason::UpstreamExchangeMissing.as_ref(),
+            "UpstreamExchangeMissing"
+        );
+        assert_eq!(
+            "BrokerReady".parse::<ConditionType>(),
+            Ok(ConditionType::BrokerReady)
+        );
+        let d = a_deployment_with(2, 2);
+        let c = conditions(&healthy(&d), &[], &at(1));
+        assert!(is_true(&c, ConditionType::Ready));
+        assert!(has_reason(&c, Reason::TopologyDeclared));
+        assert!(!has_reason(&c, Reason::AutoscalerUnavailable));
     }
 }

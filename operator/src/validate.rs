@@ -8,8 +8,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::broker::DesiredTopology;
+use lapin::uri::AMQPUri;
+
 use crate::crd::{AutoscalingProvider, EventRouter, RecordedBinding};
+use crate::topology::DesiredTopology;
 
 /// The longest drain the operator accepts; the pod's grace period is derived from it.
 pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
@@ -91,6 +93,15 @@ fn duration(problems: &mut Vec<String>, field: &str, value: &str) -> Option<Dura
     }
 }
 
+/// Parse `url` with the parser the event service connects with (lapin's `AMQPUri`), so a URL the
+/// operator accepts is one every pod can use. The error never repeats the URL: it holds
+/// credentials.
+fn parse_amqp_url(url: &str) -> Result<AMQPUri, String> {
+    url.trim()
+        .parse::<AMQPUri>()
+        .map_err(|error| error.replace(url.trim(), "<the URL>"))
+}
+
 /// Check `router` against `facts`. Pure: no I/O.
 pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, InvalidSpec> {
     let spec = &router.spec;
@@ -105,12 +116,14 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
     }
 
     match &facts.amqp_url {
-        SecretLookup::Found(url)
-            if url.trim().starts_with("amqp://") || url.trim().starts_with("amqps://") => {}
-        SecretLookup::Found(_) => problems.push(format!(
-            "key {:?} of Secret {:?} must hold an amqp:// or amqps:// URL",
-            spec.rabbitmq.secret_ref.key, spec.rabbitmq.secret_ref.name
-        )),
+        SecretLookup::Found(url) => {
+            if let Err(error) = parse_amqp_url(url) {
+                problems.push(format!(
+                    "key {:?} of Secret {:?} must hold an AMQP URL like amqp://user:pass@host:5672/%2f (or amqps://): {error}",
+                    spec.rabbitmq.secret_ref.key, spec.rabbitmq.secret_ref.name
+                ));
+            }
+        }
         SecretLookup::SecretMissing => problems.push(format!(
             "Secret {:?} (spec.rabbitmq.secretRef) does not exist",
             spec.rabbitmq.secret_ref.name
@@ -292,7 +305,37 @@ pub(crate) mod tests {
             amqp_url: SecretLookup::Found("http://x".into()),
             ..a_cluster_with_the_secret()
         };
-        assert!(problems_of(&a_router_named("chat"), &facts)[0].contains("amqp://"));
+        let problems = problems_of(&a_router_named("chat"), &facts);
+        assert!(problems[0].contains("amqp://"), "{problems:?}");
+        assert!(
+            problems[0].contains("Invalid AMQP scheme: http"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn the_amqp_url_is_checked_by_the_services_parser_without_echoing_it() {
+        for ok in [
+            "amqp://guest:guest@rabbitmq:5672/%2f",
+            "amqps://user:secret@broker.example/vhost?heartbeat=30",
+            "amqp://rabbitmq",
+        ] {
+            assert!(parse_amqp_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "rabbitmq:5672",
+            "amqp://user:secret@rabbitmq/%2f?heartbeat=often",
+            "amqp:user:secret",
+            "",
+        ] {
+            let facts = ClusterFacts {
+                amqp_url: SecretLookup::Found(bad.into()),
+                ..a_cluster_with_the_secret()
+            };
+            let problems = problems_of(&a_router_named("chat"), &facts);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(!problems[0].contains("secret"), "{bad}: {problems:?}");
+        }
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub mod env {
     pub const POD_NAME: &str = "POD_NAME";
 }
 
+/// Bounds every AMQP client of the project shares.
+pub mod amqp {
+    use std::time::Duration;
+
+    /// How long one AMQP method (declare, bind, delete, close) may take before the broker counts
+    /// as unresponsive.
+    pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
 /// Ports and paths of the event service.
 pub mod http {
     pub const DEFAULT_PORT: u16 = 8080;
@@ -110,14 +119,94 @@ pub mod metrics {
     pub const DRAINING: &str = "eventrouter_draining";
     /// Gauge: the configured `--max-connections` (so alerts can compare).
     pub const MAX_CONNECTIONS: &str = "eventrouter_max_connections";
+
+    /// Every metric above, for checks that must cover them all.
+    pub const ALL: &[&str] = &[
+        CONNECTIONS,
+        CONNECTIONS_ACCEPTED,
+        CONNECTIONS_REJECTED,
+        DISCONNECTS,
+        SUBSCRIPTIONS,
+        BINDINGS,
+        EVENTS_RECEIVED,
+        DELIVERIES,
+        DROPS,
+        DELIVERY_LATENCY,
+        CLIENT_FRAMES,
+        BROKER_UP,
+        BROKER_RECONNECTS,
+        PUBLISH_CONFIRMS,
+        PUBLISH_FAILURES,
+        MALFORMED_MESSAGES,
+        SOCKET_RECV_QUEUE_BYTES,
+        SOCKET_RECV_QUEUE_MAX_BYTES,
+        SOCKET_RECV_QUEUE_OVER_THRESHOLD,
+        SOCKET_SEND_QUEUE_BYTES,
+        SOCKET_SEND_QUEUE_MAX_BYTES,
+        SOCKET_SEND_QUEUE_OVER_THRESHOLD,
+        OUTBOUND_QUEUE_BYTES,
+        OUTBOUND_QUEUE_MAX_BYTES,
+        OUTBOUND_QUEUE_OVER_THRESHOLD,
+        KERNEL_BUFFERED_BYTES,
+        DRAINING,
+        MAX_CONNECTIONS,
+    ];
 }
 
-/// The custom-metric names the operator's HPA asks for (served by the metrics adapter).
+/// Metric names the operator exports on its own admin port.
+pub mod operator_metrics {
+    /// Counter, label `result` = `ok` | `error`.
+    pub const RECONCILES: &str = "eventrouter_operator_reconciles_total";
+    /// Counter, label `reason`: why reconciles failed.
+    pub const RECONCILE_ERRORS: &str = "eventrouter_operator_reconcile_errors_total";
+    /// Histogram of one reconcile's duration.
+    pub const RECONCILE_DURATION: &str = "eventrouter_operator_reconcile_duration_seconds";
+    /// Gauge: 1 while this process holds the leader Lease.
+    pub const LEADER: &str = "eventrouter_operator_leader";
+    /// Counter: specs the API server accepted but the operator cannot act on.
+    pub const INVALID_SPECS: &str = "eventrouter_operator_invalid_specs_total";
+    /// Gauge per router: `current` and `desired` replicas (the routers dashboard's panel).
+    pub const ROUTER_REPLICAS: &str = "eventrouter_operator_router_replicas";
+    /// The label of `ROUTER_REPLICAS` holding the router's namespace (`namespace` is the operator
+    /// pod's own target label).
+    pub const ROUTER_NAMESPACE_LABEL: &str = "router_namespace";
+
+    /// Every operator metric.
+    pub const ALL: &[&str] = &[
+        RECONCILES,
+        RECONCILE_ERRORS,
+        RECONCILE_DURATION,
+        LEADER,
+        INVALID_SPECS,
+        ROUTER_REPLICAS,
+    ];
+}
+
+/// Environment variables read by the operator (each is also a `--flag` of `operator run`).
+pub mod operator_env {
+    pub const NAMESPACE: &str = "EVENTROUTER_OPERATOR_NAMESPACE";
+    pub const ADMIN_LISTEN: &str = "EVENTROUTER_OPERATOR_ADMIN_LISTEN";
+    pub const LEASE_NAME: &str = "EVENTROUTER_OPERATOR_LEASE_NAME";
+    pub const LEASE_NAMESPACE: &str = "EVENTROUTER_OPERATOR_LEASE_NAMESPACE";
+    pub const LEASE_DURATION: &str = "EVENTROUTER_OPERATOR_LEASE_DURATION";
+    pub const RESYNC_INTERVAL: &str = "EVENTROUTER_OPERATOR_RESYNC_INTERVAL";
+    pub const BACKOFF_BASE: &str = "EVENTROUTER_OPERATOR_BACKOFF_BASE";
+    pub const BACKOFF_MAX: &str = "EVENTROUTER_OPERATOR_BACKOFF_MAX";
+    pub const CLEANUP_TIMEOUT: &str = "EVENTROUTER_OPERATOR_CLEANUP_TIMEOUT";
+    pub const CONCURRENCY: &str = "EVENTROUTER_OPERATOR_CONCURRENCY";
+    pub const LOG: &str = "EVENTROUTER_OPERATOR_LOG";
+    pub const LOG_FORMAT: &str = "EVENTROUTER_OPERATOR_LOG_FORMAT";
+    /// This replica's identity; set from the downward API like the service's.
+    pub const POD_NAME: &str = super::env::POD_NAME;
+}
+
+/// The custom-metric names the operator's HPA asks for (served by the metrics adapter): two of
+/// the service's own metrics, so a rename there renames them here.
 pub mod autoscaling {
     /// Pods metric: open connections on each pod.
-    pub const CONNECTIONS_METRIC: &str = "eventrouter_connections";
+    pub const CONNECTIONS_METRIC: &str = super::metrics::CONNECTIONS;
     /// Pods metric: bytes waiting in the kernel receive queues of each pod's connections.
-    pub const RECV_QUEUE_METRIC: &str = "eventrouter_socket_recv_queue_bytes";
+    pub const RECV_QUEUE_METRIC: &str = super::metrics::SOCKET_RECV_QUEUE_BYTES;
 }
 
 /// Target labels Prometheus puts on every router series. The chart's dashboards, alerts and
@@ -158,16 +247,63 @@ pub mod kube {
 mod tests {
     use super::*;
 
+    use std::collections::BTreeSet;
+
+    /// Every name in `names` is a valid, prefixed Prometheus metric name, and none repeats.
+    fn check_metric_names(names: &[&str]) {
+        let unique: BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "a name repeats: {names:?}");
+        for name in names {
+            assert!(name.starts_with(metrics::PREFIX), "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
-    fn every_metric_has_the_project_prefix() {
+    fn every_service_and_operator_metric_is_prefixed_valid_and_unique() {
+        let all: Vec<&str> = metrics::ALL
+            .iter()
+            .chain(operator_metrics::ALL)
+            .copied()
+            .collect();
+        check_metric_names(&all);
+        assert!(all.iter().all(|n| *n != metrics::PREFIX));
+    }
+
+    #[test]
+    fn the_autoscaling_metrics_are_service_metrics() {
         for name in [
-            metrics::CONNECTIONS,
-            metrics::SOCKET_RECV_QUEUE_BYTES,
-            metrics::KERNEL_BUFFERED_BYTES,
             autoscaling::CONNECTIONS_METRIC,
             autoscaling::RECV_QUEUE_METRIC,
         ] {
-            assert!(name.starts_with(metrics::PREFIX), "{name}");
+            assert!(metrics::ALL.contains(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_env_var_of_service_and_operator_is_namespaced_and_unique() {
+        let operator = [
+            operator_env::NAMESPACE,
+            operator_env::ADMIN_LISTEN,
+            operator_env::LEASE_NAME,
+            operator_env::LEASE_NAMESPACE,
+            operator_env::LEASE_DURATION,
+            operator_env::RESYNC_INTERVAL,
+            operator_env::BACKOFF_BASE,
+            operator_env::BACKOFF_MAX,
+            operator_env::CLEANUP_TIMEOUT,
+            operator_env::CONCURRENCY,
+            operator_env::LOG,
+            operator_env::LOG_FORMAT,
+        ];
+        let unique: BTreeSet<_> = operator.iter().collect();
+        assert_eq!(unique.len(), operator.len());
+        for name in operator {
+            assert!(name.starts_with("EVENTROUTER_OPERATOR_"), "{name}");
         }
     }
 

@@ -1,9 +1,10 @@
 //! Two operator instances share one Lease: only the leader reconciles and writes; when it shuts
-//! down (releasing the Lease) the other takes over.
+//! down (releasing the Lease) the other takes over, and when it crashes (never releasing) the
+//! other takes over once the Lease has gone unrenewed for its duration.
 
 mod operator_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventrouter_e2e::rabbitmq::amqp_url;
 use eventrouter_e2e::wait::{wait_for, wait_until};
@@ -144,5 +145,91 @@ async fn operator_a_leader_that_loses_its_lease_stops_reconciling() {
     assert!(
         deployments.get_opt("chat").await.expect("get").is_none(),
         "and writes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_a_standby_takes_over_after_a_crashed_leaders_lease_expires() {
+    let (client, ns) = setup("op-lease-crash").await;
+    let ns = ns.name().to_string();
+    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
+    let lease_duration = Duration::from_secs(6);
+
+    // The leader runs as a bare task so it can crash: aborting it drops every future at once,
+    // without the release a graceful shutdown does.
+    let crashed_metrics = operator::Metrics::new();
+    let crashed = tokio::spawn(operator::run(
+        client.clone(),
+        operator::ControllerSettings {
+            namespace: Some(ns.clone()),
+            identity: "replica-crashed".into(),
+            ..operator::ControllerSettings::default()
+        },
+        operator::LeaseSettings::new(
+            "eventrouter-operator",
+            &ns,
+            "replica-crashed",
+            lease_duration,
+        ),
+        crashed_metrics.clone(),
+        operator::Readiness::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    wait_until("replica-crashed to lead", CONVERGE, || async {
+        crashed_metrics.leader.get() == 1
+    })
+    .await;
+    crashed.abort();
+    let _ = crashed.await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let before = leases
+        .get("eventrouter-operator")
+        .await
+        .expect("lease")
+        .spec
+        .expect("spec");
+    assert_eq!(
+        before.holder_identity.as_deref(),
+        Some("replica-crashed"),
+        "a crash does not release the Lease"
+    );
+
+    let standby_started = Instant::now();
+    let standby =
+        RunningOperator::start(&client, &ns, "replica-standby", "eventrouter-operator").await;
+    wait_until("replica-standby to lead", CONVERGE, || async {
+        standby.is_leader()
+    })
+    .await;
+    let waited = standby_started.elapsed();
+    assert!(
+        waited >= lease_duration,
+        "the standby waited {waited:?}, less than the Lease's {lease_duration:?} without renewal"
+    );
+    let after = leases
+        .get("eventrouter-operator")
+        .await
+        .expect("lease")
+        .spec
+        .expect("spec");
+    assert_eq!(after.holder_identity.as_deref(), Some("replica-standby"));
+    assert_eq!(
+        after.lease_transitions.unwrap_or(0),
+        before.lease_transitions.unwrap_or(0) + 1
+    );
+
+    // The new leader acts: it reconciles a router created after the takeover.
+    apply_router(&client, &ns, "chat", &EventRouterSpec::with_secret("amqp")).await;
+    wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
+    assert!(
+        standby.metrics.reconciles.with_label_values(&["ok"]).get() > 0,
+        "the new leader reconciled"
+    );
+    let events = router_events(&client, &ns, "chat").await;
+    assert!(
+        events
+            .iter()
+            .all(|(_, _, instance)| instance == "replica-standby"),
+        "only the new leader wrote events: {events:?}"
     );
 }

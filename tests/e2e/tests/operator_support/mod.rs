@@ -101,7 +101,7 @@ pub struct RunningOperator {
 impl RunningOperator {
     /// Start an operator on `ns` whose Lease is `lease` in `ns`.
     pub async fn start(client: &Client, ns: &str, identity: &str, lease: &str) -> Self {
-        let settings = operator::Settings {
+        let settings = operator::ControllerSettings {
             namespace: Some(ns.to_string()),
             resync: Duration::from_secs(20),
             backoff_base: Duration::from_millis(500),

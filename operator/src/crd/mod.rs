@@ -4,15 +4,26 @@
 //! shows. Defaults live here (as serde defaults, which schemars writes into the schema so the API
 //! server fills them in) and so do the CEL rules that the schema alone cannot express. Rules that
 //! need the cluster (does the Secret exist?) or that compare durations live in `validate`.
+//!
+//! | module | holds |
+//! |---|---|
+//! | this one | the spec types and the generated CRD |
+//! | `status` | `EventRouterStatus` and the recorded broker topology |
+//! | `defaults` | every default value of the spec |
+
+mod defaults;
+mod status;
 
 use std::collections::BTreeMap;
 
 use eventrouter_contract::kube as names;
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use self::defaults::*;
+pub use self::status::{EventRouterStatus, RecordedBinding, RecordedTopology};
 
 /// Annotation that lets a stuck deletion finish without touching the broker (see the README).
 pub const SKIP_BROKER_CLEANUP_ANNOTATION: &str = "eventrouter.io/skip-broker-cleanup";
@@ -173,12 +184,12 @@ pub struct RabbitMqSpec {
 
     /// How long a message may wait in a pod's queue (e.g. `60s`).
     #[serde(default = "default_queue_message_ttl")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub queue_message_ttl: String,
 
     /// How long a pod's queue survives unused after its pod is gone (e.g. `5m`).
     #[serde(default = "default_queue_expires")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub queue_expires: String,
 
     /// Unacknowledged messages RabbitMQ may push to each pod at once (basic.qos prefetch).
@@ -221,15 +232,15 @@ pub struct UpstreamBinding {
 pub struct WebSocketSpec {
     /// How often the server pings each client (e.g. `20s`). Must be shorter than `idleTimeout`.
     #[serde(default = "default_ping_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub ping_interval: String,
     /// Close a connection when nothing was received from it for this long (e.g. `60s`).
     #[serde(default = "default_idle_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub idle_timeout: String,
     /// Time a client has to complete the WebSocket upgrade.
     #[serde(default = "default_handshake_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub handshake_timeout: String,
     /// Largest frame a client may send, in bytes.
     #[serde(default = "default_max_frame_bytes")]
@@ -253,13 +264,16 @@ pub struct WebSocketSpec {
     /// On shutdown, clients are closed spread over this long (e.g. `10s`). The pod's termination
     /// grace period is derived from it.
     #[serde(default = "default_drain_duration")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub drain_duration: String,
 }
 
-/// What happens to a slow consumer.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+/// What happens to a slow consumer. `as_ref()` is the event service's `--slow-consumer-policy` value.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, strum::AsRefStr,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum SlowConsumerPolicy {
     /// Close the connection with code 4000.
     #[default]
@@ -354,8 +368,10 @@ pub struct ServiceSpec {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// Kubernetes Service types the router supports.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+/// Kubernetes Service types the router supports. `as_ref()` is the Service's `spec.type`.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, strum::AsRefStr,
+)]
 pub enum ServiceType {
     /// Reachable inside the cluster only.
     #[default]
@@ -391,7 +407,7 @@ pub struct MonitoringSpec {
     pub service_monitor: bool,
     /// Scrape interval of the ServiceMonitor (e.g. `30s`).
     #[serde(default = "default_scrape_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub interval: String,
 }
 
@@ -404,54 +420,6 @@ pub enum DeletionPolicy {
     /// Leave the broker as it is (publishers keep their exchange).
     #[default]
     Retain,
-}
-
-/// What the operator observed and did.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct EventRouterStatus {
-    /// The `metadata.generation` the conditions describe.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// `Ready`, `Available`, `BrokerReady`, `Progressing`, `Paused`.
-    #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    pub conditions: Vec<Condition>,
-    /// Pods of the Deployment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replicas: Option<i32>,
-    /// Ready pods of the Deployment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_replicas: Option<i32>,
-    /// Label selector of the pods (for the scale subresource).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<String>,
-    /// The RabbitMQ topology the operator declared; the finalizer removes exactly this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topology: Option<RecordedTopology>,
-}
-
-/// Exchange and bindings declared on the broker (AMQP cannot list bindings, so they are recorded).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordedTopology {
-    /// The router's exchange.
-    pub exchange: String,
-    /// Exchange-to-exchange bindings into `exchange`.
-    #[serde(default)]
-    pub bindings: Vec<RecordedBinding>,
-}
-
-/// One exchange-to-exchange binding.
-#[derive(
-    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
-)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordedBinding {
-    /// Source exchange.
-    pub source: String,
-    /// Binding pattern.
-    pub routing_key: String,
 }
 
 impl EventRouter {
@@ -478,194 +446,6 @@ pub fn api_version() -> String {
     format!("{}/{}", names::GROUP, names::VERSION)
 }
 
-fn default_image() -> String {
-    format!(
-        "ghcr.io/event-router/event-service:{}",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-fn default_replicas() -> i32 {
-    2
-}
-fn default_log_level() -> String {
-    "info".into()
-}
-fn default_secret_key() -> String {
-    "url".into()
-}
-fn default_queue_max_length() -> u32 {
-    100_000
-}
-fn default_queue_message_ttl() -> String {
-    "60s".into()
-}
-fn default_queue_expires() -> String {
-    "5m".into()
-}
-fn default_prefetch() -> u16 {
-    256
-}
-fn default_ping_interval() -> String {
-    "20s".into()
-}
-fn default_idle_timeout() -> String {
-    "60s".into()
-}
-fn default_handshake_timeout() -> String {
-    "10s".into()
-}
-fn default_max_frame_bytes() -> u32 {
-    64 * 1024
-}
-fn default_send_queue_bytes() -> u32 {
-    1024 * 1024
-}
-fn default_max_subscriptions() -> u32 {
-    100
-}
-fn default_max_connections() -> u32 {
-    10_000
-}
-fn default_drain_duration() -> String {
-    "10s".into()
-}
-fn default_min_replicas() -> i32 {
-    2
-}
-fn default_max_replicas() -> i32 {
-    10
-}
-fn default_target_connections() -> u32 {
-    5_000
-}
-fn default_target_recv_queue_bytes() -> i64 {
-    1024 * 1024
-}
-fn default_scale_up() -> ScalingRules {
-    ScalingRules {
-        stabilization_window_seconds: 0,
-        pods_per_minute: 4,
-    }
-}
-fn default_scale_down() -> ScalingRules {
-    ScalingRules {
-        stabilization_window_seconds: 300,
-        pods_per_minute: 1,
-    }
-}
-fn default_service_port() -> i32 {
-    80
-}
-fn default_true() -> bool {
-    true
-}
-fn default_max_unavailable() -> i32 {
-    1
-}
-fn default_scrape_interval() -> String {
-    "30s".into()
-}
-
-impl Default for WebSocketSpec {
-    fn default() -> Self {
-        Self {
-            ping_interval: default_ping_interval(),
-            idle_timeout: default_idle_timeout(),
-            handshake_timeout: default_handshake_timeout(),
-            max_frame_bytes: default_max_frame_bytes(),
-            send_queue_bytes: default_send_queue_bytes(),
-            slow_consumer_policy: SlowConsumerPolicy::default(),
-            max_subscriptions: default_max_subscriptions(),
-            max_connections_per_pod: default_max_connections(),
-            drain_duration: default_drain_duration(),
-        }
-    }
-}
-
-impl Default for AutoscalingSpec {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            provider: AutoscalingProvider::default(),
-            min_replicas: default_min_replicas(),
-            max_replicas: default_max_replicas(),
-            target_connections_per_pod: default_target_connections(),
-            target_recv_queue_bytes_per_pod: default_target_recv_queue_bytes(),
-            prometheus_address: None,
-            scale_up: default_scale_up(),
-            scale_down: default_scale_down(),
-        }
-    }
-}
-
-impl Default for ServiceSpec {
-    fn default() -> Self {
-        Self {
-            type_: ServiceType::default(),
-            port: default_service_port(),
-            annotations: BTreeMap::new(),
-        }
-    }
-}
-
-impl Default for DisruptionBudgetSpec {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_unavailable: default_max_unavailable(),
-        }
-    }
-}
-
-impl Default for MonitoringSpec {
-    fn default() -> Self {
-        Self {
-            scrape_annotations: true,
-            service_monitor: true,
-            interval: default_scrape_interval(),
-        }
-    }
-}
-
-impl RabbitMqSpec {
-    /// A RabbitMQ section with every default, reading the URL from `secret`'s key `url`.
-    pub fn from_secret(secret: &str) -> Self {
-        Self {
-            secret_ref: SecretKeyRef {
-                name: secret.into(),
-                key: default_secret_key(),
-            },
-            exchange: None,
-            upstreams: Vec::new(),
-            queue_max_length: default_queue_max_length(),
-            queue_message_ttl: default_queue_message_ttl(),
-            queue_expires: default_queue_expires(),
-            prefetch: default_prefetch(),
-        }
-    }
-}
-
-impl EventRouterSpec {
-    /// A spec with every default that reads its AMQP URL from `secret` (fixtures and examples).
-    pub fn with_secret(secret: &str) -> Self {
-        Self {
-            image: default_image(),
-            image_pull_policy: None,
-            replicas: default_replicas(),
-            resources: None,
-            rabbitmq: RabbitMqSpec::from_secret(secret),
-            websocket: WebSocketSpec::default(),
-            autoscaling: AutoscalingSpec::default(),
-            service: ServiceSpec::default(),
-            disruption_budget: DisruptionBudgetSpec::default(),
-            monitoring: MonitoringSpec::default(),
-            deletion_policy: DeletionPolicy::default(),
-            log_level: default_log_level(),
-            paused: false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,13 +457,52 @@ mod tests {
         assert_eq!(EventRouter::kind(&()), names::KIND);
     }
 
+    /// Every string property of `schema` (recursively) whose default is a duration, by JSON path,
+    /// with its `pattern`.
+    fn duration_fields(
+        schema: &serde_json::Value,
+        path: &str,
+        found: &mut Vec<(String, Option<String>)>,
+    ) {
+        let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) else {
+            return;
+        };
+        for (name, property) in properties {
+            let path = format!("{path}.{name}");
+            let default = property.get("default").and_then(|d| d.as_str());
+            if property.get("type").and_then(|t| t.as_str()) == Some("string")
+                && default.is_some_and(|d| humantime::parse_duration(d).is_ok())
+            {
+                let pattern = property.get("pattern").and_then(|p| p.as_str());
+                found.push((path.clone(), pattern.map(str::to_string)));
+            }
+            duration_fields(property, &path, found);
+        }
+    }
+
     #[test]
-    fn the_duration_pattern_constant_matches_the_schema_attributes() {
-        let yaml = crd_yaml().expect("crd serializes");
-        assert!(
-            yaml.contains(DURATION_PATTERN),
-            "schema carries the duration pattern"
+    fn every_duration_field_carries_the_duration_pattern() {
+        let crd = serde_json::to_value(EventRouter::crd()).expect("crd serializes");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let mut found = Vec::new();
+        duration_fields(spec, "spec", &mut found);
+        let paths: Vec<&str> = found.iter().map(|(path, _)| path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.monitoring.interval",
+                "spec.rabbitmq.queueExpires",
+                "spec.rabbitmq.queueMessageTtl",
+                "spec.websocket.drainDuration",
+                "spec.websocket.handshakeTimeout",
+                "spec.websocket.idleTimeout",
+                "spec.websocket.pingInterval",
+            ],
+            "the duration fields of the spec"
         );
+        for (path, pattern) in &found {
+            assert_eq!(pattern.as_deref(), Some(DURATION_PATTERN), "{path}");
+        }
     }
 
     #[test]

@@ -1,0 +1,527 @@
+//! The event service's workload: ServiceAccount, Deployment (env, probes, security, drain),
+//! the public Service and the PodDisruptionBudget.
+
+use std::collections::BTreeMap;
+
+use eventrouter_contract::{env, http, kube as names};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec as K8sServiceSpec, SleepAction,
+    TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{labels, metadata, selector_labels};
+use crate::crd::EventRouter;
+use crate::validate::Plan;
+
+/// Where the pods find the AMQP URL (the Secret is mounted here).
+const AMQP_SECRET_DIR: &str = "/etc/eventrouter/amqp";
+const AMQP_SECRET_FILE: &str = "url";
+/// Seconds the pod sleeps in preStop so load balancers stop sending new connections first.
+const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// Slack on top of preStop + drain before the kubelet kills the container.
+const GRACE_SLACK_SECONDS: i64 = 10;
+/// Non-root user the container runs as (distroless "nonroot").
+const RUN_AS_USER: i64 = 65532;
+
+pub(super) fn service_account(router: &EventRouter, plan: &Plan) -> ServiceAccount {
+    ServiceAccount {
+        metadata: metadata(router, plan, plan.name.clone()),
+        // The event service never calls the Kubernetes API.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
+    let spec = &router.spec;
+    let ws = &spec.websocket;
+    let mq = &spec.rabbitmq;
+    vec![
+        env_var(env::LISTEN, format!("0.0.0.0:{}", http::DEFAULT_PORT)),
+        env_var(
+            env::ADMIN_LISTEN,
+            format!("0.0.0.0:{}", http::DEFAULT_ADMIN_PORT),
+        ),
+        env_var(env::SOURCE, "amqp"),
+        env_var(
+            env::AMQP_URL_FILE,
+            format!("{AMQP_SECRET_DIR}/{AMQP_SECRET_FILE}"),
+        ),
+        env_var(env::EXCHANGE, plan.topology.exchange.clone()),
+        // The operator owns the exchange; pods only bind their own queues to it.
+        env_var(env::DECLARE_EXCHANGE, "false"),
+        env_var(env::QUEUE_MAX_LENGTH, mq.queue_max_length.to_string()),
+        env_var(env::QUEUE_MESSAGE_TTL, mq.queue_message_ttl.clone()),
+        env_var(env::QUEUE_EXPIRES, mq.queue_expires.clone()),
+        env_var(env::PREFETCH, mq.prefetch.to_string()),
+        env_var(env::PING_INTERVAL, ws.ping_interval.clone()),
+        env_var(env::IDLE_TIMEOUT, ws.idle_timeout.clone()),
+        env_var(env::HANDSHAKE_TIMEOUT, ws.handshake_timeout.clone()),
+        env_var(env::SEND_QUEUE_BYTES, ws.send_queue_bytes.to_string()),
+        env_var(env::SLOW_CONSUMER_POLICY, ws.slow_consumer_policy.as_ref()),
+        env_var(env::MAX_FRAME_BYTES, ws.max_frame_bytes.to_string()),
+        env_var(env::MAX_SUBSCRIPTIONS, ws.max_subscriptions.to_string()),
+        env_var(env::MAX_CONNECTIONS, ws.max_connections_per_pod.to_string()),
+        env_var(env::DRAIN_DURATION, ws.drain_duration.clone()),
+        env_var(env::LOG, spec.log_level.clone()),
+        env_var(env::LOG_FORMAT, "json"),
+        EnvVar {
+            name: env::POD_NAME.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    ]
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// Grace period: preStop sleep, then the drain, then slack for the last close frames.
+fn termination_grace_seconds(plan: &Plan) -> i64 {
+    let drain = i64::try_from(plan.drain.as_secs()).unwrap_or(i64::MAX / 2);
+    PRE_STOP_SLEEP_SECONDS + drain + GRACE_SLACK_SECONDS
+}
+
+pub(super) fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
+    let spec = &router.spec;
+    let selector = selector_labels(&plan.name);
+    let mut pod_annotations = BTreeMap::new();
+    if spec.monitoring.scrape_annotations {
+        pod_annotations.insert("prometheus.io/scrape".to_string(), "true".to_string());
+        pod_annotations.insert(
+            "prometheus.io/port".to_string(),
+            http::DEFAULT_ADMIN_PORT.to_string(),
+        );
+        pod_annotations.insert(
+            "prometheus.io/path".to_string(),
+            http::METRICS_PATH.to_string(),
+        );
+    }
+    let container = Container {
+        name: names::CONTAINER_NAME.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        env: Some(event_service_env(router, plan)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: i32::from(http::DEFAULT_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: i32::from(http::DEFAULT_ADMIN_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        liveness_probe: Some(http_probe(http::HEALTHZ_PATH, 10, 3)),
+        readiness_probe: Some(http_probe(http::READYZ_PATH, 5, 2)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                // A sleep action needs no shell in the (distroless) image.
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "amqp".into(),
+                mount_path: AMQP_SECRET_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        service_account_name: Some(plan.name.clone()),
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(termination_grace_seconds(plan)),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            run_as_group: Some(RUN_AS_USER),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
+        volumes: Some(vec![
+            Volume {
+                name: "amqp".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(spec.rabbitmq.secret_ref.name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: spec.rabbitmq.secret_ref.key.clone(),
+                        path: AMQP_SECRET_FILE.into(),
+                        ..KeyToPath::default()
+                    }]),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity("16Mi".into())),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+    Deployment {
+        metadata: metadata(router, plan, plan.name.clone()),
+        spec: Some(DeploymentSpec {
+            // With autoscaling on, replicas belongs to the autoscaler: applying it would fight.
+            replicas: (!spec.autoscaling.enabled).then_some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    // Surge first: a new pod is ready before an old one drains its clients.
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&plan.name)),
+                    annotations: (!pod_annotations.is_empty()).then_some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+pub(super) fn service(router: &EventRouter, plan: &Plan) -> Service {
+    let spec = &router.spec.service;
+    let mut meta = metadata(router, plan, plan.name.clone());
+    meta.annotations = (!spec.annotations.is_empty()).then(|| spec.annotations.clone());
+    Service {
+        metadata: meta,
+        spec: Some(K8sServiceSpec {
+            type_: Some(spec.type_.as_ref().into()),
+            selector: Some(selector_labels(&plan.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: spec.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..K8sServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+pub(super) fn disruption_budget(router: &EventRouter, plan: &Plan) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(router, plan, plan.name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(
+                router.spec.disruption_budget.max_unavailable,
+            )),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&plan.name)),
+                ..LabelSelector::default()
+            }),
+            // A crash-looping pod must not block node drains.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::tests::desired;
+    use crate::crd::SlowConsumerPolicy;
+    use crate::validate::tests::{a_cluster_with_the_secret, a_router_named};
+
+    fn env_of(deployment: &Deployment) -> BTreeMap<String, String> {
+        let pod = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect()
+    }
+
+    /// The event service's own default for the flag read from `env_name`, if it has one.
+    fn service_default(env_name: &str) -> Option<String> {
+        use clap::CommandFactory;
+        let command = event_service::config::Config::command();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env() == Some(std::ffi::OsStr::new(env_name)))?;
+        arg.get_default_values()
+            .first()
+            .map(|v| v.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn a_default_spec_runs_the_service_with_its_own_cli_defaults() {
+        let env =
+            env_of(&desired(&a_router_named("chat"), &a_cluster_with_the_secret()).deployment);
+        // Set by the operator on purpose, whatever the service defaults to.
+        let by_design = [
+            env::SOURCE,
+            env::AMQP_URL_FILE,
+            env::EXCHANGE,
+            env::LOG_FORMAT,
+        ];
+        let mut compared = 0;
+        for (name, value) in &env {
+            if by_design.contains(&name.as_str()) {
+                continue;
+            }
+            let default = service_default(name)
+                .unwrap_or_else(|| panic!("the service has no default for {name}"));
+            match (
+                humantime::parse_duration(value),
+                humantime::parse_duration(&default),
+            ) {
+                (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{name}: {value} vs {default}"),
+                _ => assert_eq!(value, &default, "{name}"),
+            }
+            compared += 1;
+        }
+        // Every env var the operator sets is either compared or set on purpose.
+        assert_eq!(compared + by_design.len(), env.len(), "{env:?}");
+        assert!(compared >= 16, "{compared} compared");
+    }
+
+    #[test]
+    fn the_deployment_sets_the_event_service_env_from_the_spec() {
+        let mut router = a_router_named("chat");
+        router.spec.rabbitmq.exchange = Some("events.chat".into());
+        router.spec.rabbitmq.prefetch = 300;
+        router.spec.websocket.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
+        router.spec.websocket.max_connections_per_pod = 7000;
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        assert_eq!(env[env::SOURCE], "amqp");
+        assert_eq!(env[env::EXCHANGE], "events.chat");
+        assert_eq!(env[env::DECLARE_EXCHANGE], "false");
+        assert_eq!(env[env::AMQP_URL_FILE], "/etc/eventrouter/amqp/url");
+        assert_eq!(env[env::PREFETCH], "300");
+        assert_eq!(env[env::SLOW_CONSUMER_POLICY], "drop-oldest");
+        assert_eq!(env[env::MAX_CONNECTIONS], "7000");
+        assert_eq!(env[env::PING_INTERVAL], "20s");
+        assert_eq!(env[env::LISTEN], "0.0.0.0:8080");
+        assert!(
+            !env.contains_key(env::AMQP_URL),
+            "the URL never appears in plain env"
+        );
+    }
+
+    #[test]
+    fn the_pod_is_restricted_probed_spread_and_drains_within_its_grace_period() {
+        let mut router = a_router_named("chat");
+        router.spec.websocket.drain_duration = "30s".into();
+        let d = desired(&router, &a_cluster_with_the_secret());
+        let pod = d
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod");
+        let c = &pod.containers[0];
+        assert_eq!(c.name, names::CONTAINER_NAME);
+        let sc = c
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+        };
+        assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+        assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(5 + 30 + 10));
+        assert!(pod.termination_grace_period_seconds > Some(30));
+        let sleep = c
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref());
+        assert_eq!(sleep.map(|s| s.seconds), Some(PRE_STOP_SLEEP_SECONDS));
+        let spread = &pod.topology_spread_constraints.as_ref().expect("spread")[0];
+        assert_eq!(spread.topology_key, "kubernetes.io/hostname");
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        assert_eq!(ports, vec!["http", "metrics"]);
+        let annotations = d
+            .deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone());
+        assert_eq!(
+            annotations.expect("scrape annotations")["prometheus.io/port"],
+            "9090"
+        );
+    }
+
+    #[test]
+    fn scrape_annotations_can_be_turned_off() {
+        let mut router = a_router_named("chat");
+        router.spec.monitoring.scrape_annotations = false;
+        let d = desired(&router, &a_cluster_with_the_secret());
+        let template = &d.deployment.spec.as_ref().expect("spec").template;
+        assert_eq!(
+            template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.clone()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_disabled_budget_is_not_wanted() {
+        let mut router = a_router_named("chat");
+        router.spec.disruption_budget.enabled = false;
+        assert!(
+            desired(&router, &a_cluster_with_the_secret())
+                .disruption_budget
+                .is_none()
+        );
+        router.spec.disruption_budget.enabled = true;
+        router.spec.disruption_budget.max_unavailable = 2;
+        let pdb = desired(&router, &a_cluster_with_the_secret())
+            .disruption_budget
+            .expect("pdb");
+        assert_eq!(
+            pdb.spec.and_then(|s| s.max_unavailable),
+            Some(IntOrString::Int(2))
+        );
+    }
+
+    #[test]
+    fn the_public_service_exposes_only_the_main_port_with_the_spec_type_and_annotations() {
+        let mut router = a_router_named("chat");
+        router.spec.service.type_ = crate::crd::ServiceType::LoadBalancer;
+        router.spec.service.port = 443;
+        router
+            .spec
+            .service
+            .annotations
+            .insert("lb.example/idle".into(), "3600".into());
+        let svc = desired(&router, &a_cluster_with_the_secret()).service;
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        let ports = spec.ports.expect("ports");
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].port, 443);
+        assert_eq!(
+            svc.metadata.annotations.expect("annotations")["lb.example/idle"],
+            "3600"
+        );
+    }
+}
