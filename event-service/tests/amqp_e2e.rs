@@ -10,7 +10,9 @@ mod support;
 
 use std::time::Duration;
 
-use amqp_support::{Management, Publisher, WAIT, amqp_url, management, unique, until};
+use amqp_support::{
+    DEFAULT_VHOST, Management, Publisher, WAIT, amqp_url, encode_segment, management, unique, until,
+};
 use event_service::{
     config::{Config, SourceKind},
     server::RunningServer,
@@ -51,14 +53,33 @@ async fn bindings_become(mgmt: &Management, exchange: &str, queue: &str, want: &
     until(
         &format!("bindings of {queue} to be {want:?}"),
         WAIT,
-        || async { mgmt.bindings(exchange, queue).await == want },
+        || async {
+            mgmt.routing_keys(DEFAULT_VHOST, exchange, queue)
+                .await
+                .expect("bindings")
+                == want
+        },
     )
     .await;
 }
 
+/// Messages the exchange received from publishers, as the broker's statistics count them.
+async fn exchange_publish_in(mgmt: &Management, exchange: &str) -> u64 {
+    mgmt.get(&format!(
+        "exchanges/{}/{}",
+        encode_segment(DEFAULT_VHOST),
+        encode_segment(exchange)
+    ))
+    .await
+    .expect("the exchange")
+    .and_then(|e| e["message_stats"]["publish_in"].as_u64())
+    .unwrap_or(0)
+}
+
 async fn queue_publish_count(mgmt: &Management, queue: &str) -> u64 {
-    mgmt.queue(queue)
+    mgmt.queue(DEFAULT_VHOST, queue)
         .await
+        .expect("queue")
         .and_then(|q| q["message_stats"]["publish"].as_u64())
         .unwrap_or(0)
 }
@@ -94,16 +115,22 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
 
     // `subscribed` means bound: the broker already holds every binding, and nothing else.
     assert_eq!(
-        mgmt.bindings(&exchange, &queue_a).await,
+        mgmt.routing_keys(DEFAULT_VHOST, &exchange, &queue_a)
+            .await
+            .expect("bindings"),
         vec!["order.*", "user.#"]
     );
     assert_eq!(
-        mgmt.bindings(&exchange, &queue_b).await,
+        mgmt.routing_keys(DEFAULT_VHOST, &exchange, &queue_b)
+            .await
+            .expect("bindings"),
         vec!["billing.paid", "order.created"],
         "two local subscribers of order.created share one binding"
     );
 
-    let publisher = Publisher::connect(&url, &exchange).await;
+    let publisher = Publisher::connect(&url, &exchange)
+        .await
+        .expect("the test publisher connects");
     for (key, n) in [
         ("order.created", 1),
         ("user.7.message", 2),
@@ -114,7 +141,8 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
     ] {
         publisher
             .publish_json(key, &json!({ "n": n }).to_string())
-            .await;
+            .await
+            .expect("the broker confirms");
     }
 
     assert_eq!(
@@ -150,9 +178,15 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
     drop(a_users);
     bindings_become(&mgmt, &exchange, &queue_a, &[]).await;
     drop(b_created);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until B has handled the disconnect, then check that the binding it shared stayed.
+    until("B to count the closed connection", WAIT, || async {
+        support::metric(&b, "eventrouter_connections", "").await == 1.0
+    })
+    .await;
     assert_eq!(
-        mgmt.bindings(&exchange, &queue_b).await,
+        mgmt.routing_keys(DEFAULT_VHOST, &exchange, &queue_b)
+            .await
+            .expect("bindings"),
         vec!["billing.paid", "order.created"],
         "order.created is still held by another client on B"
     );
@@ -160,9 +194,17 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
     bindings_become(&mgmt, &exchange, &queue_b, &[]).await;
 
     // With nothing bound, published events no longer enter A's queue at all.
-    publisher.publish_json("order.created", "{}").await;
-    publisher.publish_json("user.1", "{}").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let published_before = exchange_publish_in(&mgmt, &exchange).await;
+    publisher
+        .publish_all(&[("order.created", "{}"), ("user.1", "{}")])
+        .await
+        .expect("the broker confirms");
+    // The exchange counting both publishes is the broker's own sign that it routed them; the
+    // queue's counter, from the same statistics, must not have moved.
+    until("the exchange to count both publishes", WAIT, || async {
+        exchange_publish_in(&mgmt, &exchange).await >= published_before + 2
+    })
+    .await;
     assert_eq!(queue_publish_count(&mgmt, &queue_a).await, 3);
 
     a.stop().await.expect("A stops");
@@ -170,7 +212,17 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
     until(
         "both queues are gone with their instances",
         WAIT,
-        || async { mgmt.queue(&queue_a).await.is_none() && mgmt.queue(&queue_b).await.is_none() },
+        || async {
+            mgmt.queue(DEFAULT_VHOST, &queue_a)
+                .await
+                .expect("queue")
+                .is_none()
+                && mgmt
+                    .queue(DEFAULT_VHOST, &queue_b)
+                    .await
+                    .expect("queue")
+                    .is_none()
+        },
     )
     .await;
 }

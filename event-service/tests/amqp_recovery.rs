@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use amqp_support::{DedicatedNode, Publisher, WAIT, unique, until};
+use amqp_support::{DEFAULT_VHOST, Publisher, RabbitNode, WAIT, unique, until};
 use event_service::{
     config::{Config, SourceKind},
     server::RunningServer,
@@ -29,13 +29,15 @@ async fn readyz(server: &RunningServer) -> u16 {
 
 #[tokio::test]
 async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
-    let node = DedicatedNode::start("amqp-recovery").await;
+    let node = RabbitNode::start("amqp-recovery")
+        .await
+        .expect("a dedicated RabbitMQ node");
     let exchange = unique("recovery");
     let pod = unique("router");
     let queue = format!("{exchange}.{pod}");
     let mut config = Config::for_tests();
     config.source = SourceKind::Amqp;
-    config.amqp_url = Some(node.amqp_url.clone());
+    config.amqp_url = Some(node.amqp_url().to_owned());
     config.exchange = exchange.clone();
     config.declare_exchange = true;
     config.pod_name = Some(pod);
@@ -51,18 +53,27 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     orders.subscribe(1, &["order.*", "audit.#"]).await;
     users.subscribe(1, &["user.*.notification"]).await;
     let want = vec!["audit.#", "order.*", "user.*.notification"];
-    assert_eq!(node.management.bindings(&exchange, &queue).await, want);
+    assert_eq!(
+        node.management()
+            .routing_keys(DEFAULT_VHOST, &exchange, &queue)
+            .await
+            .expect("bindings"),
+        want
+    );
 
-    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
+    let publisher = Publisher::connect(node.amqp_url(), &exchange)
+        .await
+        .expect("the test publisher connects");
     publisher
         .publish_json("order.created", r#"{"before":true}"#)
-        .await;
+        .await
+        .expect("the broker confirms");
     assert_eq!(orders.recv_json().await["event"], "order.created");
     drop(publisher);
 
     // The whole broker goes away (the Erlang VM stops), then comes back with its data.
     let restart = tokio::spawn({
-        let name = node.name.clone();
+        let name = node.name().to_owned();
         async move {
             let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../tests/infra/rabbitmq.sh");
@@ -99,17 +110,23 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     })
     .await;
     assert_eq!(
-        node.management.bindings(&exchange, &queue).await,
+        node.management()
+            .routing_keys(DEFAULT_VHOST, &exchange, &queue)
+            .await
+            .expect("bindings"),
         want,
         "the queue was re-declared with every binding"
     );
-    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
+    let publisher = Publisher::connect(node.amqp_url(), &exchange)
+        .await
+        .expect("the test publisher connects");
     publisher
-        .publish_json("order.shipped", r#"{"after":true}"#)
-        .await;
-    publisher
-        .publish_json("user.9.notification", r#"{"after":true}"#)
-        .await;
+        .publish_all(&[
+            ("order.shipped", r#"{"after":true}"#),
+            ("user.9.notification", r#"{"after":true}"#),
+        ])
+        .await
+        .expect("the broker confirms");
     assert_eq!(orders.recv_json().await["event"], "order.shipped");
     assert_eq!(users.recv_json().await["event"], "user.9.notification");
     support::publish_event(&server, "audit.login", json!({"via": "http"})).await;
@@ -125,7 +142,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     // application-only stop RabbitMQ operators use for maintenance: while it lasts, publishing is
     // refused with 503 and a new subscription is refused (never silently half-made).
     users.subscribe(2, &["late.*"]).await;
-    node.stop_app().await;
+    node.stop_app().await.expect("rabbitmq.sh stop_app");
     until("readiness to go false (stop_app)", OUTAGE_WAIT, || async {
         readyz(&server).await == 503
     })
@@ -143,7 +160,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     assert_eq!(refused["op"], "error", "{refused}");
     assert_eq!(refused["id"], 7);
     assert_eq!(refused["code"], "unavailable", "{refused}");
-    node.start_app().await;
+    node.start_app().await.expect("rabbitmq.sh start_app");
     until(
         "readiness to come back (start_app)",
         OUTAGE_WAIT,
@@ -151,11 +168,19 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     )
     .await;
     assert_eq!(
-        node.management.bindings(&exchange, &queue).await,
+        node.management()
+            .routing_keys(DEFAULT_VHOST, &exchange, &queue)
+            .await
+            .expect("bindings"),
         vec!["audit.#", "late.*", "order.*", "user.*.notification"]
     );
-    let publisher = Publisher::connect(&node.amqp_url, &exchange).await;
-    publisher.publish_json("late.arrival", "{}").await;
+    let publisher = Publisher::connect(node.amqp_url(), &exchange)
+        .await
+        .expect("the test publisher connects");
+    publisher
+        .publish_json("late.arrival", "{}")
+        .await
+        .expect("the broker confirms");
     assert_eq!(users.recv_json().await["event"], "late.arrival");
     assert!(
         support::metric(
@@ -179,10 +204,12 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
     use event_service::source::amqp::AmqpSource;
     use tokio_util::sync::CancellationToken;
 
-    let node = DedicatedNode::start("amqp-churn").await;
+    let node = RabbitNode::start("amqp-churn")
+        .await
+        .expect("a dedicated RabbitMQ node");
     let exchange = unique("churn");
     let mut config = Config::for_tests();
-    config.amqp_url = Some(node.amqp_url.clone());
+    config.amqp_url = Some(node.amqp_url().to_owned());
     config.exchange = exchange.clone();
     config.declare_exchange = true;
     config.pod_name = Some(unique("router"));
@@ -216,8 +243,12 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
             kept
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    node.restart().await;
+    // Restart once the workers are binding, so the restart falls in the middle of their work.
+    until("the workers' first bindings", WAIT, || async {
+        source.bound_patterns().len() >= 4
+    })
+    .await;
+    node.restart().await.expect("rabbitmq.sh restart");
     let mut want = Vec::new();
     for worker in workers {
         want.extend(worker.await.expect("a worker"));
@@ -238,7 +269,13 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
     until(
         "the broker to hold exactly the recorded bindings",
         WAIT,
-        || async { node.management.bindings(&exchange, &queue).await == want },
+        || async {
+            node.management()
+                .routing_keys(DEFAULT_VHOST, &exchange, &queue)
+                .await
+                .expect("bindings")
+                == want
+        },
     )
     .await;
     assert!(metric(&registry, "eventrouter_broker_reconnects_total", None) >= 1.0);

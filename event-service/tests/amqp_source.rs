@@ -12,7 +12,9 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use amqp_support::{Collector, Publisher, WAIT, amqp_url, management, metric, unique, until};
+use amqp_support::{
+    Collector, DEFAULT_VHOST, Publisher, WAIT, amqp_url, management, metric, unique, until,
+};
 use bytes::Bytes;
 use event_service::{
     config::Config,
@@ -70,7 +72,9 @@ async fn bindings_on_the_broker_follow_bind_and_unbind_and_only_bound_events_arr
     until_up(&s.source).await;
     let queue = s.source.queue_name().to_owned();
     assert_eq!(
-        mgmt.bindings(&s.exchange, &queue).await,
+        mgmt.routing_keys(DEFAULT_VHOST, &s.exchange, &queue)
+            .await
+            .expect("bindings"),
         Vec::<String>::new(),
         "a fresh queue has no bindings"
     );
@@ -78,44 +82,65 @@ async fn bindings_on_the_broker_follow_bind_and_unbind_and_only_bound_events_arr
     s.source.bind("order.*").await.expect("bind order.*");
     s.source.bind("user.#").await.expect("bind user.#");
     assert_eq!(
-        mgmt.bindings(&s.exchange, &queue).await,
+        mgmt.routing_keys(DEFAULT_VHOST, &s.exchange, &queue)
+            .await
+            .expect("bindings"),
         vec!["order.*", "user.#"],
         "bind returns only once the broker holds the binding"
     );
 
-    let publisher = Publisher::connect(&url, &s.exchange).await;
-    publisher.publish_json("billing.paid", r#"{"n":0}"#).await; // nobody bound
-    publisher.publish_json("order.created", r#"{"n":1}"#).await;
+    let publisher = Publisher::connect(&url, &s.exchange)
+        .await
+        .expect("the test publisher connects");
     publisher
-        .publish_json("order.created.late", r#"{"n":2}"#)
-        .await; // '*' is one word
-    publisher
-        .publish_json("user.42.notification", r#"{"n":3}"#)
-        .await;
+        .publish_all(&[
+            ("billing.paid", r#"{"n":0}"#), // nobody bound
+            ("order.created", r#"{"n":1}"#),
+            ("order.created.late", r#"{"n":2}"#), // '*' is one word
+            ("user.42.notification", r#"{"n":3}"#),
+        ])
+        .await
+        .expect("the broker confirms");
     let events = s.sink.wait_for(2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The queue never saw the unbound events: the broker counted exactly two messages into it,
+    // so no third one can still arrive.
+    until("the queue's publish counter", WAIT, || async {
+        mgmt.queue(DEFAULT_VHOST, &queue)
+            .await
+            .expect("queue")
+            .and_then(|q| q["message_stats"]["publish"].as_u64())
+            == Some(2)
+    })
+    .await;
+
     assert_eq!(
         s.sink.names(),
         vec!["order.created", "user.42.notification"]
     );
     assert_eq!(events[0].data, Bytes::from_static(br#"{"n":1}"#));
 
-    // The queue never saw the unbound events: the broker counted exactly two messages into it.
-    until("the queue's publish counter", WAIT, || async {
-        mgmt.queue(&queue)
+    s.source.unbind("order.*").await.expect("unbind");
+    assert_eq!(
+        mgmt.routing_keys(DEFAULT_VHOST, &s.exchange, &queue)
             .await
+            .expect("bindings"),
+        vec!["user.#"]
+    );
+    assert_eq!(s.source.bound_patterns(), vec!["user.#"]);
+    publisher
+        .publish_all(&[("order.created", r#"{"n":4}"#), ("user.1", r#"{"n":5}"#)])
+        .await
+        .expect("the broker confirms");
+    s.sink.wait_for(3).await;
+    // Only user.1 entered the queue (three messages in all), so nothing else can still arrive.
+    until("the queue's publish counter", WAIT, || async {
+        mgmt.queue(DEFAULT_VHOST, &queue)
+            .await
+            .expect("queue")
             .and_then(|q| q["message_stats"]["publish"].as_u64())
-            == Some(2)
+            == Some(3)
     })
     .await;
-
-    s.source.unbind("order.*").await.expect("unbind");
-    assert_eq!(mgmt.bindings(&s.exchange, &queue).await, vec!["user.#"]);
-    assert_eq!(s.source.bound_patterns(), vec!["user.#"]);
-    publisher.publish_json("order.created", r#"{"n":4}"#).await;
-    publisher.publish_json("user.1", r#"{"n":5}"#).await;
-    s.sink.wait_for(3).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         s.sink.names(),
         vec!["order.created", "user.42.notification", "user.1"]
@@ -233,33 +258,38 @@ async fn malformed_messages_are_counted_and_dropped_while_good_ones_flow() {
     let s = start_source(&url, |c| c.max_publish_bytes = 1024).await;
     until_up(&s.source).await;
     s.source.bind("#").await.expect("bind #");
-    let publisher = Publisher::connect(&url, &s.exchange).await;
+    let publisher = Publisher::connect(&url, &s.exchange)
+        .await
+        .expect("the test publisher connects");
 
     for i in 0..5 {
         publisher
-            .publish_json("good.one", &format!(r#"{{"i":{i}}}"#))
-            .await;
-        publisher.publish_json("bad.json", "{not json").await;
+            .publish_all(&[
+                ("good.one", format!(r#"{{"i":{i}}}"#).as_str()),
+                ("bad.json", "{not json"),
+            ])
+            .await
+            .expect("the broker confirms");
         publisher
             .publish(
                 "bad.size",
                 format!("\"{}\"", "x".repeat(2000)).as_bytes(),
                 BasicProperties::default(),
             )
-            .await;
-        publisher.publish_json("", r#"{"empty":"key"}"#).await;
+            .await
+            .expect("the broker confirms");
+        publisher
+            .publish_json("", r#"{"empty":"key"}"#)
+            .await
+            .expect("the broker confirms");
     }
     publisher
         .publish_json("good.last", r#"{"last":true}"#)
-        .await;
+        .await
+        .expect("the broker confirms");
 
     let events = s.sink.wait_for(6).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let names = s.sink.names();
-    assert_eq!(names.len(), 6, "only the good messages arrive: {names:?}");
-    assert!(names[..5].iter().all(|n| n == "good.one"));
-    assert_eq!(names[5], "good.last");
-    assert_eq!(events[4].data, Bytes::from_static(br#"{"i":4}"#));
+    // Every malformed message was counted, so all 21 were handled: no late event can arrive.
     until("malformed counters", WAIT, || async {
         let m = |reason| {
             metric(
@@ -271,6 +301,11 @@ async fn malformed_messages_are_counted_and_dropped_while_good_ones_flow() {
         m("invalid_json") == 5.0 && m("too_large") == 5.0 && m("empty_routing_key") == 5.0
     })
     .await;
+    let names = s.sink.names();
+    assert_eq!(names.len(), 6, "only the good messages arrive: {names:?}");
+    assert!(names[..5].iter().all(|n| n == "good.one"));
+    assert_eq!(names[5], "good.last");
+    assert_eq!(events[4].data, Bytes::from_static(br#"{"i":4}"#));
     assert!(
         s.source.is_up(),
         "malformed input never takes the source down"
@@ -278,8 +313,9 @@ async fn malformed_messages_are_counted_and_dropped_while_good_ones_flow() {
     // Dropped means acknowledged: nothing is left waiting in the queue.
     let mgmt = management();
     until("the queue to be drained", WAIT, || async {
-        mgmt.queue(s.source.queue_name())
+        mgmt.queue(DEFAULT_VHOST, s.source.queue_name())
             .await
+            .expect("queue")
             .is_some_and(|q| q["messages"].as_u64() == Some(0))
     })
     .await;
@@ -331,7 +367,9 @@ async fn a_missing_exchange_keeps_the_source_down_until_it_exists() {
         "without --declare-exchange the source waits for the operator's exchange"
     );
     // The operator declares it: the next retry succeeds.
-    let _publisher = Publisher::connect(&url, &s.exchange).await;
+    let _publisher = Publisher::connect(&url, &s.exchange)
+        .await
+        .expect("the test publisher connects");
     until(
         "the source is up once the exchange exists",
         Duration::from_secs(40),

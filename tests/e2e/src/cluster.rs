@@ -4,15 +4,13 @@
 //! The control plane has no kubelet or scheduler: controllers create ReplicaSets and Pods, the
 //! garbage collector follows owner references, namespaces are finalized, but Pods stay Pending.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use crate::{require_env, vars};
+use crate::{require_env, unique_name, vars};
 
 /// Label put on every namespace the harness creates, to find strays.
 pub const TEST_NAMESPACE_LABEL: &str = "eventrouter.test/e2e";
@@ -92,62 +90,6 @@ impl Drop for TestNamespace {
                 "warning: could not run kubectl to delete test namespace {}: {error}",
                 self.name
             ),
-        }
-    }
-}
-
-/// `<prefix>-<pid>-<counter>-<time>` as a DNS label (lowercase, at most 63 characters), unique
-/// across the tests of one process and across processes running at the same time.
-pub fn unique_name(prefix: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.subsec_nanos())
-        .unwrap_or_default();
-    let suffix = format!("{:x}-{count}-{:x}", std::process::id(), nanos);
-    let mut stem: String = prefix
-        .to_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    stem.truncate(62 - suffix.len());
-    let stem = stem.trim_matches('-');
-    if stem.is_empty() {
-        format!("t-{suffix}")
-    } else {
-        format!("{stem}-{suffix}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn is_dns_label(name: &str) -> bool {
-        !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-')
-    }
-
-    #[test]
-    fn names_are_dns_labels_and_unique() {
-        let a = unique_name("Operator_Test");
-        let b = unique_name("Operator_Test");
-        assert_ne!(a, b);
-        assert!(a.starts_with("operator-test-"), "{a}");
-        for name in [
-            a,
-            b,
-            unique_name(&"x".repeat(100)),
-            unique_name("--"),
-            unique_name(""),
-        ] {
-            assert!(is_dns_label(&name), "{name} is not a DNS label");
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The Grafana dashboards are valid dashboard JSON by Grafana's own schema (strictly decoded by
-//! `dashboard-lint`, built from `charts/event-router/tests/dashboard-lint` by install-tools.sh) and
+//! `dashboard-lint`, built from `charts/event-router/tests/dashboard-lint` by tests/infra/install.sh) and
 //! follow the chart's conventions (datasource variable, namespace/router/pod variables,
 //! `$__rate_interval`, a description on every panel). The README documents every panel.
 
@@ -17,7 +17,6 @@ const DASHBOARDS: &[(&str, &str)] = &[
 
 #[test]
 fn dashboards_pass_the_schema_and_convention_linter() {
-    ensure_chart_tools();
     for (file, vars) in DASHBOARDS {
         let out = run(Command::new(tool("dashboard-lint"))
             .args(["-vars", vars])
@@ -29,14 +28,14 @@ fn dashboards_pass_the_schema_and_convention_linter() {
     }
 }
 
-/// A named change that breaks a dashboard.
-type Mutation = (&'static str, fn(&mut serde_json::Value));
+/// A named change that breaks a dashboard, and what the linter must say about it.
+type Mutation = (&'static str, fn(&mut serde_json::Value), &'static str);
 
 #[test]
 fn the_linter_rejects_what_grafana_would_reject() {
-    ensure_chart_tools();
-    // The linter is only worth something if it fails: an unknown field, a wrong type and a panel
-    // query on a hard-coded datasource each make it exit non-zero.
+    // The linter is only worth something if it fails for the right reason: an unknown field, a
+    // wrong type and a panel query on a hard-coded datasource each make it report that problem
+    // on the file's line and exit 1 (2 would be a usage error, anything else a crash).
     let good: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(chart_dir().join("dashboards/operator.json")).expect("dashboard"),
     )
@@ -45,24 +44,49 @@ fn the_linter_rejects_what_grafana_would_reject() {
         std::env::temp_dir().join(format!("eventrouter-dashboard-lint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mutations: [Mutation; 3] = [
-        ("unknown field", |d| d["panelz"] = serde_json::json!([])),
-        ("wrong type", |d| d["refresh"] = serde_json::json!(30)),
-        ("fixed datasource", |d| {
-            d["panels"][1]["targets"][0]["datasource"] =
-                serde_json::json!({"type": "prometheus", "uid": "prod"})
-        }),
+        (
+            "unknown field",
+            |d| d["panelz"] = serde_json::json!([]),
+            "panelz",
+        ),
+        (
+            "wrong type",
+            |d| d["refresh"] = serde_json::json!(30),
+            "refresh",
+        ),
+        (
+            "fixed datasource",
+            |d| {
+                d["panels"][1]["targets"][0]["datasource"] =
+                    serde_json::json!({"type": "prometheus", "uid": "prod"})
+            },
+            "datasource must be ${datasource}",
+        ),
     ];
-    for (what, mutate) in mutations {
+    for (what, mutate, expected) in mutations {
         let mut bad = good.clone();
         mutate(&mut bad);
         let path = dir.join("bad.json");
         std::fs::write(&path, serde_json::to_string(&bad).expect("JSON")).expect("write");
-        run_failing(
+        let (code, output) = run_failing(
             Command::new(tool("dashboard-lint"))
                 .args(["-vars", "namespace,pod"])
                 .arg(&path),
         );
-        eprintln!("rejected: {what}");
+        assert_eq!(
+            code,
+            Some(1),
+            "{what}: the linter did not report a problem:\n{output}"
+        );
+        let report = format!("{}: ", path.display());
+        assert!(
+            output
+                .lines()
+                .any(|line| line.starts_with(&report) && line.contains(expected)),
+            "{what}: expected a line `{report}... {expected} ...`, got:\n{output}"
+        );
+        // The untouched dashboard passes, so the failure above is the mutation's.
+        assert!(!output.contains(": ok"), "{what}: {output}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -28,12 +28,21 @@ use std::{
 };
 
 use chart_support::*;
+use eventrouter_e2e::{require_env, vars};
 
 const RELEASE: &str = "er-chart-test";
 const ROUTER: &str = "events";
 const CRD: &str = "eventrouters.eventrouter.io";
 /// The replicas the test, playing the HPA controller, has the autoscaler want.
 const HPA_DESIRED: i64 = 3;
+
+/// What every stage of the test works with: the cluster, the namespace the release goes to and
+/// a scratch directory.
+struct Install {
+    cluster: Cluster,
+    namespace: String,
+    dir: PathBuf,
+}
 
 struct Cluster {
     kubeconfig: PathBuf,
@@ -135,31 +144,59 @@ fn service_account_kubeconfig(cluster: &Cluster, namespace: &str, sa: &str, dir:
 #[test]
 fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_uninstall_cleans_up()
 {
-    let kubeconfig = std::env::var_os("EVENTROUTER_TEST_KUBECONFIG").map(PathBuf::from).expect(
-        "EVENTROUTER_TEST_KUBECONFIG is not set: run the suite with tests/run (it starts kube-apiserver)",
-    );
-    let amqp_url = std::env::var("EVENTROUTER_TEST_AMQP_URL").expect(
-        "EVENTROUTER_TEST_AMQP_URL is not set: run the suite with tests/run (it starts RabbitMQ)",
-    );
-    let cluster = Cluster { kubeconfig };
-    let operator_binary = workspace_binary("operator", "operator");
+    let kubeconfig = PathBuf::from(require_env(vars::KUBECONFIG));
+    let amqp_url = require_env(vars::AMQP_URL);
     let namespace = format!("chart-install-{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("eventrouter-{namespace}"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    run(cluster.kubectl().args(["create", "namespace", &namespace]));
+    let t = Install {
+        cluster: Cluster { kubeconfig },
+        dir: std::env::temp_dir().join(format!("eventrouter-{namespace}")),
+        namespace,
+    };
+    let operator_binary = workspace_binary("operator", "operator");
+    std::fs::create_dir_all(&t.dir).expect("temp dir");
+    run(t
+        .cluster
+        .kubectl()
+        .args(["create", "namespace", &t.namespace]));
+    let crd_existed = adopt_an_existing_crd(&t);
 
-    // A CRD left by other tests is adopted by the release (the documented way to hand an existing
-    // CRD to Helm); on a fresh cluster the install creates it.
-    let crd_existed = cluster.exists(&["crd", CRD]);
+    // 1. server-side validation of everything the chart renders
+    let dry_run_file = validate_server_side(&t, crd_existed);
+    // 2. helm install
+    helm_install(&t, &amqp_url, crd_existed, &dry_run_file);
+    // 3. the operator, as the chart runs it, with the chart's ServiceAccount
+    let mut operator = ChartOperator::start(&t, &operator_binary);
+    children_are_reconciled(&t, &operator);
+    let broken_file = add_a_router_with_a_dead_broker(&t);
+    // 4. the dashboards' queries against a Prometheus scraping the operator
+    let prometheus = operator_dashboard_has_data(&t, &operator);
+    replicas_panel_follows_the_hpa(&t, &prometheus);
+    drop(prometheus);
+    // 5. removal
+    remove_the_routers(&t, &broken_file, operator.admin_port);
+    uninstall(&t, &mut operator);
+
+    run(t
+        .cluster
+        .kubectl()
+        .args(["delete", "namespace", &t.namespace, "--wait=false"]));
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+/// A CRD left by other tests is adopted by the release (the documented way to hand an existing
+/// CRD to Helm); on a fresh cluster the install creates it. Returns whether it existed.
+fn adopt_an_existing_crd(t: &Install) -> bool {
+    let crd_existed = t.cluster.exists(&["crd", CRD]);
     if crd_existed {
-        run(cluster
+        run(t
+            .cluster
             .kubectl()
             .args(["annotate", "--overwrite", "crd", CRD])
             .args([
                 format!("meta.helm.sh/release-name={RELEASE}"),
-                format!("meta.helm.sh/release-namespace={namespace}"),
+                format!("meta.helm.sh/release-namespace={}", t.namespace),
             ]));
-        run(cluster.kubectl().args([
+        run(t.cluster.kubectl().args([
             "label",
             "--overwrite",
             "crd",
@@ -168,9 +205,14 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         ]));
     }
 
-    // --- 1. server-side validation of everything the chart renders ------------------------------
+    crd_existed
+}
+
+/// Every manifest the chart renders with `ci/everything-on-values.yaml` passes the API server's
+/// dry run; returns the file of those manifests.
+fn validate_server_side(t: &Install, crd_existed: bool) -> PathBuf {
     let everything = chart_dir().join("ci/everything-on-values.yaml");
-    let rendered = helm_template("dry-run", &namespace, &[everything.as_path()], &[]);
+    let rendered = helm_template("dry-run", &t.namespace, &[everything.as_path()], &[]);
     let docs: Vec<_> = yaml_docs(&rendered)
         .into_iter()
         .filter(|d| {
@@ -192,7 +234,7 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             "everything-on renders no {kind}: {kinds:?}"
         );
     }
-    let dry_run_file = dir.join("dry-run.yaml");
+    let dry_run_file = t.dir.join("dry-run.yaml");
     let stream: Vec<String> = docs
         .iter()
         .map(|d| serde_yaml::to_string(d).expect("YAML"))
@@ -204,17 +246,19 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             .iter()
             .find(|d| kind_of(d) == "CustomResourceDefinition")
             .expect("CRD");
-        let crd_file = dir.join("crd.yaml");
+        let crd_file = t.dir.join("crd.yaml");
         std::fs::write(&crd_file, serde_yaml::to_string(crd_doc).expect("YAML"))
             .expect("write CRD");
-        run(cluster
+        run(t
+            .cluster
             .kubectl()
             .args(["apply", "--dry-run=server", "-f"])
             .arg(&crd_file));
     } else {
-        let out = run(cluster
+        let out = run(t
+            .cluster
             .kubectl()
-            .args(["apply", "--dry-run=server", "-n", &namespace, "-f"])
+            .args(["apply", "--dry-run=server", "-n", &t.namespace, "-f"])
             .arg(&dry_run_file));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -223,10 +267,23 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         );
     }
 
-    // --- 2. helm install --------------------------------------------------------------------------
-    run(cluster
+    dry_run_file
+}
+
+/// `helm install` with the chart's EventRouter, autoscaled; one `helm upgrade` when the install
+/// itself created the CRD, as documented.
+fn helm_install(t: &Install, amqp_url: &str, crd_existed: bool, dry_run_file: &Path) {
+    run(t
+        .cluster
         .kubectl()
-        .args(["create", "secret", "generic", "rabbitmq", "-n", &namespace])
+        .args([
+            "create",
+            "secret",
+            "generic",
+            "rabbitmq",
+            "-n",
+            &t.namespace,
+        ])
         .arg(format!("--from-literal=url={amqp_url}")));
     let exchange = format!("chart-install-{}", std::process::id());
     let sets = [
@@ -241,16 +298,19 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         "eventRouter.spec.autoscaling.minReplicas=1".to_string(),
         "eventRouter.spec.autoscaling.maxReplicas=4".to_string(),
     ];
-    let mut install = cluster.helm();
+    let mut install = t.cluster.helm();
     install
         .args(["install", RELEASE])
         .arg(chart_dir())
-        .args(["-n", &namespace]);
+        .args(["-n", &t.namespace]);
     for s in &sets {
         install.args(["--set", s]);
     }
     let notes = String::from_utf8(run(&mut install).stdout).expect("UTF-8");
-    if !cluster.exists(&["eventrouter", ROUTER, "-n", &namespace]) {
+    if !t
+        .cluster
+        .exists(&["eventrouter", ROUTER, "-n", &t.namespace])
+    {
         assert!(
             !crd_existed,
             "the CRD was there, yet the install created no EventRouter"
@@ -259,84 +319,119 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             notes.contains("--reuse-values"),
             "NOTES must say how to create the EventRouter:\n{notes}"
         );
-        run(cluster
+        run(t
+            .cluster
             .helm()
             .args(["upgrade", RELEASE])
             .arg(chart_dir())
-            .args(["-n", &namespace, "--reuse-values"]));
+            .args(["-n", &t.namespace, "--reuse-values"]));
         // Now that the CRD is served, the whole everything-on set validates server-side too.
-        let out = run(cluster
+        let out = run(t
+            .cluster
             .kubectl()
-            .args(["apply", "--dry-run=server", "-n", &namespace, "-f"])
-            .arg(&dry_run_file));
+            .args(["apply", "--dry-run=server", "-n", &t.namespace, "-f"])
+            .arg(dry_run_file));
         assert!(String::from_utf8_lossy(&out.stdout).contains("(server dry run)"));
     }
     assert!(
-        cluster.exists(&["eventrouter", ROUTER, "-n", &namespace]),
+        t.cluster
+            .exists(&["eventrouter", ROUTER, "-n", &t.namespace]),
         "the chart's EventRouter exists"
     );
-    let crd = cluster.json(&["crd", CRD]);
+    let crd = t.cluster.json(&["crd", CRD]);
     assert_eq!(
         crd["metadata"]["annotations"]["helm.sh/resource-policy"],
         "keep"
     );
+}
 
-    // --- 3. the operator, as the chart runs it, with the chart's ServiceAccount --------------------
-    let manifest = String::from_utf8(
-        run(cluster
-            .helm()
-            .args(["get", "manifest", RELEASE, "-n", &namespace]))
-        .stdout,
-    )
-    .expect("UTF-8");
-    let manifest_docs = yaml_docs(&manifest);
-    let deployment = manifest_docs
-        .iter()
-        .find(|d| kind_of(d) == "Deployment")
-        .expect("operator Deployment");
-    let pod_spec = &deployment["spec"]["template"]["spec"];
-    let container = &pod_spec["containers"][0];
-    let sa = pod_spec["serviceAccountName"]
-        .as_str()
-        .expect("serviceAccountName");
-    let admin_port = free_port();
-    let args: Vec<String> = container["args"]
-        .as_sequence()
-        .expect("args")
-        .iter()
-        .map(|a| a.as_str().expect("string arg").to_string())
-        .map(|a| {
-            if a.starts_with("--admin-listen=") {
-                format!("--admin-listen=127.0.0.1:{admin_port}")
-            } else {
-                a
+/// The operator binary, run with the chart's arguments, environment and ServiceAccount token.
+struct ChartOperator {
+    process: Proc,
+    admin_port: u16,
+    /// The chart's Service in front of the operator's admin port.
+    metrics_service: String,
+    container_name: String,
+}
+
+impl ChartOperator {
+    fn start(t: &Install, operator_binary: &Path) -> Self {
+        let manifest = String::from_utf8(
+            run(t
+                .cluster
+                .helm()
+                .args(["get", "manifest", RELEASE, "-n", &t.namespace]))
+            .stdout,
+        )
+        .expect("UTF-8");
+        let manifest_docs = yaml_docs(&manifest);
+        let deployment = manifest_docs
+            .iter()
+            .find(|d| kind_of(d) == "Deployment")
+            .expect("operator Deployment");
+        let pod_spec = &deployment["spec"]["template"]["spec"];
+        let container = &pod_spec["containers"][0];
+        let sa = pod_spec["serviceAccountName"]
+            .as_str()
+            .expect("serviceAccountName");
+        let admin_port = free_port().expect("a free port");
+        let args: Vec<String> = container["args"]
+            .as_sequence()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_string())
+            .map(|a| {
+                if a.starts_with("--admin-listen=") {
+                    format!("--admin-listen=127.0.0.1:{admin_port}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let operator_kubeconfig = service_account_kubeconfig(&t.cluster, &t.namespace, sa, &t.dir);
+        let mut cmd = Command::new(operator_binary);
+        cmd.args(&args)
+            .env("KUBECONFIG", &operator_kubeconfig)
+            .env("POD_NAME", "operator-test-0");
+        for env in container["env"].as_sequence().into_iter().flatten() {
+            if let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) {
+                cmd.env(name, value);
             }
-        })
-        .collect();
-    let operator_kubeconfig = service_account_kubeconfig(&cluster, &namespace, sa, &dir);
-    let mut cmd = Command::new(&operator_binary);
-    cmd.args(&args)
-        .env("KUBECONFIG", &operator_kubeconfig)
-        .env("POD_NAME", "operator-test-0");
-    for env in container["env"].as_sequence().into_iter().flatten() {
-        if let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) {
-            cmd.env(name, value);
+        }
+        let mut process = Proc::spawn(&mut cmd);
+        process.wait_for_line("operator starting", Duration::from_secs(30));
+        let metrics_service = manifest_docs
+            .iter()
+            .find(|d| kind_of(d) == "Service" && d["spec"]["ports"][0]["name"] == "admin")
+            .and_then(|d| d["metadata"]["name"].as_str())
+            .expect("the operator's metrics Service")
+            .to_owned();
+        let container_name = container["name"]
+            .as_str()
+            .expect("container name")
+            .to_owned();
+        Self {
+            process,
+            admin_port,
+            metrics_service,
+            container_name,
         }
     }
-    let mut operator = Proc::spawn(&mut cmd);
-    operator.wait_for_line("operator starting", Duration::from_secs(30));
+}
 
+/// The chart's EventRouter gets its children, owned by it, and a broker that is ready.
+fn children_are_reconciled(t: &Install, operator: &ChartOperator) {
     // Children of the chart's EventRouter appear, owned by it.
     let deploy = eventually(Duration::from_secs(90), "the router Deployment", || {
-        cluster
-            .exists(&["deployment", ROUTER, "-n", &namespace])
-            .then(|| cluster.json(&["deployment", ROUTER, "-n", &namespace]))
+        t.cluster
+            .exists(&["deployment", ROUTER, "-n", &t.namespace])
+            .then(|| t.cluster.json(&["deployment", ROUTER, "-n", &t.namespace]))
     });
     assert_eq!(
         deploy["metadata"]["ownerReferences"][0]["kind"],
         "EventRouter",
         "{}",
-        operator.output()
+        operator.process.output()
     );
     for child in [
         vec!["service", ROUTER],
@@ -345,8 +440,8 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         vec!["horizontalpodautoscaler", ROUTER],
     ] {
         eventually(Duration::from_secs(60), &format!("{child:?}"), || {
-            cluster
-                .exists(&[child[0], child[1], "-n", &namespace])
+            t.cluster
+                .exists(&[child[0], child[1], "-n", &t.namespace])
                 .then_some(())
         });
     }
@@ -354,7 +449,7 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         Duration::from_secs(60),
         "EventRouter status conditions",
         || {
-            let er = cluster.json(&["eventrouter", ROUTER, "-n", &namespace]);
+            let er = t.cluster.json(&["eventrouter", ROUTER, "-n", &t.namespace]);
             er["status"]["conditions"]
                 .as_array()
                 .is_some_and(|c| !c.is_empty())
@@ -372,9 +467,13 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         broker["status"], "True",
         "broker topology declared with the Secret's URL: {broker}"
     );
+}
 
-    // A second router whose broker is unreachable makes reconciles fail (errors by reason).
-    run(cluster
+/// A second router whose broker is unreachable makes reconciles fail (errors by reason); returns
+/// its manifest.
+fn add_a_router_with_a_dead_broker(t: &Install) -> PathBuf {
+    run(t
+        .cluster
         .kubectl()
         .args([
             "create",
@@ -382,29 +481,35 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             "generic",
             "dead-broker",
             "-n",
-            &namespace,
+            &t.namespace,
         ])
         .arg("--from-literal=url=amqp://guest:guest@127.0.0.1:1/%2f"));
+    let ns = &t.namespace;
     let broken = format!(
-        "apiVersion: eventrouter.io/v1alpha1\nkind: EventRouter\nmetadata:\n  name: broken\n  namespace: {namespace}\nspec:\n  deletionPolicy: retain\n  rabbitmq:\n    secretRef: {{name: dead-broker, key: url}}\n"
+        "apiVersion: eventrouter.io/v1alpha1\nkind: EventRouter\nmetadata:\n  name: broken\n  namespace: {ns}\nspec:\n  deletionPolicy: retain\n  rabbitmq:\n    secretRef: {{name: dead-broker, key: url}}\n"
     );
-    let broken_file = dir.join("broken.yaml");
+    let broken_file = t.dir.join("broken.yaml");
     std::fs::write(&broken_file, broken).expect("write");
-    run(cluster.kubectl().args(["apply", "-f"]).arg(&broken_file));
+    run(t.cluster.kubectl().args(["apply", "-f"]).arg(&broken_file));
 
-    // --- 4. the operator dashboard's queries against a Prometheus scraping the operator ------------
+    broken_file
+}
+
+/// A Prometheus scrapes the operator with the target labels the chart's ServiceMonitor gives it,
+/// and every query and variable of `dashboards/operator.json` returns data.
+fn operator_dashboard_has_data(t: &Install, operator: &ChartOperator) -> Prometheus {
     // The target labels the Prometheus Operator gives a ServiceMonitor endpoint (the chart's sets
     // no honorLabels), so a metric label clashing with one of them would be renamed here too.
-    let metrics_service = manifest_docs
-        .iter()
-        .find(|d| kind_of(d) == "Service" && d["spec"]["ports"][0]["name"] == "admin")
-        .and_then(|d| d["metadata"]["name"].as_str())
-        .expect("the operator's metrics Service");
-    let container_name = container["name"].as_str().expect("container name");
+    let (metrics_service, container_name, admin_port, ns) = (
+        &operator.metrics_service,
+        &operator.container_name,
+        operator.admin_port,
+        &t.namespace,
+    );
     let prometheus = Prometheus::start(
         "chart-install",
         &format!(
-            "  - job_name: {metrics_service}\n    honor_labels: false\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n        labels: {{namespace: {namespace}, service: {metrics_service}, endpoint: admin, pod: operator-test-0, container: {container_name}}}\n"
+            "  - job_name: {metrics_service}\n    honor_labels: false\n    static_configs:\n      - targets: ['127.0.0.1:{admin_port}']\n        labels: {{namespace: {ns}, service: {metrics_service}, endpoint: admin, pod: operator-test-0, container: {container_name}}}\n"
         ),
     );
     prometheus.wait_targets_up(1);
@@ -416,22 +521,17 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             .then_some(())
         },
     );
-    std::thread::sleep(Duration::from_secs(3));
-    let vars = [("namespace", namespace.as_str()), ("pod", ".*")];
+    let vars = [("namespace", t.namespace.as_str()), ("pod", ".*")];
     let queries = dashboard_queries(&chart_dir().join("dashboards/operator.json"));
     assert!(queries.len() >= 8, "{queries:?}");
     for q in &queries {
         let expr = substitute(&q.expr, &vars);
-        assert!(
-            !prometheus.query(&expr).is_empty(),
-            "operator panel `{}` returned no data for `{expr}`",
-            q.panel
-        );
+        prometheus.query_until_data(&expr, &format!("operator panel `{}`", q.panel));
     }
     for (name, q) in dashboard_variable_queries(&chart_dir().join("dashboards/operator.json")) {
         let (query, label) = label_values_query(&substitute(&q, &vars));
         let values: Vec<_> = prometheus
-            .query(&query)
+            .query_until_data(&query, &format!("variable {name}"))
             .iter()
             .filter_map(|r| r["metric"][&label].as_str().map(str::to_string))
             .collect();
@@ -446,9 +546,15 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         "the single operator holds the Lease"
     );
 
-    // The routers dashboard's queries on operator metrics, against what kubectl shows.
+    prometheus
+}
+
+/// The routers dashboard's queries on operator metrics (the *Replicas* panel) show what kubectl
+/// shows in the Deployment's and the HPA's status: before the HPA has a status, after the test
+/// writes one as the HPA controller would, and after it scales the Deployment as the HPA would.
+fn replicas_panel_follows_the_hpa(t: &Install, prometheus: &Prometheus) {
     let routers_vars = [
-        ("namespace", namespace.as_str()),
+        ("namespace", t.namespace.as_str()),
         ("router", ROUTER),
         ("pod", ".*"),
     ];
@@ -462,7 +568,7 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
             Duration::from_secs(60),
             &format!("the routers dashboard's replicas {when} to equal kubectl's"),
             || {
-                let (current, desired) = kube_replicas(&cluster, &namespace);
+                let (current, desired) = kube_replicas(&t.cluster, &t.namespace);
                 let mut seen = vec![format!("kubectl: current {current}, desired {desired}")];
                 for q in &replica_queries {
                     let expr = substitute(&q.expr, &routers_vars);
@@ -503,10 +609,10 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
     // Before the HPA controller's first pass: desired falls back to the Deployment's
     // spec.replicas. The API server shows such an HPA with `desiredReplicas: 0` (a required
     // field) and no conditions; that 0 is nobody's desire.
-    let hpa = cluster.json(&["hpa", ROUTER, "-n", &namespace]);
+    let hpa = t.cluster.json(&["hpa", ROUTER, "-n", &t.namespace]);
     assert!(
         hpa["status"]["conditions"].is_null() && hpa["status"]["desiredReplicas"] == 0,
-        "no HPA controller runs in the test cluster, yet the HPA has a status: {}",
+        "no HPA controller runs in the test t.cluster, yet the HPA has a status: {}",
         hpa["status"]
     );
     let seen = check_replicas("before the HPA computed anything");
@@ -523,43 +629,49 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
              "message": "the HPA was able to compute the replica count"},
         ],
     }});
-    run(cluster
+    run(t
+        .cluster
         .kubectl()
-        .args(["patch", "hpa", ROUTER, "-n", &namespace])
+        .args(["patch", "hpa", ROUTER, "-n", &t.namespace])
         .args(["--subresource=status", "--type=merge", "-p"])
         .arg(status.to_string()));
     let seen = check_replicas("once the HPA wants more pods");
     eprintln!("replicas with the HPA wanting {HPA_DESIRED}: {seen:?}");
-    assert_eq!(kube_replicas(&cluster, &namespace).1, HPA_DESIRED);
+    assert_eq!(kube_replicas(&t.cluster, &t.namespace).1, HPA_DESIRED);
     // ... and scales the Deployment through its scale subresource, as the HPA controller does.
-    run(cluster
+    run(t
+        .cluster
         .kubectl()
-        .args(["scale", "deployment", ROUTER, "-n", &namespace])
+        .args(["scale", "deployment", ROUTER, "-n", &t.namespace])
         .arg(format!("--replicas={HPA_DESIRED}")));
     eventually(
         Duration::from_secs(60),
         "the Deployment to have the pods the HPA asked for",
-        || (kube_replicas(&cluster, &namespace).0 == HPA_DESIRED).then_some(()),
+        || (kube_replicas(&t.cluster, &t.namespace).0 == HPA_DESIRED).then_some(()),
     );
     let seen = check_replicas("once the Deployment scaled");
     eprintln!("replicas after scaling: {seen:?}");
-    drop(prometheus);
+}
 
-    // --- 5. removal --------------------------------------------------------------------------------
-    run(cluster
+/// The documented removal: the routers go while the operator still runs (its finalizer cleans
+/// RabbitMQ), their children are garbage-collected and their replica series disappear.
+fn remove_the_routers(t: &Install, broken_file: &Path, admin_port: u16) {
+    run(t
+        .cluster
         .kubectl()
         .args(["delete", "-f"])
-        .arg(&broken_file)
+        .arg(broken_file)
         .arg("--wait=true")
         .arg("--timeout=60s"));
     // Remove the chart's EventRouter while the operator still runs (its finalizer cleans RabbitMQ).
-    run(cluster
+    run(t
+        .cluster
         .helm()
         .args(["upgrade", RELEASE])
         .arg(chart_dir())
         .args([
             "-n",
-            &namespace,
+            &t.namespace,
             "--reuse-values",
             "--set",
             "eventRouter.create=false",
@@ -567,16 +679,20 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
     eventually(
         Duration::from_secs(60),
         "the chart's EventRouter to be finalized and gone",
-        || (!cluster.exists(&["eventrouter", ROUTER, "-n", &namespace])).then_some(()),
+        || {
+            (!t.cluster
+                .exists(&["eventrouter", ROUTER, "-n", &t.namespace]))
+            .then_some(())
+        },
     );
     eventually(
         Duration::from_secs(60),
         "the router's children to be garbage-collected",
         || {
-            let left = cluster.names(&[
+            let left = t.cluster.names(&[
                 "deployment,service,serviceaccount,poddisruptionbudget",
                 "-n",
-                &namespace,
+                &t.namespace,
                 "-l",
                 "app.kubernetes.io/instance=events",
             ]);
@@ -585,7 +701,7 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
     );
 
     // The deleted routers' replica series are gone from the operator's metrics.
-    let (status, metrics) = http(
+    let (status, metrics) = http_request(
         format!("127.0.0.1:{admin_port}").parse().expect("address"),
         "GET",
         "/metrics",
@@ -600,41 +716,42 @@ fn helm_install_runs_the_operator_which_reconciles_the_charts_event_router_and_u
         left.is_empty(),
         "the deleted routers' replicas are still reported: {left:?}"
     );
+}
 
+/// Stops the operator (everything it did ran under the chart's RBAC), then `helm uninstall`
+/// leaves nothing behind but the CRD, which is kept by design.
+fn uninstall(t: &Install, operator: &mut ChartOperator) {
     // Everything the operator did ran under the chart's RBAC. Stop it before the uninstall takes
-    // its rights away (in a cluster its Deployment goes in the same step).
-    let operator_log = operator.output();
-    drop(operator);
+    // its rights away (in a t.cluster its Deployment goes in the same step).
+    let operator_log = operator.process.output();
+    operator.process.stop();
     assert!(
         !operator_log.contains("forbidden"),
         "the chart's RBAC denied the operator something:\n{operator_log}"
     );
 
-    run(cluster
+    run(t
+        .cluster
         .helm()
-        .args(["uninstall", RELEASE, "-n", &namespace, "--wait"]));
+        .args(["uninstall", RELEASE, "-n", &t.namespace, "--wait"]));
     let release_selector = format!("app.kubernetes.io/instance={RELEASE}");
-    let leftovers = cluster.names(&[
+    let leftovers = t.cluster.names(&[
         "deployment,replicaset,service,serviceaccount,role,rolebinding,configmap,poddisruptionbudget,networkpolicy,eventrouter",
         "-n",
-        &namespace,
+        &t.namespace,
         "-l",
         &release_selector,
     ]);
     assert!(leftovers.is_empty(), "helm uninstall left {leftovers:?}");
     let cluster_scoped =
-        cluster.names(&["clusterrole,clusterrolebinding", "-l", &release_selector]);
+        t.cluster
+            .names(&["clusterrole,clusterrolebinding", "-l", &release_selector]);
     assert!(
         cluster_scoped.is_empty(),
         "helm uninstall left {cluster_scoped:?}"
     );
     assert!(
-        cluster.exists(&["crd", CRD]),
+        t.cluster.exists(&["crd", CRD]),
         "the CRD is kept on uninstall by design"
     );
-
-    run(cluster
-        .kubectl()
-        .args(["delete", "namespace", &namespace, "--wait=false"]));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -89,7 +89,7 @@ fn start_router(
         Duration::from_secs(30),
         "the router to be ready (broker connected)",
         || {
-            (http(listen, "GET", eventrouter_contract::http::READYZ_PATH, "").0 == 200)
+            (http_request(listen, "GET", eventrouter_contract::http::READYZ_PATH, "").0 == 200)
                 .then_some(())
         },
     );
@@ -199,7 +199,7 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
             let body = format!(
                 r#"[{{"event":"order.created","data":{{"n":{n}}}}},{{"event":"order.paid","data":{{"n":{n}}}}}]"#
             );
-            let (status, text) = http(
+            let (status, text) = http_request(
                 r.listen,
                 "POST",
                 eventrouter_contract::http::PUBLISH_PATH,
@@ -213,7 +213,7 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let Prometheus scrape the final state a few times.
+    // Deliveries show in Prometheus.
     eventually(
         Duration::from_secs(20),
         "deliveries to show in Prometheus",
@@ -222,7 +222,6 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
             (!r.is_empty()).then_some(())
         },
     );
-    std::thread::sleep(Duration::from_secs(3));
 
     let value = |sample: &serde_json::Value| -> f64 {
         sample["value"][1]
@@ -230,6 +229,19 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
             .and_then(|s| s.parse().ok())
             .expect("a sample value")
     };
+    // Prometheus has scraped the final state once it counts every published event as received.
+    eventually(
+        Duration::from_secs(20),
+        "Prometheus to count every published event as received",
+        || {
+            let received =
+                prometheus.query(r#"sum(eventrouter_events_received_total{source="amqp"})"#);
+            received
+                .first()
+                .is_some_and(|sample| value(sample) >= n as f64)
+                .then_some(())
+        },
+    );
 
     // --- every panel query of the routers dashboard ---------------------------------------------
     let dashboard = chart_dir().join("dashboards/routers.json");
@@ -243,18 +255,14 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
     let mut on_operator_metrics = Vec::new();
     for q in dashboard_queries(&dashboard) {
         let expr = substitute(&q.expr, &vars);
-        // Accepted by Prometheus (`query` panics otherwise), whatever it reads.
-        let result = prometheus.query(&expr);
         if q.expr.contains(OPERATOR_METRIC_PREFIX) {
-            // No operator runs here: proven to return data in chart_install.
+            // Accepted by Prometheus (`query` panics otherwise); no operator runs here, so these
+            // are proven to return data in chart_install.
+            prometheus.query(&expr);
             on_operator_metrics.push((q.panel.clone(), q.expr.clone()));
             continue;
         }
-        assert!(
-            !result.is_empty(),
-            "panel `{}` returned no data for `{expr}`",
-            q.panel
-        );
+        prometheus.query_until_data(&expr, &format!("panel `{}`", q.panel));
         checked += 1;
     }
     eprintln!(
@@ -343,10 +351,10 @@ fn every_dashboard_and_adapter_query_returns_data_from_a_scraped_event_service()
     .expect("YAML");
     for rule in rules["rules"].as_sequence().expect("rules") {
         let series_query = rule["seriesQuery"].as_str().expect("seriesQuery");
-        let (status, body) = http(
+        let (status, body) = http_request(
             prometheus.addr,
             "GET",
-            &format!("/api/v1/series?match[]={}", urlencode(series_query)),
+            &format!("/api/v1/series?match[]={}", encode_segment(series_query)),
             "",
         );
         assert_eq!(status, 200, "{body}");

@@ -72,7 +72,7 @@ async fn dedicated_node_stops_restarts_and_keeps_durable_queues() {
     );
 
     node.restart().await.expect("restart");
-    let management = node.management().expect("management client");
+    let management = node.management();
     assert!(
         management
             .queue_exists(DEFAULT_VHOST, "durable-probe")

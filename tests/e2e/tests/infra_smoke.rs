@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use eventrouter_e2e::cluster::{TestNamespace, kube_client, unique_name};
+use eventrouter_e2e::cluster::{TestNamespace, kube_client};
 use eventrouter_e2e::command::{run, run_ok};
 use eventrouter_e2e::rabbitmq::{DEFAULT_VHOST, Management, amqp_url};
+use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::{wait_for, wait_until};
 use eventrouter_e2e::{require_env, vars};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -63,7 +64,7 @@ async fn rabbitmq_serves_amqp_and_the_management_api() {
         .await
         .expect("binding the queue");
 
-    let management = Management::shared().expect("management client");
+    let management = Management::shared();
     let overview = management.overview().await.expect("GET /api/overview");
     let version = overview["rabbitmq_version"].as_str().unwrap_or_default();
     assert!(

@@ -4,8 +4,6 @@
 
 mod operator_support;
 
-use std::time::Duration;
-
 use eventrouter_contract::kube as names;
 use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -306,7 +304,7 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
     let (client, ns) = setup("op-paused").await;
     let ns = ns.name().to_string();
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
     let mut spec = a_router_spec_reading("amqp");
     apply_router(&client, &ns, "chat", &spec).await;
@@ -321,12 +319,14 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
     wait_condition(&client, &ns, "chat", "Paused", "True", Some("PausedBySpec")).await;
     wait_condition(&client, &ns, "chat", "Ready", "False", Some("Paused")).await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let before = operator.reconciles();
     services
         .delete("chat", &DeleteParams::default())
         .await
         .expect("delete the Service");
-    // Give the operator several chances to act (its children watch fires on the delete).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Two reconciles have finished since the delete (its children watch fires on it; a
+    // reconcile already running when it happened counts as only one).
+    operator.wait_reconciles(before, 2).await;
     let d = Api::<Deployment>::namespaced(client.clone(), &ns)
         .get("chat")
         .await

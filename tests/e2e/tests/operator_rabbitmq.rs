@@ -48,29 +48,10 @@ async fn upstream_exchange(name: &str, present: bool) {
 
 /// `(source, routing_key)` of every binding into exchange `destination`.
 async fn bindings_into(mgmt: &Management, destination: &str) -> Vec<(String, String)> {
-    let path = format!(
-        "exchanges/{}/{}/bindings/destination",
-        encode_segment(DEFAULT_VHOST),
-        encode_segment(destination)
-    );
-    let value = mgmt
-        .get(&path)
+    let mut pairs = mgmt
+        .exchange_bindings_into(DEFAULT_VHOST, destination)
         .await
-        .expect("management API answers")
-        .unwrap_or_default();
-    let mut pairs: Vec<(String, String)> = value
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .map(|b| {
-                    (
-                        b["source"].as_str().unwrap_or("").to_string(),
-                        b["routing_key"].as_str().unwrap_or("").to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .expect("management API answers");
     pairs.sort();
     pairs
 }
@@ -95,7 +76,7 @@ fn a_router_spec(
 async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it_declared() {
     let (client, ns) = setup("op-mq-delete").await;
     let ns = ns.name().to_string();
-    let mgmt = Management::shared().expect("the management API");
+    let mgmt = Management::shared();
     let (exchange, upstream) = (format!("{ns}.router"), format!("{ns}.orders"));
     upstream_exchange(&upstream, true).await;
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
@@ -212,7 +193,7 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
 async fn operator_retain_policy_keeps_the_topology_after_deletion() {
     let (client, ns) = setup("op-mq-retain").await;
     let ns = ns.name().to_string();
-    let mgmt = Management::shared().expect("the management API");
+    let mgmt = Management::shared();
     let (exchange, upstream) = (format!("{ns}.router"), format!("{ns}.orders"));
     upstream_exchange(&upstream, true).await;
     put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
@@ -250,7 +231,7 @@ async fn operator_retain_policy_keeps_the_topology_after_deletion() {
 async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_fixed() {
     let (client, ns) = setup("op-mq-down").await;
     let ns = ns.name().to_string();
-    let mgmt = Management::shared().expect("the management API");
+    let mgmt = Management::shared();
     let exchange = format!("{ns}.router");
     let closed = eventrouter_e2e::free_port().expect("a free port");
     put_amqp_secret(
@@ -330,11 +311,13 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
         &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
     )
     .await;
+    let before = operator.reconciles();
     routers(&client, &ns)
         .delete("chat", &DeleteParams::default())
         .await
         .expect("delete the router");
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Two cleanup attempts have run (and failed) before the router is checked.
+    operator.wait_reconciles(before, 2).await;
     assert!(
         routers(&client, &ns)
             .get_opt("chat")

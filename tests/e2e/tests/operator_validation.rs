@@ -4,8 +4,6 @@
 
 mod operator_support;
 
-use std::time::Duration;
-
 use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
@@ -97,9 +95,10 @@ async fn operator_crd_rejects_impossible_specs_with_clear_messages() {
 async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_nothing() {
     let (client, ns) = setup("op-invalid").await;
     let ns = ns.name().to_string();
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
 
     // The Secret does not exist: the API server cannot know, the operator can.
+    let before = operator.reconciles();
     apply_router(
         &client,
         &ns,
@@ -114,7 +113,8 @@ async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_noth
         ready.message
     );
     wait_event(&client, &ns, "chat", "InvalidSpec", "Warning").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The reconcile that judged the spec has finished, and made no child.
+    operator.wait_reconciles(before, 1).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     assert!(
         deployments.get_opt("chat").await.expect("get").is_none(),

@@ -203,83 +203,23 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let accepted = Arc::new(AtomicU64::new(0));
     let mut publishers = JoinSet::new();
     for p in 0..args.publishers {
-        let mut client = HttpClient::connect(common.addr)
+        let client = HttpClient::connect(common.addr)
             .await
             .context("connecting a publisher")?;
         let args = args.clone();
         let accepted = Arc::clone(&accepted);
-        publishers.spawn(async move {
-            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-            // Each publisher owns its share of the rate; batches go out at fixed instants so a
-            // slow response delays one batch, not the schedule.
-            let interval = (args.rate > 0).then(|| {
-                Duration::from_secs_f64(
-                    args.batch as f64 * args.publishers as f64 / args.rate as f64,
-                )
-            });
-            let mut seq = (p as u64) << 40;
-            let mut next = publish_start;
-            while Instant::now() < deadline {
-                if let Some(interval) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += interval;
-                    if next > deadline + interval {
-                        break;
-                    }
-                }
-                let body = batch_body(
-                    &args.event,
-                    args.batch,
-                    args.payload_bytes,
-                    seq,
-                    nanos_since(epoch),
-                );
-                seq += args.batch as u64;
-                match client.post_json(PUBLISH_PATH, Bytes::from(body)).await {
-                    Ok((202, body)) => {
-                        let n = serde_json::from_slice::<serde_json::Value>(&body)
-                            .ok()
-                            .and_then(|v| v.get("accepted").and_then(serde_json::Value::as_u64))
-                            .unwrap_or(args.batch as u64);
-                        accepted.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Ok((status, _)) => *errors.entry(format!("http_{status}")).or_insert(0) += 1,
-                    Err(error) => {
-                        *errors.entry("io".into()).or_insert(0) += 1;
-                        tracing::warn!(%error, "publish failed; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        match HttpClient::connect(args.common.addr).await {
-                            Ok(c) => client = c,
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
-            errors
-        });
+        publishers.spawn(publish(
+            p,
+            client,
+            args,
+            accepted,
+            epoch,
+            publish_start,
+            deadline,
+        ));
     }
 
-    // Progress, once a second, while publishing.
-    let mut per_second = Vec::new();
-    let mut last_total = received_before;
-    let mut tick = tokio::time::interval_at(
-        (publish_start + Duration::from_secs(1)).into(),
-        Duration::from_secs(1),
-    );
-    while Instant::now() < deadline {
-        tick.tick().await;
-        let now_total = total(&stats);
-        let rate = (now_total - last_total) as f64;
-        per_second.push(rate);
-        last_total = now_total;
-        eprintln!(
-            "  t={:>3}s published {:>9} delivered {:>11} ({:>10.0}/s)",
-            per_second.len(),
-            accepted.load(Ordering::Relaxed),
-            now_total - received_before,
-            rate
-        );
-    }
+    let per_second = progress(&stats, &accepted, received_before, publish_start, deadline).await;
     let mut publish_errors = BTreeMap::new();
     while let Some(joined) = publishers.join_next().await {
         for (k, v) in joined.context("a publisher panicked")? {
@@ -291,22 +231,7 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
 
     // Drain: until every subscriber has everything, nothing moved for `drain_quiet`, or timeout.
     let expected = published * subscribers as u64;
-    let drain_deadline = Instant::now() + args.drain_timeout;
-    let mut last_change = Instant::now();
-    let mut seen = total(&stats);
-    while Instant::now() < drain_deadline {
-        let now_total = total(&stats);
-        if now_total - received_before >= expected {
-            break;
-        }
-        if now_total != seen {
-            seen = now_total;
-            last_change = Instant::now();
-        } else if last_change.elapsed() >= args.drain_quiet {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drain(&stats, received_before, expected, args).await;
 
     let cpu_after = common
         .service_pid
@@ -398,6 +323,116 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         service_cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
         loadgen_cpu_seconds: self_cpu_before.zip(self_cpu_after).map(|(b, a)| a - b),
     })
+}
+
+/// One publisher connection: posts batches until `deadline` (at its share of the rate, or as fast
+/// as the service answers), counting what the service accepted; returns its errors by kind.
+async fn publish(
+    p: usize,
+    mut client: HttpClient,
+    args: FanoutArgs,
+    accepted: Arc<AtomicU64>,
+    epoch: Instant,
+    publish_start: Instant,
+    deadline: Instant,
+) -> BTreeMap<String, u64> {
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    // Each publisher owns its share of the rate; batches go out at fixed instants so a
+    // slow response delays one batch, not the schedule.
+    let interval = (args.rate > 0).then(|| {
+        Duration::from_secs_f64(args.batch as f64 * args.publishers as f64 / args.rate as f64)
+    });
+    let mut seq = (p as u64) << 40;
+    let mut next = publish_start;
+    while Instant::now() < deadline {
+        if let Some(interval) = interval {
+            tokio::time::sleep_until(next.into()).await;
+            next += interval;
+            if next > deadline + interval {
+                break;
+            }
+        }
+        let body = batch_body(
+            &args.event,
+            args.batch,
+            args.payload_bytes,
+            seq,
+            nanos_since(epoch),
+        );
+        seq += args.batch as u64;
+        match client.post_json(PUBLISH_PATH, Bytes::from(body)).await {
+            Ok((202, body)) => {
+                let n = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("accepted").and_then(serde_json::Value::as_u64))
+                    .unwrap_or(args.batch as u64);
+                accepted.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok((status, _)) => *errors.entry(format!("http_{status}")).or_insert(0) += 1,
+            Err(error) => {
+                *errors.entry("io".into()).or_insert(0) += 1;
+                tracing::warn!(%error, "publish failed; reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match HttpClient::connect(args.common.addr).await {
+                    Ok(c) => client = c,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// Prints progress once a second while publishing; returns the deliveries of each second.
+async fn progress(
+    stats: &[SubStats],
+    accepted: &AtomicU64,
+    received_before: u64,
+    publish_start: Instant,
+    deadline: Instant,
+) -> Vec<f64> {
+    let mut per_second = Vec::new();
+    let mut last_total = received_before;
+    let mut tick = tokio::time::interval_at(
+        (publish_start + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let now_total = total(stats);
+        let rate = (now_total - last_total) as f64;
+        per_second.push(rate);
+        last_total = now_total;
+        eprintln!(
+            "  t={:>3}s published {:>9} delivered {:>11} ({:>10.0}/s)",
+            per_second.len(),
+            accepted.load(Ordering::Relaxed),
+            now_total - received_before,
+            rate
+        );
+    }
+    per_second
+}
+
+/// Waits until the subscribers received `expected` events since `received_before`, nothing moved
+/// for `--drain-quiet`, or `--drain-timeout` passed.
+async fn drain(stats: &[SubStats], received_before: u64, expected: u64, args: &FanoutArgs) {
+    let drain_deadline = Instant::now() + args.drain_timeout;
+    let mut last_change = Instant::now();
+    let mut seen = total(stats);
+    while Instant::now() < drain_deadline {
+        let now_total = total(stats);
+        if now_total - received_before >= expected {
+            break;
+        }
+        if now_total != seen {
+            seen = now_total;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= args.drain_quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn service_counters(before: &Scrape, after: &Scrape) -> ServiceCounters {

@@ -8,14 +8,15 @@
 //! - [`open`] — opening many subscribed connections at bounded concurrency.
 //! - [`http`] — a keep-alive HTTP/1.1 client for `/publish` and `/metrics`.
 //! - [`metrics`] — scraping and reading the service's Prometheus text.
-//! - [`procfs`] — RSS, CPU time and kernel socket queues from `/proc`.
+//! - [`procfs`] — RSS, CPU time and kernel socket queues from `/proc` (the `procfs` crate).
 //! - [`idle`] — the memory-per-idle-connection scenario.
 //! - [`fanout`] — the fan-out throughput scenario.
 //! - [`report`] — the human summaries.
-//! - [`sys`] — the one small `unsafe` module (raising `RLIMIT_NOFILE`).
-#![deny(unsafe_op_in_unsafe_fn)]
-#![deny(unsafe_code)]
+//! - [`amqp_bench`] — the RabbitMQ benchmark: the service against a bare lapin consumer.
+//! - [`sys`] — raising `RLIMIT_NOFILE` (the `rlimit` crate).
+#![forbid(unsafe_code)]
 
+pub mod amqp_bench;
 pub mod cli;
 pub mod fanout;
 pub mod frame;

@@ -1,10 +1,21 @@
-//! What the kernel says about the service, read from `/proc`: its resident memory
-//! (`/proc/<pid>/status`), the receive and send queues of its TCP sockets (`/proc/net/tcp`, the
-//! same numbers as `ss`'s Recv-Q and Send-Q), and the TCP stack's own memory (`/proc/net/sockstat`).
+//! What the kernel says about the service, read from `/proc` with the `procfs` crate: its resident
+//! memory (`/proc/<pid>/status`), its CPU time (`/proc/<pid>/stat`), the receive and send queues
+//! of its TCP sockets (`/proc/net/tcp{,6}`, the same numbers as `ss`'s Recv-Q and Send-Q), the
+//! kernel's unreclaimable slab (`/proc/meminfo`) and the TCP stack's own memory
+//! (`/proc/net/sockstat`).
 //!
-//! The parsers are pure functions over the file text so they are tested without a kernel.
+//! `/proc/net/sockstat` is parsed here by hand: the `procfs` crate does not read it. The queue
+//! totals are a pure function over the crate's entries, so they are tested without a kernel.
 
 use std::{fs, io};
+
+use procfs::net::{TcpNetEntry, TcpState};
+use procfs::prelude::*;
+use procfs::process::Process;
+
+fn to_io(error: procfs::ProcError) -> io::Error {
+    io::Error::other(error)
+}
 
 /// Memory figures of one process, in KiB as the kernel reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -16,51 +27,30 @@ pub struct ProcMemory {
 
 /// Reads `/proc/<pid>/status`.
 pub fn process_memory(pid: u32) -> io::Result<ProcMemory> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    parse_status(&text).ok_or_else(|| {
+    let status = process(pid)?.status().map_err(to_io)?;
+    let vm_rss_kib = status.vmrss.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("no VmRSS in /proc/{pid}/status"),
         )
+    })?;
+    Ok(ProcMemory {
+        vm_rss_kib,
+        rss_anon_kib: status.rssanon.unwrap_or(0),
+        vm_hwm_kib: status.vmhwm.unwrap_or(0),
     })
 }
 
-/// Extracts VmRSS, RssAnon and VmHWM from a `/proc/<pid>/status` text.
-pub fn parse_status(text: &str) -> Option<ProcMemory> {
-    let field = |name: &str| {
-        text.lines().find_map(|line| {
-            let rest = line.strip_prefix(name)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse::<u64>().ok()
-        })
-    };
-    Some(ProcMemory {
-        vm_rss_kib: field("VmRSS")?,
-        rss_anon_kib: field("RssAnon").unwrap_or(0),
-        vm_hwm_kib: field("VmHWM").unwrap_or(0),
-    })
+fn process(pid: u32) -> io::Result<Process> {
+    let pid =
+        i32::try_from(pid).map_err(|_| io::Error::other(format!("pid {pid} out of range")))?;
+    Process::new(pid).map_err(to_io)
 }
 
 /// CPU time a process has used so far (user + system), in seconds.
 pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let ticks = parse_stat_cpu_ticks(&text).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("malformed /proc/{pid}/stat"),
-        )
-    })?;
-    Ok(ticks as f64 / crate::sys::clock_ticks_per_second() as f64)
-}
-
-/// utime + stime, in clock ticks, from a `/proc/<pid>/stat` line. The command name in
-/// parentheses may hold spaces, so fields are counted from the last `)`.
-pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
-    let after = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Field 3 (state) is index 0, so utime (field 14) is index 11 and stime index 12.
-    let utime = fields.get(11)?.parse::<u64>().ok()?;
-    let stime = fields.get(12)?.parse::<u64>().ok()?;
-    Some(utime + stime)
+    let stat = process(pid)?.stat().map_err(to_io)?;
+    Ok((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
 
 /// Sum of kernel queues over a set of established TCP sockets.
@@ -94,73 +84,67 @@ pub struct PortQueues {
     pub client_side: QueueTotals,
 }
 
-const TCP_ESTABLISHED: u8 = 0x01;
+/// One socket of the TCP table, as far as the queue totals care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketQueues {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub established: bool,
+    pub tx_queue: u64,
+    pub rx_queue: u64,
+}
+
+impl From<&TcpNetEntry> for SocketQueues {
+    fn from(entry: &TcpNetEntry) -> Self {
+        Self {
+            local_port: entry.local_address.port(),
+            remote_port: entry.remote_address.port(),
+            established: entry.state == TcpState::Established,
+            tx_queue: u64::from(entry.tx_queue),
+            rx_queue: u64::from(entry.rx_queue),
+        }
+    }
+}
 
 /// Reads `/proc/net/tcp` and `/proc/net/tcp6` and sums the queues of established connections to
 /// or from `port`.
 pub fn port_queues(port: u16) -> io::Result<PortQueues> {
-    let mut totals = PortQueues::default();
-    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        match fs::read_to_string(path) {
-            Ok(text) => accumulate_port_queues(&text, port, &mut totals),
-            // tcp6 is absent on kernels without IPv6.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+    let mut entries = procfs::net::tcp().map_err(to_io)?;
+    // tcp6 is absent on kernels without IPv6.
+    if let Ok(v6) = procfs::net::tcp6() {
+        entries.extend(v6);
     }
-    Ok(totals)
+    Ok(accumulate_port_queues(
+        entries.iter().map(SocketQueues::from),
+        port,
+    ))
 }
 
-/// Adds the established sockets of a `/proc/net/tcp{,6}` text that touch `port`.
-///
-/// A line looks like
-/// `0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000 ...`:
-/// local address:port, remote address:port, state, `tx_queue:rx_queue`, all hexadecimal.
-pub fn accumulate_port_queues(text: &str, port: u16, totals: &mut PortQueues) {
-    for line in text.lines().skip(1) {
-        let mut fields = line.split_whitespace().skip(1);
-        let (Some(local), Some(remote), Some(state), Some(queues)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if u8::from_str_radix(state, 16).ok() != Some(TCP_ESTABLISHED) {
-            continue;
-        }
-        let port_of = |addr: &str| {
-            addr.rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-        };
-        let Some((tx, rx)) = queues.split_once(':').and_then(|(tx, rx)| {
-            Some((
-                u64::from_str_radix(tx, 16).ok()?,
-                u64::from_str_radix(rx, 16).ok()?,
-            ))
-        }) else {
-            continue;
-        };
-        if port_of(local) == Some(port) {
-            totals.server_side.add(tx, rx);
-        } else if port_of(remote) == Some(port) {
-            totals.client_side.add(tx, rx);
+/// Sums the established sockets that touch `port`: the server's side when the local port is
+/// `port`, the clients' side when the remote port is.
+pub fn accumulate_port_queues(
+    sockets: impl IntoIterator<Item = SocketQueues>,
+    port: u16,
+) -> PortQueues {
+    let mut totals = PortQueues::default();
+    for socket in sockets.into_iter().filter(|s| s.established) {
+        if socket.local_port == port {
+            totals.server_side.add(socket.tx_queue, socket.rx_queue);
+        } else if socket.remote_port == port {
+            totals.client_side.add(socket.tx_queue, socket.rx_queue);
         }
     }
+    totals
 }
 
 /// Reads `SUnreclaim` from `/proc/meminfo`, in KiB: the kernel's unreclaimable slab, where
 /// socket objects live (system-wide, so other activity on the machine shows up as noise).
 pub fn unreclaimable_slab_kib() -> io::Result<u64> {
-    let text = fs::read_to_string("/proc/meminfo")?;
-    parse_meminfo_field(&text, "SUnreclaim")
+    let meminfo = procfs::Meminfo::current().map_err(to_io)?;
+    meminfo
+        .s_unreclaim
+        .map(|bytes| bytes / 1024)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no SUnreclaim in /proc/meminfo"))
-}
-
-/// One `Name:   123 kB` field of a `/proc/meminfo` text, in KiB.
-pub fn parse_meminfo_field(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
 }
 
 /// The TCP line of `/proc/net/sockstat`: sockets in use and the stack's memory, in pages.
@@ -202,39 +186,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_fields() {
-        let text = "Name:\tevent-service\nVmHWM:\t   20480 kB\nVmRSS:\t   12345 kB\nRssAnon:\t    9000 kB\n";
-        assert_eq!(
-            parse_status(text),
-            Some(ProcMemory {
-                vm_rss_kib: 12345,
-                rss_anon_kib: 9000,
-                vm_hwm_kib: 20480
-            })
-        );
-        assert_eq!(parse_status("Name:\tx\n"), None);
+    fn own_memory_and_cpu_time() {
+        let memory = process_memory(std::process::id()).expect("own /proc/self/status");
+        assert!(memory.vm_rss_kib > 0, "{memory:?}");
+        assert!(memory.vm_hwm_kib >= memory.vm_rss_kib, "{memory:?}");
+        // Burn a little CPU so the figure cannot be a constant zero.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds(std::process::id()).expect("own /proc/self/stat") > 0.0);
     }
 
-    #[test]
-    fn stat_cpu_ticks_skip_the_command_name() {
-        let text = "4242 (event service) S 1 4242 4242 0 -1 4194560 500 0 0 0 150 25 0 0 20 0 3 0 100 1000 200";
-        assert_eq!(parse_stat_cpu_ticks(text), Some(175));
-        assert_eq!(parse_stat_cpu_ticks("4242 (x) S 1"), None);
+    fn socket(
+        local_port: u16,
+        remote_port: u16,
+        established: bool,
+        tx: u64,
+        rx: u64,
+    ) -> SocketQueues {
+        SocketQueues {
+            local_port,
+            remote_port,
+            established,
+            tx_queue: tx,
+            rx_queue: rx,
+        }
     }
 
     #[test]
     fn queues_of_established_sockets_on_the_port() {
-        // Port 0x1F90 = 8080. Lines: listener (state 0A, ignored), a server-side socket with
-        // Recv-Q 0x64 = 100, a client-side socket with Send-Q 0x10 = 16, an unrelated socket.
-        let text = "\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000005 00:00000000 00000000     0        0 1 1
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000064 00:00000000 00000000     0        0 2 1
-   2: 0100007F:C350 0100007F:1F90 01 00000010:00000000 00:00000000 00000000     0        0 3 1
-   3: 0100007F:0016 0100007F:C351 01 00000100:00000100 00:00000000 00000000     0        0 4 1
-";
-        let mut totals = PortQueues::default();
-        accumulate_port_queues(text, 8080, &mut totals);
+        // A listener (not established, ignored), a server-side socket with Recv-Q 100, a
+        // client-side socket with Send-Q 16, an unrelated socket.
+        let totals = accumulate_port_queues(
+            [
+                socket(8080, 0, false, 0, 5),
+                socket(8080, 50000, true, 0, 100),
+                socket(50000, 8080, true, 16, 0),
+                socket(22, 50001, true, 256, 256),
+            ],
+            8080,
+        );
         assert_eq!(
             totals.server_side,
             QueueTotals {
@@ -258,22 +251,30 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_lines_parse_too() {
-        let text = "header\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 00000002:00000003 00:00000000 00000000 0 0 5 1\n";
-        let mut totals = PortQueues::default();
-        accumulate_port_queues(text, 8080, &mut totals);
-        assert_eq!(
-            (totals.server_side.send_q, totals.server_side.recv_q),
-            (2, 3)
-        );
+    fn unread_bytes_show_in_the_kernel_table() {
+        use std::io::Write as _;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (_server, _) = listener.accept().expect("accept");
+        client.write_all(&[7; 300]).expect("write");
+        // Loopback delivers at once, but poll briefly rather than trust the timing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let totals = port_queues(port).expect("/proc/net/tcp");
+            if totals.server_side.recv_q == 300 {
+                assert_eq!(totals.server_side.sockets, 1);
+                assert_eq!(totals.client_side.sockets, 1);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{totals:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]
-    fn meminfo_field() {
-        let text = "MemTotal:       24000000 kB\nSlab:            1056704 kB\nSUnreclaim:       113264 kB\n";
-        assert_eq!(parse_meminfo_field(text, "SUnreclaim"), Some(113_264));
-        assert_eq!(parse_meminfo_field(text, "Slab"), Some(1_056_704));
-        assert_eq!(parse_meminfo_field(text, "Sl"), None);
+    fn slab_is_read() {
+        assert!(unreclaimable_slab_kib().expect("/proc/meminfo") > 0);
     }
 
     #[test]
@@ -287,5 +288,6 @@ mod tests {
             })
         );
         assert_eq!(parse_sockstat("UDP: inuse 1\n"), None);
+        assert!(tcp_sockstat().is_ok());
     }
 }

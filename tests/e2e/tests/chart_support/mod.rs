@@ -1,7 +1,9 @@
 //! Shared by the chart tests (`chart_*.rs`): where the chart and its files are, how to run the
-//! real tools (helm, kubectl, promtool, prometheus, kubernetes-validate, the dashboard linter)
-//! with a clear failure when one is missing, a Prometheus started on a free loopback port, and
-//! the PromQL the dashboards and adapter rules contain.
+//! real tools (helm, kubectl, promtool, prometheus, kubernetes-validate, the dashboard linter;
+//! all installed by `tests/infra/install.sh`, found with the harness's `tool`, which fails loudly
+//! when one is missing), a Prometheus started on a free loopback port, and the PromQL the
+//! dashboards and adapter rules contain. Generic helpers (HTTP, polling, encoding) come from the
+//! harness.
 //!
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -9,59 +11,20 @@
 use std::{
     collections::BTreeMap,
     env,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use serde_json::Value as Json;
+pub use eventrouter_e2e::rabbitmq::encode_segment;
+pub use eventrouter_e2e::wait::wait_for_blocking;
+pub use eventrouter_e2e::{free_port, http, repo_root, tool};
 
-/// The repository root (two levels above this crate).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root exists")
-}
+use serde_json::Value as Json;
 
 pub fn chart_dir() -> PathBuf {
     repo_root().join("charts/event-router")
-}
-
-/// The tools cache the test command prepares (`tests/infra/install.sh`).
-pub fn tools_dir() -> PathBuf {
-    if let Some(dir) = env::var_os("EVENTROUTER_TOOLS") {
-        return PathBuf::from(dir);
-    }
-    let cache = env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").expect("HOME is set")).join(".cache"));
-    cache.join("event-router-tools")
-}
-
-/// Path of a tool: `$EVENTROUTER_TOOLS/bin/NAME` first (the pinned versions), then `PATH`.
-/// Panics with what to run when it is missing: these tests never pass by skipping.
-pub fn tool(name: &str) -> PathBuf {
-    let cached = tools_dir().join("bin").join(name);
-    if cached.is_file() {
-        return cached;
-    }
-    if let Some(path) = env::var_os("PATH") {
-        for dir in env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!(
-        "`{name}` is missing: it is neither in {} nor on PATH. Run tests/infra/install.sh \
-         (helm, kubectl, kubernetes-validate, prometheus, promtool) or \
-         charts/event-router/tests/install-tools.sh (dashboard-lint), or run the suite with tests/run.",
-        tools_dir().join("bin").display()
-    );
 }
 
 /// Runs a command and returns its output; panics with both streams when it fails.
@@ -79,8 +42,8 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// Runs a command expected to fail; returns its combined output.
-pub fn run_failing(cmd: &mut Command) -> String {
+/// Runs a command expected to fail; returns its exit code and combined output.
+pub fn run_failing(cmd: &mut Command) -> (Option<i32>, String) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
@@ -93,7 +56,7 @@ pub fn run_failing(cmd: &mut Command) -> String {
         !out.status.success(),
         "{cmd:?} was expected to fail but succeeded:\n{text}"
     );
-    text
+    (out.status.code(), text)
 }
 
 /// The values files of the chart's `ci/` folder (sorted).
@@ -141,61 +104,16 @@ pub fn kind_of(doc: &serde_yaml::Value) -> &str {
     doc["kind"].as_str().unwrap_or_default()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it right away).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-/// Percent-encodes a query-string value.
-pub fn urlencode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A minimal HTTP/1.0 request to a loopback server; returns (status, body).
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set timeout");
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).expect("send request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read response");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// A Prometheus server started by a test, on a free loopback port, with its own TSDB directory.
 pub struct Prometheus {
     child: Child,
     pub addr: SocketAddr,
     dir: PathBuf,
 }
+
+/// Prometheus cannot report a port it picked itself, so it is started on a port found free; if
+/// another process takes that port first, Prometheus exits and is started again on a new one.
+const PROMETHEUS_START_ATTEMPTS: usize = 3;
 
 impl Prometheus {
     /// Starts Prometheus with `scrape_configs` (YAML, indented as a list under `scrape_configs:`),
@@ -211,40 +129,58 @@ impl Prometheus {
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{scrape_configs}"
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}")
-            .parse()
-            .expect("literal address");
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("create the log");
-        let child = Command::new(tool("prometheus"))
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--web.enable-lifecycle")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start prometheus");
-        let prometheus = Self { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect(addr).is_ok() && http(addr, "GET", "/-/ready", "").0 == 200 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Prometheus did not become ready: {}",
-                prometheus.log()
+        for _ in 0..PROMETHEUS_START_ATTEMPTS {
+            let port = free_port().expect("a free port");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let log = std::fs::File::create(dir.join("prometheus.log")).expect("create the log");
+            let child = Command::new(tool("prometheus"))
+                .arg(format!(
+                    "--config.file={}",
+                    dir.join("prometheus.yml").display()
+                ))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--web.enable-lifecycle")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start prometheus");
+            let mut prometheus = Self {
+                child,
+                addr,
+                dir: dir.clone(),
+            };
+            let ready = wait_for_blocking(
+                "Prometheus to become ready",
+                Duration::from_secs(30),
+                || {
+                    if let Ok(Some(status)) = prometheus.child.try_wait() {
+                        return Ok(Some(status));
+                    }
+                    match http::blocking_get(&format!("{}/-/ready", prometheus.url())) {
+                        Ok(response) if response.status == 200 => Ok(None),
+                        Ok(response) => Err(format!("status {}", response.status)),
+                        Err(error) => Err(error.to_string()),
+                    }
+                },
             );
-            std::thread::sleep(Duration::from_millis(200));
+            match ready {
+                None => return prometheus,
+                Some(status) => eprintln!(
+                    "Prometheus exited ({status}) on {addr}, retrying on another port:\n{}",
+                    prometheus.log()
+                ),
+            }
         }
-        prometheus
+        panic!("Prometheus did not start in {PROMETHEUS_START_ATTEMPTS} attempts");
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub fn log(&self) -> String {
@@ -253,36 +189,51 @@ impl Prometheus {
 
     /// An instant query; returns the `data.result` array. Panics when Prometheus rejects it.
     pub fn query(&self, expr: &str) -> Vec<Json> {
-        let (status, body) = http(
-            self.addr,
-            "GET",
-            &format!("/api/v1/query?query={}", urlencode(expr)),
-            "",
-        );
-        let v: Json = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("bad JSON from Prometheus ({e}): {body}"));
+        let url = format!("{}/api/v1/query?query={}", self.url(), encode_segment(expr));
+        let response = http::blocking_get(&url)
+            .unwrap_or_else(|error| panic!("querying Prometheus: {error:#}"));
+        let v: Json = response
+            .json()
+            .unwrap_or_else(|error| panic!("bad JSON from Prometheus: {error:#}"));
         assert!(
-            status == 200 && v["status"] == "success",
-            "Prometheus rejected `{expr}`: {body}"
+            response.status == 200 && v["status"] == "success",
+            "Prometheus rejected `{expr}`: {}",
+            response.text()
         );
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Waits until every target is up; returns the targets.
+    /// Runs `expr` until it returns data (rates need a few scrapes after the first sample) and
+    /// returns the result; panics naming `what` after 30 s.
+    pub fn query_until_data(&self, expr: &str, what: &str) -> Vec<Json> {
+        wait_for_blocking(
+            &format!("{what} to return data for `{expr}`"),
+            Duration::from_secs(30),
+            || {
+                let result = self.query(expr);
+                if result.is_empty() {
+                    Err("an empty result")
+                } else {
+                    Ok(result)
+                }
+            },
+        )
+    }
+
+    /// Waits until at least `expected` targets are up.
     pub fn wait_targets_up(&self, expected: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let up = self.query("up == 1").len();
-            if up >= expected {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {up} of {expected} targets are up; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_for_blocking(
+            &format!("{expected} Prometheus targets to be up"),
+            Duration::from_secs(30),
+            || {
+                let up = self.query("up == 1").len();
+                if up >= expected {
+                    Ok(())
+                } else {
+                    Err(format!("{up} up; log:\n{}", self.log()))
+                }
+            },
+        );
     }
 }
 
@@ -413,19 +364,24 @@ pub fn label_values_query(q: &str) -> (String, String) {
     )
 }
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout` (the harness's
+/// blocking poll, for probes that have nothing to say while they wait).
 pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for_blocking(what, timeout, || f().ok_or("not yet"))
+}
+
+/// One request to a loopback server through the harness's HTTP client; returns (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let method: http::Method = method.parse().expect("an HTTP method");
+    let url = format!("http://{addr}{path}");
+    let response = http::block_on(http::request(
+        method,
+        &url,
+        &[(http::CONTENT_TYPE, "application/json")],
+        body.to_owned().into(),
+    ))
+    .unwrap_or_else(|error| panic!("{url}: {error:#}"));
+    (response.status, response.text())
 }
 
 /// Builds a binary of the workspace (`cargo build -p PACKAGE --bin BIN`, the debug profile the
@@ -518,31 +474,16 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// Kills the process and waits for it (also done on drop).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Runs `charts/event-router/tests/install-tools.sh` once per test process: it builds
-/// `dashboard-lint` and installs the Prometheus Operator schemas into the tools cache, and does
-/// nothing when they are current. Panics with its output when it fails.
-pub fn ensure_chart_tools() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let script = chart_dir().join("tests/install-tools.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env("EVENTROUTER_TOOLS", tools_dir())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed (it needs go and npm):\n{}{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

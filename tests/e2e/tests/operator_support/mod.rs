@@ -133,6 +133,29 @@ impl RunningOperator {
         self.metrics.leader.get() == 1
     }
 
+    /// Reconciles finished so far, whatever their result.
+    pub fn reconciles(&self) -> u64 {
+        ["ok", "error"]
+            .iter()
+            .map(|result| self.metrics.reconciles.with_label_values(&[result]).get())
+            .sum()
+    }
+
+    /// Waits until `more` reconciles have finished since the count was `before`: the positive
+    /// sign that the operator has looked at the cluster again since a change, before a test
+    /// asserts that the change made it do nothing.
+    pub async fn wait_reconciles(&self, before: u64, more: u64) {
+        wait_for(&format!("{more} more reconciles"), CONVERGE, || async {
+            let now = self.reconciles();
+            if now >= before + more {
+                Ok(())
+            } else {
+                Err(format!("{} of {more}", now - before))
+            }
+        })
+        .await;
+    }
+
     /// Stop gracefully (the Lease is released) and wait for it.
     pub async fn shutdown(mut self) {
         self.stop.cancel();

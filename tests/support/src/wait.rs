@@ -1,15 +1,19 @@
 //! Polling with a deadline: the one way tests wait for eventually-consistent state (a controller
-//! reconciling, a binding appearing, a node coming back), so that every wait has a timeout and
-//! a message saying what did not happen.
+//! reconciling, a binding appearing, a counter moving, a node coming back), so that every wait
+//! has a timeout and a message saying what did not happen. Async for tokio tests, blocking for
+//! the synchronous chart tests; both poll at the same pace.
 
 use std::fmt::Display;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
+/// How often a probe runs; short enough to keep socket tests quick, long enough not to hammer
+/// an API server.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How often a probe runs; short enough to keep tests quick, long enough not to hammer the API.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
+fn timed_out(what: &str, timeout: Duration, last: impl Display) -> ! {
+    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+}
 
 /// Runs `probe` until it returns `Ok`, and returns that value. After `timeout` it panics with
 /// `what` and the probe's last error, so a failing test says what it was waiting for and what
@@ -24,13 +28,9 @@ where
     loop {
         match probe().await {
             Ok(value) => return value,
-            Err(last) => {
-                if Instant::now() >= deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
-                }
-            }
+            Err(last) if Instant::now() >= deadline => timed_out(what, timeout, last),
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
@@ -51,6 +51,22 @@ where
         }
     })
     .await;
+}
+
+/// [`wait_for`] for synchronous tests: the thread sleeps between probes.
+pub fn wait_for_blocking<T, E: Display>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => timed_out(what, timeout, last),
+            Err(_) => std::thread::sleep(POLL_INTERVAL),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -89,5 +105,23 @@ mod tests {
             false
         })
         .await;
+    }
+
+    #[test]
+    fn blocking_returns_the_first_success() {
+        let mut calls = 0;
+        let value = wait_for_blocking("the second call", Duration::from_secs(5), || {
+            calls += 1;
+            if calls == 2 { Ok(calls) } else { Err("first") }
+        });
+        assert_eq!(value, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "waiting for nothing; last seen: never")]
+    fn blocking_times_out() {
+        wait_for_blocking("nothing", Duration::from_millis(200), || {
+            Err::<(), _>("never")
+        });
     }
 }

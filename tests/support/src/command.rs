@@ -41,6 +41,14 @@ pub fn run(command: &mut std::process::Command) -> anyhow::Result<CommandOutput>
 /// Runs `command` and returns its stdout; a non-zero exit is an error carrying its stderr.
 pub fn run_ok(command: &mut std::process::Command) -> anyhow::Result<String> {
     let output = run(command)?;
+    stdout_of_success(&*command, output)
+}
+
+/// The stdout of a command that exited with 0; otherwise an error with the command and stderr.
+fn stdout_of_success(
+    command: &dyn std::fmt::Debug,
+    output: CommandOutput,
+) -> anyhow::Result<String> {
     if !output.success() {
         bail!(
             "{command:?} failed ({}):\n{}{}",
@@ -64,15 +72,7 @@ pub async fn run_async(command: &mut tokio::process::Command) -> anyhow::Result<
 /// [`run_ok`] for async tests.
 pub async fn run_ok_async(command: &mut tokio::process::Command) -> anyhow::Result<String> {
     let output = run_async(command).await?;
-    if !output.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            output.status,
-            output.stderr,
-            output.stdout
-        );
-    }
-    Ok(output.stdout)
+    stdout_of_success(&*command, output)
 }
 
 #[cfg(test)]

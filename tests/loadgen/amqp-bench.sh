@@ -10,7 +10,7 @@
 #           cluster where the broker has cores of its own: the ratio says whether the service
 #           keeps up with everything the broker can hand out (skipped on a 1-CPU machine).
 #
-# Usage: tests/e2e/amqp-bench.sh [shared|pinned|both]      (default: both)
+# Usage: tests/loadgen/amqp-bench.sh [shared|pinned|both]      (default: both)
 #
 # Knobs (environment variables, with defaults):
 #   RUNS=5                  throughput runs per receiver per placement (medians are reported)
@@ -33,7 +33,7 @@ cpus="$(nproc)"
 command -v taskset >/dev/null || { echo "amqp-bench.sh needs taskset (util-linux)" >&2; exit 1; }
 
 echo "building release binaries ..." >&2
-(cd "$root" && cargo build --release --quiet -p event-service -p eventrouter-e2e \
+(cd "$root" && cargo build --release --quiet -p event-service -p eventrouter-loadgen \
   --bin event-service --bin amqp_bench)
 bench_bin="${CARGO_TARGET_DIR:-$root/target}/release/amqp_bench"
 
