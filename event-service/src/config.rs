@@ -5,8 +5,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use eventrouter_contract::env;
+pub use eventrouter_runtime::logging::LogFormat;
 
 /// Where events come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -24,13 +25,6 @@ pub enum SlowConsumerPolicy {
     Disconnect,
     /// Drop the oldest queued events until the new one fits (counted as drops).
     DropOldest,
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// The event service's configuration.
@@ -113,9 +107,13 @@ pub struct Config {
     #[arg(long, env = env::MAX_SUBSCRIPTIONS, default_value_t = 100)]
     pub max_subscriptions: usize,
 
-    /// Longest subscription pattern or event name, in bytes (RabbitMQ's routing-key limit is 255).
+    /// Longest subscription pattern, in bytes (RabbitMQ's routing-key limit is 255).
     #[arg(long, env = env::MAX_PATTERN_LENGTH, default_value_t = 255)]
     pub max_pattern_length: usize,
+
+    /// Longest event name `POST /publish` accepts, in bytes (RabbitMQ's routing-key limit is 255).
+    #[arg(long, env = env::MAX_EVENT_NAME_LENGTH, default_value_t = 255)]
+    pub max_event_name_length: usize,
 
     /// Most concurrent WebSocket connections; further upgrades get 503.
     #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 10_000)]
@@ -151,10 +149,20 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with every default, both ports on `127.0.0.1:0` and a 1 s drain, for
-    /// tests (a default 10 s drain would make every test's shutdown slow).
+    /// Every default, read from the flags' declarations only: no environment variable is
+    /// consulted (unlike [`Config::parse`]), so a `POD_NAME` or `EVENTROUTER_*` of the machine
+    /// running the tests cannot leak in.
+    pub fn defaults() -> Self {
+        let matches = Self::command()
+            .mut_args(|arg| arg.env(None::<&'static str>))
+            .get_matches_from(["event-service"]);
+        Self::from_arg_matches(&matches).expect("the defaults of every flag parse")
+    }
+
+    /// [`Config::defaults`] with both ports on `127.0.0.1:0` and a 1 s drain, for tests (a
+    /// default 10 s drain would make every test's shutdown slow).
     pub fn for_tests() -> Self {
-        let mut cfg = Self::parse_from(["event-service"]);
+        let mut cfg = Self::defaults();
         cfg.listen = "127.0.0.1:0".parse().expect("literal address");
         cfg.admin_listen = "127.0.0.1:0".parse().expect("literal address");
         cfg.drain_duration = Duration::from_secs(1);
@@ -165,11 +173,79 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
+
+    /// Set in the child process a test re-runs itself in.
+    const CHILD: &str = "EVENT_SERVICE_CONFIG_TEST_CHILD";
+
+    /// Runs the test `name` of this binary again in a child process with `vars` set, so a test
+    /// can read a real environment without `set_var` racing the other tests' threads. Returns
+    /// true in the child (which then makes its assertions), false in the parent once the child
+    /// passed.
+    fn in_child_with_env(name: &str, vars: &[(&str, &str)]) -> bool {
+        if std::env::var_os(CHILD).is_some() {
+            return true;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let output = Command::new(exe)
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the child failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "the child ran no test named {name}:\n{stdout}"
+        );
+        false
+    }
 
     #[test]
-    fn demo_is_a_flag_and_an_env_var() {
+    fn demo_is_a_flag() {
         assert!(Config::parse_from(["event-service", "--demo"]).demo);
         assert!(!Config::parse_from(["event-service"]).demo);
+    }
+
+    #[test]
+    fn demo_is_an_env_var() {
+        if in_child_with_env("config::tests::demo_is_an_env_var", &[(env::DEMO, "true")]) {
+            assert!(Config::parse_from(["event-service"]).demo);
+        }
+    }
+
+    #[test]
+    fn test_defaults_ignore_the_environment() {
+        let vars = [(env::POD_NAME, "leaked-pod"), (env::MAX_SUBSCRIPTIONS, "7")];
+        if in_child_with_env("config::tests::test_defaults_ignore_the_environment", &vars) {
+            // The environment is really there (the flags read it)...
+            let parsed = Config::parse_from(["event-service"]);
+            assert_eq!(parsed.pod_name.as_deref(), Some("leaked-pod"));
+            assert_eq!(parsed.max_subscriptions, 7);
+            // ...and the test configuration does not.
+            let cfg = Config::for_tests();
+            assert_eq!(cfg.pod_name, None);
+            assert_eq!(cfg.max_subscriptions, 100);
+        }
+    }
+
+    #[test]
+    fn event_names_have_their_own_limit() {
+        let c = Config::parse_from([
+            "event-service",
+            "--max-pattern-length",
+            "40",
+            "--max-event-name-length",
+            "20",
+        ]);
+        assert_eq!((c.max_pattern_length, c.max_event_name_length), (40, 20));
+        let d = Config::defaults();
+        assert_eq!(d.max_event_name_length, d.max_pattern_length);
     }
 
     #[test]

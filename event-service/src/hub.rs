@@ -23,9 +23,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::{
     connection::{ConnShared, Outgoing, Pushed, QueueLimits, lock},
     event::Event,
-    metrics::{DropReason, Metrics},
     protocol,
-    source::{EventSink, Origin, Source, SourceError},
+    service_metrics::{DropReason, ServiceMetrics},
+    source::{EventSink, Origin, Source, SourceError, Unavailable},
     topics::TopicTrie,
 };
 
@@ -41,14 +41,14 @@ pub struct Hub {
     index: RwLock<TopicTrie<Subscribers>>,
     binds: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<BindState>>>>,
     source: OnceLock<Source>,
-    metrics: Metrics,
+    metrics: ServiceMetrics,
     limits: QueueLimits,
     received_memory: IntCounter,
     received_amqp: IntCounter,
 }
 
 impl Hub {
-    pub fn new(metrics: Metrics, limits: QueueLimits) -> Self {
+    pub fn new(metrics: ServiceMetrics, limits: QueueLimits) -> Self {
         Self {
             index: RwLock::new(TopicTrie::new()),
             binds: Mutex::new(HashMap::new()),
@@ -139,9 +139,7 @@ impl Hub {
             } else {
                 let r = match self.source.get() {
                     Some(source) => source.bind(pattern).await,
-                    None => Err(SourceError::Unavailable(
-                        "the event source is starting".into(),
-                    )),
+                    None => Err(SourceError::Unavailable(Unavailable::Starting)),
                 };
                 if r.is_ok() {
                     state.bound = true;
@@ -292,7 +290,7 @@ mod tests {
 
     fn hub() -> Arc<Hub> {
         let registry = prometheus::Registry::new();
-        let metrics = Metrics::register(&registry).expect("metrics");
+        let metrics = ServiceMetrics::register(&registry).expect("metrics");
         let hub = Arc::new(Hub::new(
             metrics,
             QueueLimits {
@@ -300,7 +298,9 @@ mod tests {
                 policy: SlowConsumerPolicy::Disconnect,
             },
         ));
-        hub.set_source(Source::Memory(MemorySource::new(hub.clone())));
+        let sink: std::sync::Weak<dyn EventSink> =
+            Arc::downgrade(&hub) as std::sync::Weak<dyn EventSink>;
+        hub.set_source(Source::Memory(MemorySource::new(sink)));
         hub
     }
 

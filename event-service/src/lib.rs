@@ -7,25 +7,33 @@
 //!
 //! # Layout
 //!
-//! Layers by role, from the wire inwards:
+//! Layers by role, from the entry point inwards; each imports only layers below it
+//! (entry → listeners → sessions → hub → source):
 //!
+//! - [`server`] — the entry point: [`server::serve`] (listeners + shutdown future, then drain)
+//!   and [`server::RunningServer`] (start on port 0 in the background, for tests).
+//! - [`state`] — what every task of one server shares (configuration, metrics, hub, connection
+//!   registry and slots, readiness); built by `server`, read by the listeners.
+//! - [`main_port`] — the main listener: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
+//! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
+//! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
+//!   timeout, socket sampling, subscribe/unsubscribe requests.
+//! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
+//!   socket samples, close requests; the registry of open connections.
+//! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
+//!   counts driving `bind`/`unbind` on the source.
+//! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`, whose
+//!   `link` module keeps the broker connection up). A source holds the hub only weakly.
 //! - [`protocol`] — the client JSON protocol: parse requests with hard limits, encode replies and
 //!   event frames. Pure.
 //! - [`topics`] — pattern validation and the topic trie (RabbitMQ `*` / `#` semantics). Pure.
-//! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
-//!   socket samples, close requests; the registry of open connections.
-//! - [`session`] — one connection's task: always reads, writes in batches, pings, idle timeout,
-//!   socket sampling, subscribe/unsubscribe requests.
-//! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
-//!   counts driving `bind`/`unbind` on the source.
-//! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`).
-//! - [`http`] — the main port: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
-//! - [`admin`] — the admin port: `/metrics`, `/debug/connections`.
-//! - [`metrics`] — the Prometheus registry's contents.
+//! - [`service_metrics`] — the Prometheus registry's contents (the AMQP source adds its broker
+//!   metrics).
 //! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
-//! - [`server`] — assembly: [`server::serve`] (listeners + shutdown future, then drain) and
-//!   [`server::RunningServer`] (start on port 0 in the background, for tests).
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
+//!
+//! Process plumbing shared with the operator (logging set-up, signals, the HTTP accept loop,
+//! `/metrics` encoding, the open-files limit) lives in the `eventrouter-runtime` crate.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), event_service::server::ServeError> {
@@ -37,16 +45,17 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod admin;
+pub mod admin_port;
 pub mod config;
 pub mod connection;
 pub mod event;
-pub mod http;
 pub mod hub;
-pub mod metrics;
+pub mod main_port;
 pub mod protocol;
 pub mod server;
+pub mod service_metrics;
 pub mod session;
 pub mod sockq;
 pub mod source;
+pub mod state;
 pub mod topics;

@@ -50,8 +50,9 @@ impl ClientOp {
 }
 
 /// The machine-readable `code` of an `error` op. Every value is documented in the README.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
     InvalidJson,
@@ -72,23 +73,15 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The wire value (as serialized).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::InvalidRequest => "invalid_request",
-            ErrorCode::InvalidPattern => "invalid_pattern",
-            ErrorCode::PatternTooLong => "pattern_too_long",
-            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Busy => "busy",
-        }
+        self.into()
     }
 }
 
 /// A frame the server could not accept, with what to tell the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code:?}: {message}")]
+#[error("{}: {message}", code.as_str())]
 pub struct ParseError {
     pub code: ErrorCode,
     pub message: String,

@@ -10,38 +10,27 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, Weak},
     time::Duration,
 };
 
 use bytes::Bytes;
 use prometheus::Registry;
-use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin,
+    admin_port,
     config::{Config, SourceKind},
-    connection::{CloseRequest, ConnRegistry, QueueLimits},
+    connection::{CloseRequest, QueueLimits},
     event::Event,
-    http,
     hub::Hub,
-    metrics::Metrics,
-    session::{CLOSE_GRACE, SessionSettings},
-    source::{Source, amqp, memory::MemorySource},
+    main_port,
+    service_metrics::ServiceMetrics,
+    session::CLOSE_GRACE,
+    source::{EventSink, Source, amqp, memory::MemorySource},
+    state::Shared,
 };
-
-/// Per-connection read buffer. tokio-tungstenite's default (128 KiB) would dominate the memory
-/// of an idle connection; client frames are small (a ping is ~20 bytes, so one read still takes
-/// ~100 of them) and a larger frame just grows the buffer while it is read.
-pub const READ_BUFFER_BYTES: usize = 2 * 1024;
-
-/// Bytes tungstenite buffers before writing through to the socket within one batch.
-pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -61,67 +50,6 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Readiness as a value: false while draining or while the event source is down.
-#[derive(Clone)]
-pub struct Readiness {
-    draining: Arc<AtomicBool>,
-    hub: Arc<Hub>,
-}
-
-impl Readiness {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// `None` when ready, else why not (shown by `/readyz`).
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if self.is_draining() {
-            return Some("draining");
-        }
-        match self.hub.source() {
-            Some(source) if source.is_ready() => None,
-            Some(_) => Some("event source unavailable"),
-            None => Some("starting"),
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.not_ready_reason().is_none()
-    }
-}
-
-/// What every task of one server shares.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub registry: Registry,
-    pub metrics: Metrics,
-    pub hub: Arc<Hub>,
-    pub conns: ConnRegistry,
-    pub connection_slots: Arc<tokio::sync::Semaphore>,
-    pub readiness: Readiness,
-    pub ws_config: WebSocketConfig,
-    pub session: Arc<SessionSettings>,
-    pub conn_closed: Notify,
-    next_id: AtomicU64,
-}
-
-impl Shared {
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-fn ws_config(config: &Config) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        // The outbound queue is bounded by us; tungstenite's buffer then holds at most one write
-        // buffer's worth plus one frame, which the queue bound caps.
-        .max_write_buffer_size(WRITE_BUFFER_BYTES + config.send_queue_bytes + 64 * 1024)
-        .max_message_size(Some(config.max_frame_bytes))
-        .max_frame_size(Some(config.max_frame_bytes))
-}
-
 /// Runs the service on the given listeners until `shutdown` completes, then drains.
 pub async fn serve(
     config: Config,
@@ -129,8 +57,20 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_observed(config, listener, admin_listener, shutdown, |_| {}).await
+}
+
+/// [`serve`], handing the hub (weakly) to `observe` once it exists: tests use it to prove the
+/// hub is freed after the server stops.
+pub(crate) async fn serve_observed(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    observe: impl FnOnce(Weak<Hub>),
+) -> Result<(), ServeError> {
     let registry = Registry::new();
-    let metrics = Metrics::register(&registry)?;
+    let metrics = ServiceMetrics::register(&registry)?;
     metrics
         .max_connections
         .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
@@ -141,37 +81,19 @@ pub async fn serve(
             policy: config.slow_consumer_policy,
         },
     ));
+    observe(Arc::downgrade(&hub));
     let background = CancellationToken::new();
+    // The source holds the hub only weakly (hub -> source -> sink must not be an `Arc` cycle,
+    // or the hub would never be freed).
+    let sink: Weak<dyn EventSink> = Arc::downgrade(&hub) as Weak<dyn EventSink>;
     let source = match config.source {
-        SourceKind::Memory => Source::Memory(MemorySource::new(hub.clone())),
+        SourceKind::Memory => Source::Memory(MemorySource::new(sink)),
         SourceKind::Amqp => Source::Amqp(
-            amqp::AmqpSource::start(&config, hub.clone(), &registry, background.clone()).await?,
+            amqp::AmqpSource::start(&config, sink, &registry, background.clone()).await?,
         ),
     };
     hub.set_source(source.clone());
-    let draining = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared {
-        registry,
-        metrics: metrics.clone(),
-        hub: hub.clone(),
-        conns: ConnRegistry::default(),
-        connection_slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
-        readiness: Readiness {
-            draining: draining.clone(),
-            hub: hub.clone(),
-        },
-        ws_config: ws_config(&config),
-        session: Arc::new(SessionSettings {
-            ping_interval: config.ping_interval,
-            idle_timeout: config.idle_timeout,
-            socket_sample_interval: config.socket_sample_interval,
-            max_subscriptions: config.max_subscriptions,
-            max_pattern_length: config.max_pattern_length,
-        }),
-        conn_closed: Notify::new(),
-        next_id: AtomicU64::new(1),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config, registry, metrics, hub));
 
     tracing::info!(
         listen = %listener.local_addr().map_err(ServeError::LocalAddr)?,
@@ -180,7 +102,7 @@ pub async fn serve(
         "event service started"
     );
 
-    let admin_task = tokio::spawn(admin::accept_loop(
+    let admin_task = tokio::spawn(admin_port::serve(
         admin_listener,
         shared.clone(),
         background.clone(),
@@ -189,7 +111,7 @@ pub async fn serve(
         tokio::spawn(demo(source.clone(), background.clone()));
     }
     let stop_accepting = CancellationToken::new();
-    let accept_task = tokio::spawn(http::accept_loop(
+    let accept_task = tokio::spawn(main_port::serve(
         listener,
         shared.clone(),
         stop_accepting.clone(),
@@ -211,7 +133,7 @@ async fn drain(shared: &Shared, stop_accepting: &CancellationToken, accept_task:
     // The listener stays open while draining: `/readyz` answers 503 "draining" to probes (a
     // refused connection would look like a crash), `/publish` keeps working, and new WebSocket
     // upgrades are refused with 503 so clients reconnect to another instance.
-    shared.readiness.draining.store(true, Ordering::Release);
+    shared.readiness.start_draining();
     shared.metrics.draining.set(1);
     let conns = shared.conns.snapshot();
     tracing::info!(connections = conns.len(), ?duration, "draining");
@@ -329,5 +251,60 @@ impl RunningServer {
     pub async fn stop(self) -> Result<(), ServeError> {
         self.begin_shutdown();
         self.wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    #[tokio::test]
+    async fn the_hub_is_freed_after_the_server_stops() {
+        let config = Config::for_tests();
+        let listener = TcpListener::bind(config.listen).await.expect("bind");
+        let admin = TcpListener::bind(config.admin_listen).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let (hub_tx, hub_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(serve_observed(
+            config,
+            listener,
+            admin,
+            stop.clone().cancelled_owned(),
+            move |hub| {
+                let _ = hub_tx.send(hub);
+            },
+        ));
+        let hub = hub_rx.await.expect("the server hands out its hub");
+
+        // Use it: a client subscribes (a binding at the source) and leaves.
+        let url = format!("ws://{addr}{}", eventrouter_contract::http::WS_PATH);
+        let (mut client, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        client
+            .send(Message::text(
+                r#"{"op":"subscribe","id":1,"events":["order.*"]}"#,
+            ))
+            .await
+            .expect("send");
+        let ack = client.next().await.expect("a reply").expect("a frame");
+        assert!(ack.to_text().expect("text").contains("subscribed"), "{ack}");
+        assert!(hub.upgrade().is_some(), "the hub lives while serving");
+        drop(client);
+
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+        // Connection clean-up tasks may hold it a moment longer; a cycle would hold it forever.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.upgrade().is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hub is still alive 5 s after the server stopped: a reference cycle"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -37,8 +37,8 @@ use tokio_tungstenite::{
 use crate::{
     connection::{CloseRequest, ConnShared, Outgoing},
     hub::Hub,
-    metrics::{DisconnectReason, FrameKind, Metrics},
     protocol::{self, ClientOp, ErrorCode, RequestId},
+    service_metrics::{DisconnectReason, FrameKind, ServiceMetrics},
     sockq,
     topics::{self, PatternError},
 };
@@ -79,7 +79,7 @@ pub async fn run(
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
-    metrics: Metrics,
+    metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
 ) -> DisconnectReason {
     let now = Instant::now();
@@ -128,7 +128,7 @@ struct Session {
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
-    metrics: Metrics,
+    metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
     /// Frames taken from the queue and not yet handed to the WebSocket.
     batch: VecDeque<Outgoing>,

@@ -5,9 +5,6 @@
 //! This memory lives in the kernel, outside the process RSS: it is exactly what the origin
 //! failure could not see. Each call costs well under a microsecond, so every connection samples
 //! its own socket from its own task.
-//!
-//! It also holds the one other system call the binary needs, raising the open-files soft limit
-//! (every connection is a file descriptor), so all `unsafe` stays in this file.
 
 use std::os::fd::RawFd;
 
@@ -50,26 +47,6 @@ pub fn sample(fd: RawFd) -> std::io::Result<QueueDepth> {
 #[cfg(not(target_os = "linux"))]
 pub fn sample(_fd: RawFd) -> std::io::Result<QueueDepth> {
     Ok(QueueDepth::default())
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
-pub fn raise_open_files_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` through the pointer to our live local.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit only reads the `rlimit` we pass by pointer.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -216,9 +216,15 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let source = AmqpSource::start(&config, Collector::new(), &registry, shutdown)
-        .await
-        .expect("valid configuration");
+    let sink = Collector::new();
+    let source = AmqpSource::start(
+        &config,
+        std::sync::Arc::<Collector>::downgrade(&sink),
+        &registry,
+        shutdown,
+    )
+    .await
+    .expect("valid configuration");
     until("up", WAIT, || async { source.is_up() }).await;
 
     // Four workers each bind their own patterns (retrying until the broker confirms) and unbind

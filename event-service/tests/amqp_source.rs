@@ -48,9 +48,14 @@ async fn start_source(url: &str, tweak: impl FnOnce(&mut Config)) -> Started {
     let sink = Collector::new();
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
-    let source = AmqpSource::start(&config, sink.clone(), &registry, shutdown.clone())
-        .await
-        .expect("valid configuration");
+    let source = AmqpSource::start(
+        &config,
+        Arc::<Collector>::downgrade(&sink),
+        &registry,
+        shutdown.clone(),
+    )
+    .await
+    .expect("valid configuration");
     Started {
         source,
         sink,

@@ -10,15 +10,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-use http_body_util::Full;
+use eventrouter_runtime::http::{self as serving, Body, ServeOptions, metrics_response, text};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::metrics::Metrics;
 
@@ -35,22 +32,16 @@ impl Readiness {
     }
 }
 
-fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    response
-}
-
-fn route(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn route(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Body> {
     match path {
-        "/healthz" => respond(StatusCode::OK, "ok\n"),
-        "/readyz" if readiness.is_ready() => respond(StatusCode::OK, "ready\n"),
-        "/readyz" => respond(
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the API server has not answered yet\n",
         ),
-        "/metrics" => respond(StatusCode::OK, metrics.render()),
-        _ => respond(StatusCode::NOT_FOUND, "not found\n"),
+        "/metrics" => metrics_response(&metrics.registry),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
@@ -61,33 +52,19 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    debug!(%error, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
+    serving::serve(
+        listener,
+        ServeOptions::internal("admin"),
+        shutdown,
+        |_peer| {
+            let (metrics, readiness) = (metrics.clone(), readiness.clone());
+            service_fn(move |request: Request<Incoming>| {
                 let response = route(request.uri().path(), &metrics, &readiness);
                 async move { Ok::<_, Infallible>(response) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%error, "admin connection ended");
-            }
-        });
-    }
+            })
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use eventrouter_runtime::{logging, logging::LogFormat, signal::shutdown_signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -22,12 +23,6 @@ enum Command {
     Crd,
     /// Run the operator against the cluster of `KUBECONFIG` (or the in-cluster service account).
     Run(Box<RunArgs>),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,14 +126,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => *args,
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("parsing --log")?;
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    logging::init(&args.log, args.log_format).context("setting up logging (--log)")?;
 
     let client = kube::Client::try_default()
         .await
@@ -176,12 +164,7 @@ async fn main() -> anyhow::Result<()> {
 
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
-        }
+        shutdown_signal().await;
         signal.cancel();
     });
 

@@ -3,26 +3,32 @@
 //! No queue sits between publisher and hub: `dispatch` only enqueues onto the recipients' own
 //! bounded outbound queues, so there is nothing here that can grow.
 
-use std::sync::Arc;
+use std::sync::Weak;
 
 use super::{EventSink, Origin};
 use crate::event::Event;
 
+/// The embedded bus. It holds its sink weakly: the hub owns the source, so a strong reference
+/// back would keep the hub alive forever.
 #[derive(Clone)]
 pub struct MemorySource {
-    sink: Arc<dyn EventSink>,
+    sink: Weak<dyn EventSink>,
 }
 
 impl MemorySource {
-    pub fn new(sink: Arc<dyn EventSink>) -> Self {
+    pub fn new(sink: Weak<dyn EventSink>) -> Self {
         Self { sink }
     }
 
-    /// Delivers every event to the hub; returns how many were taken (all of them).
+    /// Delivers every event to the hub; returns how many were taken (all of them, or none once
+    /// the hub is gone).
     pub fn publish(&self, events: Vec<Event>) -> usize {
+        let Some(sink) = self.sink.upgrade() else {
+            return 0;
+        };
         let n = events.len();
         for event in events {
-            self.sink.dispatch(event, Origin::Memory);
+            sink.dispatch(event, Origin::Memory);
         }
         n
     }

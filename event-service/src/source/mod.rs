@@ -9,7 +9,9 @@
 //! - `publish`es what `POST /publish` accepted, returning only once the source has taken it.
 //!
 //! Two implementations: [`memory`] (the embedded bus, the default) and [`amqp`] (RabbitMQ).
-//! The set is closed, so it is an enum rather than a trait object.
+//! The set is closed, so it is an enum rather than a trait object. Events flow the other way
+//! through the [`EventSink`] trait object (the hub), which a source holds weakly: the hub owns the
+//! source, so a strong reference back would be a cycle that is never freed.
 
 pub mod amqp;
 pub mod memory;
@@ -19,18 +21,17 @@ use std::sync::Arc;
 use crate::event::Event;
 
 /// Which source produced an event (the `source` label of `eventrouter_events_received_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum Origin {
     Memory,
     Amqp,
 }
 
 impl Origin {
+    /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Memory => "memory",
-            Origin::Amqp => "amqp",
-        }
+        self.into()
     }
 }
 
@@ -44,13 +45,47 @@ pub trait EventSink: Send + Sync + 'static {
 pub enum SourceError {
     /// The broker is not reachable right now; the caller should answer 503 / an error op and retry.
     #[error("the event broker is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
     /// The broker refused the operation (e.g. a nack on publish, a channel error on bind).
     #[error("the event broker refused the request: {0}")]
-    Rejected(String),
+    Rejected(Rejected),
     /// The operation did not complete within its deadline.
     #[error("the event broker did not answer in time")]
     Timeout,
+}
+
+/// Why the source cannot take requests right now.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The server is still assembling itself: the hub has no source yet.
+    #[error("the event source is starting")]
+    Starting,
+    /// Between two broker connections.
+    #[error("not connected to RabbitMQ; reconnecting")]
+    NotConnected,
+    /// A resource alarm on the broker blocks this connection's publishers.
+    #[error("RabbitMQ is blocking publishers (memory or disk alarm); retry later")]
+    Blocked,
+    /// The connection failed under the operation.
+    #[error("{0}")]
+    Connection(lapin::Error),
+}
+
+/// Why the broker (or the source on its behalf) refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    /// Longer than an AMQP routing key can be.
+    #[error("a pattern may be at most 255 bytes (an AMQP routing key)")]
+    PatternTooLong,
+    /// The event cannot be written as an AMQP message.
+    #[error("{0}")]
+    Unencodable(amqp::EncodeError),
+    /// Negative publisher confirms.
+    #[error("the broker refused {nacked} of {total} events (negative publisher confirm)")]
+    Nacked { nacked: usize, total: usize },
+    /// A channel-level AMQP error.
+    #[error("{0}")]
+    Channel(lapin::Error),
 }
 
 /// The configured event source.

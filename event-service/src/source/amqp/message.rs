@@ -24,7 +24,8 @@ pub(crate) const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Why a message from the queue was dropped (the `reason` label of
 /// `eventrouter_malformed_messages_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub(crate) enum Malformed {
     EmptyRoutingKey,
     TooLarge,
@@ -32,18 +33,9 @@ pub(crate) enum Malformed {
 }
 
 impl Malformed {
-    pub(crate) const ALL: [Malformed; 3] = [
-        Malformed::EmptyRoutingKey,
-        Malformed::TooLarge,
-        Malformed::InvalidJson,
-    ];
-
+    /// The label value (the variant in snake_case).
     pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Malformed::EmptyRoutingKey => "empty_routing_key",
-            Malformed::TooLarge => "too_large",
-            Malformed::InvalidJson => "invalid_json",
-        }
+        self.into()
     }
 }
 
@@ -108,13 +100,21 @@ fn integer(value: &AMQPValue) -> Option<u64> {
 
 /// The routing key, id and properties for publishing `event`.
 ///
-/// Fails (with a reason) only for an event name or id over the AMQP short-string limit; callers
-/// validate names before, so this is a second line of defence rather than a panic.
-pub(crate) fn encode(event: &Event) -> Result<(ShortString, BasicProperties), &'static str> {
-    let routing_key = ShortString::try_new(event.name.as_str())
-        .map_err(|_| "the event name is longer than 255 bytes")?;
-    let message_id = ShortString::try_new(event.id.as_str())
-        .map_err(|_| "the event id is longer than 255 bytes")?;
+/// Fails only for an event name or id over the AMQP short-string limit; callers validate names
+/// before, so this is a second line of defence rather than a panic.
+/// Why an event cannot be written as an AMQP message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("the event name is longer than 255 bytes")]
+    NameTooLong,
+    #[error("the event id is longer than 255 bytes")]
+    IdTooLong,
+}
+
+pub(crate) fn encode(event: &Event) -> Result<(ShortString, BasicProperties), EncodeError> {
+    let routing_key =
+        ShortString::try_new(event.name.as_str()).map_err(|_| EncodeError::NameTooLong)?;
+    let message_id = ShortString::try_new(event.id.as_str()).map_err(|_| EncodeError::IdTooLong)?;
     let since_epoch = event.time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mut headers = FieldTable::default();
     headers.insert(

@@ -4,12 +4,12 @@
 //!
 //! - this module — [`AmqpSource`], the handle the hub and the HTTP layer use: `bind`, `unbind`,
 //!   `publish`, `is_up`. It owns the set of bound patterns, the truth restored after a reconnect.
-//! - `session` — the background connection manager: connect, declare, restore bindings, consume,
-//!   notice the loss, back off, do it again.
+//! - `link` — the live broker link: the channels of the current connection and the background
+//!   manager that keeps one up: connect, declare, restore bindings, consume, notice the loss, back
+//!   off (exponential with jitter, `backon`), do it again.
 //! - `message` — event ⇄ AMQP message mapping and the malformed-message rules (pure).
 //! - `settings` — the configuration, resolved and checked at start (pure).
-//! - `backoff` — reconnect delays with jitter (pure).
-//! - `metrics` — broker up, reconnects, publish confirms/failures, malformed messages.
+//! - `broker_metrics` — broker up, reconnects, publish confirms/failures, malformed messages.
 //!
 //! # Consistency between bindings and reconnects
 //!
@@ -18,16 +18,15 @@
 //! recorded before the manager snapshots the set (and restored on the new queue), or bound on the
 //! new connection after the restore: none falls between two connections.
 
-mod backoff;
+mod broker_metrics;
+mod link;
 mod message;
-mod metrics;
-mod session;
 mod settings;
 
 use std::{
     collections::BTreeSet,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
@@ -42,11 +41,12 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub use self::message::EncodeError;
 use self::{
-    metrics::{AmqpMetrics, PublishFailure},
-    settings::{OPERATION_TIMEOUT, Settings},
+    broker_metrics::{BrokerMetrics, PublishFailure},
+    settings::{AmqpSettings, OPERATION_TIMEOUT},
 };
-use super::{EventSink, SourceError};
+use super::{EventSink, Rejected, SourceError, Unavailable};
 use crate::{config::Config, event::Event};
 
 /// Why the AMQP source could not start (bad configuration only: an unreachable broker is not an
@@ -85,9 +85,10 @@ struct Link {
 /// The RabbitMQ source. Cheap to share (`Arc`); a background task keeps it connected until the
 /// shutdown token given to [`AmqpSource::start`] is cancelled.
 pub struct AmqpSource {
-    settings: Settings,
-    sink: Arc<dyn EventSink>,
-    metrics: AmqpMetrics,
+    settings: AmqpSettings,
+    /// Held weakly: the hub owns this source, and a strong reference back would keep both alive.
+    sink: Weak<dyn EventSink>,
+    metrics: BrokerMetrics,
     /// The live connection's channels; `None` while disconnected.
     link: RwLock<Option<Link>>,
     /// Every pattern the broker confirmed and nobody unbound since: restored on each new queue.
@@ -109,12 +110,12 @@ impl AmqpSource {
     /// with backoff and logs why, and [`AmqpSource::is_up`] stays false until it is connected.
     pub async fn start(
         config: &Config,
-        sink: Arc<dyn EventSink>,
+        sink: Weak<dyn EventSink>,
         registry: &prometheus::Registry,
         shutdown: CancellationToken,
     ) -> Result<Arc<AmqpSource>, AmqpStartError> {
-        let settings = Settings::from_config(config)?;
-        let metrics = AmqpMetrics::register(registry)?;
+        let settings = AmqpSettings::from_config(config)?;
+        let metrics = BrokerMetrics::register(registry)?;
         let source = Arc::new(AmqpSource {
             settings,
             sink,
@@ -126,7 +127,7 @@ impl AmqpSource {
             recycle_generation: AtomicU64::new(0),
             recycle: Notify::new(),
         });
-        tokio::spawn(session::run(Arc::clone(&source), shutdown));
+        tokio::spawn(link::run(Arc::clone(&source), shutdown));
         Ok(source)
     }
 
@@ -145,9 +146,8 @@ impl AmqpSource {
     /// While disconnected this fails with [`SourceError::Unavailable`] and records nothing: the
     /// caller rolls its subscription back, so the recorded set holds only confirmed bindings.
     pub async fn bind(&self, pattern: &str) -> Result<(), SourceError> {
-        let routing_key = ShortString::try_new(pattern).map_err(|_| {
-            SourceError::Rejected("a pattern may be at most 255 bytes (an AMQP routing key)".into())
-        })?;
+        let routing_key = ShortString::try_new(pattern)
+            .map_err(|_| SourceError::Rejected(Rejected::PatternTooLong))?;
         let guard = self.link.read().await;
         let link = guard.as_ref().ok_or_else(not_connected)?;
         let result = tokio::time::timeout(
@@ -170,7 +170,7 @@ impl AmqpSource {
             Ok(Err(error)) => {
                 warn!(pattern, %error, "queue.bind failed");
                 self.request_recycle(link.generation);
-                Err(source_error(&error))
+                Err(source_error(error))
             }
             Err(_) => {
                 warn!(pattern, timeout = ?OPERATION_TIMEOUT, "queue.bind got no answer");
@@ -217,7 +217,7 @@ impl AmqpSource {
             Ok(Err(error)) => {
                 warn!(pattern, %error, "queue.unbind failed; replacing the connection");
                 self.request_recycle(link.generation);
-                Err(source_error(&error))
+                Err(source_error(error))
             }
             Err(_) => {
                 warn!(
@@ -247,9 +247,9 @@ impl AmqpSource {
         for event in &events {
             match message::encode(event) {
                 Ok(e) => encoded.push(e),
-                Err(reason) => {
+                Err(error) => {
                     self.metrics.publish_failed(PublishFailure::Error, n);
-                    return Err(SourceError::Rejected(reason.into()));
+                    return Err(SourceError::Rejected(Rejected::Unencodable(error)));
                 }
             }
         }
@@ -262,9 +262,7 @@ impl AmqpSource {
         };
         if self.blocked.load(Ordering::Acquire) {
             self.metrics.publish_failed(PublishFailure::Unavailable, n);
-            return Err(SourceError::Unavailable(
-                "RabbitMQ is blocking publishers (memory or disk alarm); retry later".into(),
-            ));
+            return Err(SourceError::Unavailable(Unavailable::Blocked));
         }
         let work = async {
             let mut confirms = Vec::with_capacity(n);
@@ -286,7 +284,7 @@ impl AmqpSource {
         let outcomes = match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
             Ok(Ok(outcomes)) => outcomes,
             Ok(Err(error)) => {
-                let err = source_error(&error);
+                let err = source_error(error);
                 let reason = match err {
                     SourceError::Unavailable(_) => PublishFailure::Unavailable,
                     _ => PublishFailure::Error,
@@ -323,12 +321,10 @@ impl AmqpSource {
             self.metrics
                 .publish_failed(PublishFailure::Error, n - acked - nacked);
             self.request_recycle(link.generation);
-            return Err(source_error(&error));
+            return Err(source_error(error));
         }
         if nacked > 0 {
-            return Err(SourceError::Rejected(format!(
-                "the broker refused {nacked} of {n} events (negative publisher confirm)"
-            )));
+            return Err(SourceError::Rejected(Rejected::Nacked { nacked, total: n }));
         }
         Ok(acked)
     }
@@ -363,14 +359,14 @@ impl AmqpSource {
 }
 
 fn not_connected() -> SourceError {
-    SourceError::Unavailable("not connected to RabbitMQ; reconnecting".into())
+    SourceError::Unavailable(Unavailable::NotConnected)
 }
 
 /// A broker that refused the request (a channel-level AMQP error) versus one that is gone.
-fn source_error(error: &lapin::Error) -> SourceError {
+fn source_error(error: lapin::Error) -> SourceError {
     if error.is_amqp_soft_error() {
-        SourceError::Rejected(error.to_string())
+        SourceError::Rejected(Rejected::Channel(error))
     } else {
-        SourceError::Unavailable(error.to_string())
+        SourceError::Unavailable(Unavailable::Connection(error))
     }
 }

@@ -27,7 +27,7 @@ const MAX_NAME_BYTES: usize = 255;
 
 /// The AMQP source's settings, checked.
 #[derive(Clone, Debug)]
-pub(crate) struct Settings {
+pub(crate) struct AmqpSettings {
     /// Where to connect (with the heartbeat filled in).
     pub uri: AMQPUri,
     /// `host:port (vhost "…")` of the broker: safe to log (no credentials).
@@ -46,7 +46,7 @@ pub(crate) struct Settings {
     pub connection_name: String,
 }
 
-impl Settings {
+impl AmqpSettings {
     /// Resolves the configuration: reads the URL (the file wins over the flag), names the queue.
     pub(crate) fn from_config(config: &Config) -> Result<Self, AmqpStartError> {
         let url = match (&config.amqp_url_file, &config.amqp_url) {
@@ -193,7 +193,7 @@ mod tests {
     fn names_the_queue_after_the_pod_under_the_exchange() {
         let mut cfg = config("amqp://guest:guest@127.0.0.1:5672/%2f");
         cfg.pod_name = Some("router-7d9f-abc".into());
-        let s = Settings::from_config(&cfg).expect("valid settings");
+        let s = AmqpSettings::from_config(&cfg).expect("valid settings");
         assert_eq!(s.queue, "eventrouter.router-7d9f-abc");
         assert_eq!(s.endpoint, r#"127.0.0.1:5672 (vhost "/")"#);
         assert_eq!(s.uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
@@ -202,8 +202,12 @@ mod tests {
     #[test]
     fn a_missing_pod_name_gets_a_random_suffix() {
         let cfg = config("amqp://127.0.0.1");
-        let a = Settings::from_config(&cfg).expect("valid settings").queue;
-        let b = Settings::from_config(&cfg).expect("valid settings").queue;
+        let a = AmqpSettings::from_config(&cfg)
+            .expect("valid settings")
+            .queue;
+        let b = AmqpSettings::from_config(&cfg)
+            .expect("valid settings")
+            .queue;
         assert!(a.starts_with("eventrouter.instance-"), "{a}");
         assert_ne!(
             a, b,
@@ -213,7 +217,7 @@ mod tests {
 
     #[test]
     fn keeps_a_heartbeat_given_in_the_url() {
-        let s = Settings::from_config(&config("amqp://127.0.0.1:5672/%2f?heartbeat=3"))
+        let s = AmqpSettings::from_config(&config("amqp://127.0.0.1:5672/%2f?heartbeat=3"))
             .expect("valid settings");
         assert_eq!(s.uri.query.heartbeat, Some(3));
     }
@@ -224,7 +228,7 @@ mod tests {
         std::fs::write(&dir, "amqp://u:p@broker.example:5673/prod\n").expect("write temp file");
         let mut cfg = config("amqp://127.0.0.1");
         cfg.amqp_url_file = Some(dir.clone());
-        let s = Settings::from_config(&cfg).expect("valid settings");
+        let s = AmqpSettings::from_config(&cfg).expect("valid settings");
         std::fs::remove_file(&dir).expect("remove temp file");
         assert_eq!(s.endpoint, r#"broker.example:5673 (vhost "prod")"#);
         assert_eq!(s.uri.authority.userinfo.password, "p");
@@ -234,22 +238,22 @@ mod tests {
     fn refuses_what_retrying_cannot_fix() {
         let mut cfg = Config::for_tests();
         assert!(matches!(
-            Settings::from_config(&cfg),
+            AmqpSettings::from_config(&cfg),
             Err(AmqpStartError::MissingUrl)
         ));
         cfg.amqp_url_file = Some("/nonexistent/amqp-url".into());
         assert!(matches!(
-            Settings::from_config(&cfg),
+            AmqpSettings::from_config(&cfg),
             Err(AmqpStartError::UrlFile { .. })
         ));
         assert!(matches!(
-            Settings::from_config(&config("http://secret@host")),
+            AmqpSettings::from_config(&config("http://secret@host")),
             Err(AmqpStartError::InvalidUrl { .. })
         ));
         let mut cfg = config("amqp://127.0.0.1");
         cfg.queue_expires = Duration::ZERO;
         assert!(matches!(
-            Settings::from_config(&cfg),
+            AmqpSettings::from_config(&cfg),
             Err(AmqpStartError::InvalidSetting {
                 setting: "--queue-expires",
                 ..
@@ -258,7 +262,7 @@ mod tests {
         let mut cfg = config("amqp://127.0.0.1");
         cfg.pod_name = Some("p".repeat(300));
         assert!(matches!(
-            Settings::from_config(&cfg),
+            AmqpSettings::from_config(&cfg),
             Err(AmqpStartError::InvalidSetting { .. })
         ));
     }
@@ -269,7 +273,7 @@ mod tests {
         cfg.queue_max_length = 500;
         cfg.queue_message_ttl = Duration::from_secs(30);
         cfg.queue_expires = Duration::from_secs(300);
-        let args = Settings::from_config(&cfg)
+        let args = AmqpSettings::from_config(&cfg)
             .expect("valid settings")
             .queue_arguments();
         let args = args.inner();

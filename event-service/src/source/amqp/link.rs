@@ -1,4 +1,5 @@
-//! The connection manager: keeps one live session with the broker, and replaces it when it dies.
+//! The broker link: keeps one live connection (a "session") with the broker, and replaces it when
+//! it dies.
 //!
 //! A session is: connect → declare the exchange (or check it exists) → declare this instance's
 //! exclusive queue → under the write lock, re-bind every recorded pattern and start consuming →
@@ -27,17 +28,19 @@ use lapin::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 use super::{
     AmqpSource, Link,
-    backoff::Backoff,
     message::{self, Malformed},
     settings::OPERATION_TIMEOUT,
 };
 use crate::source::Origin;
 
-/// First reconnect delay; doubles per failure up to [`MAX_BACKOFF`].
-const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The reconnect delays before jitter: the first, doubling per failure up to the last. Jitter
+/// adds up to as much again, so delays fall in [125 ms, 250 ms) first and [5 s, 10 s) at most.
+const MIN_DELAY: Duration = Duration::from_millis(125);
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// A session that lived this long counts as healthy: the next failure backs off from the start.
 /// (A session that dies right after setup keeps growing the delay instead of spinning.)
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -84,24 +87,28 @@ async fn step<T>(
 }
 
 /// A set-up session: what the consume loop needs, and the connection to close at the end.
-struct Session {
+struct Connected {
     connection: Connection,
     consumer: Consumer,
     generation: u64,
 }
 
-enum SessionEnd {
+enum LinkEnd {
     Shutdown,
     Lost(String),
 }
 
 /// The manager task. Returns only on shutdown.
 pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
-    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
+    let mut backoff = ReconnectDelays::new();
     let mut generation = 0u64;
     let mut ever_connected = false;
     let endpoint = source.settings.endpoint.clone();
     loop {
+        if source.sink.strong_count() == 0 {
+            debug!("the event sink is gone; the connection manager stops");
+            return;
+        }
         generation += 1;
         let setup = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -128,11 +135,11 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
                 source.blocked.store(false, Ordering::Release);
                 close(&session.connection).await;
                 match end {
-                    SessionEnd::Shutdown => {
+                    LinkEnd::Shutdown => {
                         info!(%endpoint, "disconnected from RabbitMQ (shutdown)");
                         return;
                     }
-                    SessionEnd::Lost(reason) => {
+                    LinkEnd::Lost(reason) => {
                         warn!(%endpoint, %reason, "lost the RabbitMQ session; reconnecting");
                     }
                 }
@@ -141,8 +148,7 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
                 }
             }
             Err(error) => {
-                let attempt = backoff.attempt() + 1;
-                let delay = backoff.next_delay();
+                let (attempt, delay) = backoff.next_delay();
                 warn!(
                     %endpoint,
                     %error,
@@ -158,7 +164,7 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
             }
         }
         // After a lost session: a short jittered pause, so a fleet does not reconnect at once.
-        let delay = backoff.next_delay();
+        let (_, delay) = backoff.next_delay();
         debug!(
             retry_in_ms = delay.as_millis(),
             "waiting before reconnecting"
@@ -171,7 +177,7 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
 }
 
 /// Connects and builds the topology; on success the session is live and the source is up.
-async fn set_up(source: &AmqpSource, generation: u64) -> Result<Session, SetupError> {
+async fn set_up(source: &AmqpSource, generation: u64) -> Result<Connected, SetupError> {
     let settings = &source.settings;
     let properties = ConnectionProperties::default()
         .with_connection_name(settings.connection_name.clone().into());
@@ -181,7 +187,7 @@ async fn set_up(source: &AmqpSource, generation: u64) -> Result<Session, SetupEr
     )
     .await?;
     match build(source, &connection, generation).await {
-        Ok(consumer) => Ok(Session {
+        Ok(consumer) => Ok(Connected {
             connection,
             consumer,
             generation,
@@ -294,9 +300,9 @@ async fn build(
 /// Consumes until the session ends, and says why it ended.
 async fn live(
     source: &AmqpSource,
-    session: &mut Session,
+    session: &mut Connected,
     shutdown: &CancellationToken,
-) -> SessionEnd {
+) -> LinkEnd {
     let mut events = session.connection.events_listener();
     let broker_events = async {
         while let Some(event) = events.next().await {
@@ -324,10 +330,10 @@ async fn live(
         }
     };
     tokio::select! {
-        () = shutdown.cancelled() => SessionEnd::Shutdown,
-        reason = consume(source, &mut session.consumer) => SessionEnd::Lost(reason),
-        reason = broker_events => SessionEnd::Lost(reason),
-        reason = recycle => SessionEnd::Lost(reason),
+        () = shutdown.cancelled() => LinkEnd::Shutdown,
+        reason = consume(source, &mut session.consumer) => LinkEnd::Lost(reason),
+        reason = broker_events => LinkEnd::Lost(reason),
+        reason = recycle => LinkEnd::Lost(reason),
     }
 }
 
@@ -339,6 +345,10 @@ async fn live(
 /// batch rather than per message. (Acking at every momentary lull instead costs an ack frame,
 /// a wake-up of the AMQP I/O thread and broker work every few messages under load.)
 async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
+    // Held for this connection only; the manager task ends with the server that owns the hub.
+    let Some(sink) = source.sink.upgrade() else {
+        return "the event sink is gone (the server stopped)".to_owned();
+    };
     let ack_every = usize::from(source.settings.prefetch / 4).max(1);
     let max_bytes = source.settings.max_message_bytes;
     let mut unacked: Option<Acker> = None;
@@ -367,7 +377,7 @@ async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
         };
         let routing_key = delivery.routing_key.as_str();
         match message::decode(routing_key, &delivery.properties, delivery.data, max_bytes) {
-            Ok(event) => source.sink.dispatch(event, Origin::Amqp),
+            Ok(event) => sink.dispatch(event, Origin::Amqp),
             Err(reason) => {
                 source.metrics.malformed(reason);
                 malformed_log.log(reason, routing_key);
@@ -383,6 +393,47 @@ async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
                 return format!("acknowledging failed: {error}");
             }
         }
+    }
+}
+
+/// Reconnect delays: exponential with jitter (backon's builder), reset after a healthy session.
+///
+/// Jitter matters more than the curve: when a broker restarts, every instance of every router
+/// loses its connection at the same instant; without jitter they would all come back in lockstep
+/// and hit the booting broker together on every attempt.
+struct ReconnectDelays {
+    delays: ExponentialBackoff,
+    attempt: u32,
+}
+
+impl ReconnectDelays {
+    fn builder() -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_min_delay(MIN_DELAY)
+            .with_max_delay(MAX_DELAY)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+    }
+
+    fn new() -> Self {
+        Self {
+            delays: Self::builder().build(),
+            attempt: 0,
+        }
+    }
+
+    /// Counts one more failed attempt; returns its number and the delay before the next.
+    fn next_delay(&mut self) -> (u32, Duration) {
+        self.attempt = self.attempt.saturating_add(1);
+        // Without a maximum number of attempts the iterator never ends; the fallback is the cap.
+        let delay = self.delays.next().unwrap_or(MAX_DELAY * 2);
+        (self.attempt, delay)
+    }
+
+    /// After a session that worked: the next failure starts from the shortest delay again.
+    fn reset(&mut self) {
+        *self = Self::new();
     }
 }
 
@@ -442,5 +493,50 @@ async fn close(connection: &Connection) {
             ),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_exponentially_within_jitter_bounds_and_cap() {
+        let mut delays = ReconnectDelays::new();
+        let floors_ms = [125, 250, 500, 1000, 2000, 4000, 5000, 5000, 5000];
+        for (i, floor) in floors_ms.into_iter().enumerate() {
+            let (attempt, delay) = delays.next_delay();
+            let floor = Duration::from_millis(floor);
+            assert_eq!(attempt as usize, i + 1);
+            assert!(
+                delay >= floor && delay < floor * 2,
+                "attempt {attempt}: {delay:?} not in [{floor:?}, {:?})",
+                floor * 2
+            );
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet_reconnecting_at_once() {
+        let distinct: std::collections::BTreeSet<Duration> = (0..50)
+            .map(|_| ReconnectDelays::new().next_delay().1)
+            .collect();
+        assert!(
+            distinct.len() > 10,
+            "50 instances drew only {} distinct first delays",
+            distinct.len()
+        );
+    }
+
+    #[test]
+    fn reset_starts_over_and_many_attempts_stay_capped() {
+        let mut delays = ReconnectDelays::new();
+        for _ in 0..200 {
+            assert!(delays.next_delay().1 < MAX_DELAY * 2);
+        }
+        delays.reset();
+        let (attempt, delay) = delays.next_delay();
+        assert_eq!(attempt, 1);
+        assert!(delay < MIN_DELAY * 2, "{delay:?}");
     }
 }

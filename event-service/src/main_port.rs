@@ -4,15 +4,19 @@
 //! gets 503), takes the raw `TcpStream` back out of hyper (so the session can sample its kernel
 //! queues) and hands it to a `session` task with a small-buffer WebSocket configuration. The
 //! request headers must arrive within `--handshake-timeout` or the connection is dropped.
+//!
+//! The upgrade is written here rather than taken from a WebSocket server library because the
+//! session needs the raw `TcpStream` (its fd, for the kernel queue samples), which those hide.
 
-use std::{convert::Infallible, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
 
 use bytes::Bytes;
 use eventrouter_contract::http as paths;
+use eventrouter_runtime::http::{self as serving, Body, ServeOptions, json, text};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,82 +28,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     connection::ConnShared,
-    event::{Event, validate_event_name},
-    metrics::RejectReason,
-    server::Shared,
+    event::{Event, EventNameError, validate_event_name},
+    service_metrics::RejectReason,
     session,
+    state::Shared,
 };
-
-pub(crate) type Body = Full<Bytes>;
-
-pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
 
 fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-/// Accepts connections on the main port until `stop` fires.
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let shared = shared.clone();
-                tokio::spawn(serve_connection(stream, peer, shared));
-            }
-            Err(error) => {
-                // EMFILE and friends: back off a little rather than spin.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    // Batching already coalesces writes; Nagle would only add delay to the last frame of a batch.
-    let _ = stream.set_nodelay(true);
-    let timeout = shared.config.handshake_timeout;
-    let svc = {
+/// Serves the main port until `stop` fires.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let options = ServeOptions {
+        name: "main",
+        header_read_timeout: shared.config.handshake_timeout,
+        // Batching already coalesces writes; Nagle would only add delay to a batch's last frame.
+        nodelay: true,
+    };
+    serving::serve(listener, options, stop, |peer| {
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();
             async move { Ok::<_, Infallible>(route(req, peer, shared).await) }
         })
-    };
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
-    if let Err(error) = conn.await {
-        tracing::debug!(%peer, %error, "http connection ended with an error");
-    }
+    })
+    .await;
 }
 
 async fn route(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Response<Body> {
@@ -251,44 +205,65 @@ struct PublishItem<'a> {
     data: Option<&'a RawValue>,
 }
 
+/// Why a publish body was refused (answered 400 with this message).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishBodyError {
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the array holds no events")]
+    EmptyArray,
+    /// A bad item of a JSON array: the message names its index.
+    #[error("event #{index}: {error}")]
+    InArray {
+        index: usize,
+        error: PublishItemError,
+    },
+    /// The body's single object is bad.
+    #[error(transparent)]
+    Single(PublishItemError),
+}
+
+/// What is wrong with one `{"event","data"}` object.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishItemError {
+    #[error("missing \"event\" (the event name)")]
+    MissingName,
+    #[error("bad event name {name:?}: {error}")]
+    BadName { name: String, error: EventNameError },
+    #[error("missing \"data\" (any JSON value but null)")]
+    MissingData,
+}
+
+fn parse_item(item: PublishItem<'_>, max_name: usize) -> Result<Event, PublishItemError> {
+    let name = item.event.ok_or(PublishItemError::MissingName)?;
+    if let Err(error) = validate_event_name(&name, max_name) {
+        return Err(PublishItemError::BadName { name, error });
+    }
+    let data = item.data.ok_or(PublishItemError::MissingData)?;
+    Ok(Event::new(
+        name,
+        Bytes::copy_from_slice(data.get().as_bytes()),
+    ))
+}
+
 /// Parses a publish body: one `{"event","data"}` object or a JSON array of them.
-pub(crate) fn parse_publish(body: &[u8], max_name: usize) -> Result<Vec<Event>, String> {
-    let first = body
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .copied()
-        .unwrap_or(b' ');
-    let items: Vec<PublishItem<'_>> = if first == b'[' {
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?
-    } else {
-        vec![serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?]
-    };
+pub(crate) fn parse_publish(body: &[u8], max_name: usize) -> Result<Vec<Event>, PublishBodyError> {
+    let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if !is_array {
+        let item: PublishItem<'_> = serde_json::from_slice(body)?;
+        return parse_item(item, max_name)
+            .map(|event| vec![event])
+            .map_err(PublishBodyError::Single);
+    }
+    let items: Vec<PublishItem<'_>> = serde_json::from_slice(body)?;
     if items.is_empty() {
-        return Err("the array holds no events".into());
+        return Err(PublishBodyError::EmptyArray);
     }
     items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| {
-            let at = |msg: String| {
-                if first == b'[' {
-                    format!("event #{i}: {msg}")
-                } else {
-                    msg
-                }
-            };
-            let name = item
-                .event
-                .ok_or_else(|| at("missing \"event\" (the event name)".into()))?;
-            validate_event_name(&name, max_name)
-                .map_err(|e| at(format!("bad event name {name:?}: {e}")))?;
-            let data = item
-                .data
-                .ok_or_else(|| at("missing \"data\" (any JSON value but null)".into()))?;
-            Ok(Event::new(
-                name,
-                Bytes::copy_from_slice(data.get().as_bytes()),
-            ))
+        .map(|(index, item)| {
+            parse_item(item, max_name).map_err(|error| PublishBodyError::InArray { index, error })
         })
         .collect()
 }
@@ -324,9 +299,9 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
             );
         }
     };
-    let events = match parse_publish(&body, shared.config.max_pattern_length) {
+    let events = match parse_publish(&body, shared.config.max_event_name_length) {
         Ok(events) => events,
-        Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
+        Err(error) => return json_error(StatusCode::BAD_REQUEST, error.to_string()),
     };
     let Some(source) = shared.hub.source() else {
         return json_error(
@@ -372,5 +347,31 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn publish_errors_keep_their_messages() {
+        let message = |body: &[u8]| parse_publish(body, 255).expect_err("refused").to_string();
+        assert_eq!(
+            message(br#"{"data":1}"#),
+            "missing \"event\" (the event name)"
+        );
+        assert_eq!(message(br#"[]"#), "the array holds no events");
+        assert_eq!(
+            message(br#"[{"event":"a","data":1},{"event":"a","data":null}]"#),
+            "event #1: missing \"data\" (any JSON value but null)"
+        );
+        assert_eq!(
+            message(br#"{"event":"a.*","data":1}"#),
+            "bad event name \"a.*\": event name may not contain '*' or '#' (those are subscription wildcards)"
+        );
+        assert!(message(b"nope").starts_with("invalid JSON: "));
+        assert!(matches!(
+            parse_publish(br#"{"event":"abcdef","data":1}"#, 5),
+            Err(PublishBodyError::Single(PublishItemError::BadName {
+                error: EventNameError::TooLong { len: 6, max: 5 },
+                ..
+            }))
+        ));
     }
 }

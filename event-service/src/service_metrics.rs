@@ -4,7 +4,7 @@
 //! labels are small closed sets (`reason`, `kind`, `source`).
 //!
 //! The socket- and outbound-queue gauges are aggregates of values each connection's own task
-//! samples every `--socket-sample-interval` (see `connection`); [`Metrics::refresh_queue_gauges`]
+//! samples every `--socket-sample-interval` (see `connection`); [`ServiceMetrics::refresh_queue_gauges`]
 //! folds the latest samples into sum / max / over-threshold count when `/metrics` is scraped,
 //! so the hot path never touches a shared gauge. The broker metrics (`eventrouter_broker_up`,
 //! reconnects, publish confirms and failures, malformed messages) belong to the AMQP source,
@@ -14,11 +14,13 @@ use eventrouter_contract::metrics as names;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
 };
+use strum::IntoEnumIterator;
 
 use crate::connection::ConnRegistry;
 
 /// Why a WebSocket upgrade was refused (`reason` label of the rejected counter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum RejectReason {
     MaxConnections,
     Draining,
@@ -26,17 +28,15 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::MaxConnections => "max_connections",
-            RejectReason::Draining => "draining",
-            RejectReason::BadHandshake => "bad_handshake",
-        }
+        self.into()
     }
 }
 
 /// Why a connection ended (`reason` label of the disconnects counter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum DisconnectReason {
     /// The client closed (close frame or EOF).
     ClientClosed,
@@ -51,33 +51,15 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 8] = [
-        DisconnectReason::ClientClosed,
-        DisconnectReason::SlowConsumer,
-        DisconnectReason::IdleTimeout,
-        DisconnectReason::Drain,
-        DisconnectReason::TooBig,
-        DisconnectReason::Binary,
-        DisconnectReason::Abuse,
-        DisconnectReason::Error,
-    ];
-
+    /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
-        match self {
-            DisconnectReason::ClientClosed => "client_closed",
-            DisconnectReason::SlowConsumer => "slow_consumer",
-            DisconnectReason::IdleTimeout => "idle_timeout",
-            DisconnectReason::Drain => "drain",
-            DisconnectReason::TooBig => "too_big",
-            DisconnectReason::Binary => "binary",
-            DisconnectReason::Abuse => "abuse",
-            DisconnectReason::Error => "error",
-        }
+        self.into()
     }
 }
 
 /// Kinds of frame received from clients (`kind` label of the client-frames counter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum FrameKind {
     Subscribe,
     Unsubscribe,
@@ -90,33 +72,15 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 8] = [
-        FrameKind::Subscribe,
-        FrameKind::Unsubscribe,
-        FrameKind::Ping,
-        FrameKind::Invalid,
-        FrameKind::WsPing,
-        FrameKind::WsPong,
-        FrameKind::Binary,
-        FrameKind::Close,
-    ];
-
+    /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
-        match self {
-            FrameKind::Subscribe => "subscribe",
-            FrameKind::Unsubscribe => "unsubscribe",
-            FrameKind::Ping => "ping",
-            FrameKind::Invalid => "invalid",
-            FrameKind::WsPing => "ws_ping",
-            FrameKind::WsPong => "ws_pong",
-            FrameKind::Binary => "binary",
-            FrameKind::Close => "close",
-        }
+        self.into()
     }
 }
 
 /// Why an event was not delivered to a connection (`reason` label of the drops counter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum DropReason {
     /// Dropped to make room under `--slow-consumer-policy drop-oldest`.
     DropOldest,
@@ -125,17 +89,15 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::DropOldest => "drop_oldest",
-            DropReason::SlowConsumer => "slow_consumer",
-        }
+        self.into()
     }
 }
 
 /// Every metric the core service exports.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct ServiceMetrics {
     pub connections: IntGauge,
     pub connections_accepted: IntCounter,
     pub connections_rejected: IntCounterVec,
@@ -169,10 +131,10 @@ fn counter_vec(name: &str, help: &str, label: &str) -> Result<IntCounterVec, pro
     IntCounterVec::new(Opts::new(name, help), &[label])
 }
 
-impl Metrics {
+impl ServiceMetrics {
     /// Creates every metric and registers it (plus process metrics) on `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let m = Metrics {
+        let m = ServiceMetrics {
             connections: gauge(names::CONNECTIONS, "Open WebSocket connections.")?,
             connections_accepted: IntCounter::new(
                 names::CONNECTIONS_ACCEPTED,
@@ -300,20 +262,16 @@ impl Metrics {
             registry.register(c)?;
         }
         // Pre-create every labelled series so dashboards see zeros rather than gaps.
-        for r in [
-            RejectReason::MaxConnections,
-            RejectReason::Draining,
-            RejectReason::BadHandshake,
-        ] {
+        for r in RejectReason::iter() {
             m.connections_rejected.with_label_values(&[r.as_str()]);
         }
-        for r in DisconnectReason::ALL {
+        for r in DisconnectReason::iter() {
             m.disconnects.with_label_values(&[r.as_str()]);
         }
-        for k in FrameKind::ALL {
+        for k in FrameKind::iter() {
             m.client_frames.with_label_values(&[k.as_str()]);
         }
-        for r in [DropReason::DropOldest, DropReason::SlowConsumer] {
+        for r in DropReason::iter() {
             m.drops.with_label_values(&[r.as_str()]);
         }
         // Process metrics (RSS, CPU, open fds) explain memory next to the socket queues.
@@ -366,5 +324,35 @@ impl Metrics {
         self.outbound_queue_max_bytes.set(g(oq_max));
         self.outbound_queue_over.set(oq_over);
         self.kernel_buffered_bytes.set(g(rq_sum + sq_sum));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_the_documented_snake_case_names() {
+        let labels = |values: Vec<&'static str>| values.join(",");
+        assert_eq!(
+            labels(RejectReason::iter().map(RejectReason::as_str).collect()),
+            "max_connections,draining,bad_handshake"
+        );
+        assert_eq!(
+            labels(
+                DisconnectReason::iter()
+                    .map(DisconnectReason::as_str)
+                    .collect()
+            ),
+            "client_closed,slow_consumer,idle_timeout,drain,too_big,binary,abuse,error"
+        );
+        assert_eq!(
+            labels(FrameKind::iter().map(FrameKind::as_str).collect()),
+            "subscribe,unsubscribe,ping,invalid,ws_ping,ws_pong,binary,close"
+        );
+        assert_eq!(
+            labels(DropReason::iter().map(DropReason::as_str).collect()),
+            "drop_oldest,slow_consumer"
+        );
     }
 }

@@ -5,11 +5,13 @@
 
 use eventrouter_contract::metrics as names;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use strum::IntoEnumIterator;
 
 use super::message::Malformed;
 
 /// Why a publish failed (the `reason` label of `eventrouter_publish_failures_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub(crate) enum PublishFailure {
     /// Not connected to the broker (the HTTP layer answers 503).
     Unavailable,
@@ -22,25 +24,14 @@ pub(crate) enum PublishFailure {
 }
 
 impl PublishFailure {
-    const ALL: [PublishFailure; 4] = [
-        PublishFailure::Unavailable,
-        PublishFailure::Nack,
-        PublishFailure::Error,
-        PublishFailure::Timeout,
-    ];
-
+    /// The label value (the variant in snake_case).
     fn as_str(self) -> &'static str {
-        match self {
-            PublishFailure::Unavailable => "unavailable",
-            PublishFailure::Nack => "nack",
-            PublishFailure::Error => "error",
-            PublishFailure::Timeout => "timeout",
-        }
+        self.into()
     }
 }
 
 #[derive(Clone)]
-pub(crate) struct AmqpMetrics {
+pub(crate) struct BrokerMetrics {
     up: IntGauge,
     reconnects: IntCounter,
     confirms: IntCounter,
@@ -48,7 +39,7 @@ pub(crate) struct AmqpMetrics {
     malformed: IntCounterVec,
 }
 
-impl AmqpMetrics {
+impl BrokerMetrics {
     pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let up = IntGauge::new(
             names::BROKER_UP,
@@ -81,10 +72,10 @@ impl AmqpMetrics {
         registry.register(Box::new(confirms.clone()))?;
         registry.register(Box::new(publish_failures.clone()))?;
         registry.register(Box::new(malformed.clone()))?;
-        for reason in PublishFailure::ALL {
+        for reason in PublishFailure::iter() {
             publish_failures.with_label_values(&[reason.as_str()]);
         }
-        for reason in Malformed::ALL {
+        for reason in Malformed::iter() {
             malformed.with_label_values(&[reason.as_str()]);
         }
         Ok(Self {

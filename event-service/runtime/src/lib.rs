@@ -1,0 +1,13 @@
+//! Process plumbing shared by the two binaries of the project (the event service and the
+//! operator), so each concern is written once:
+//!
+//! - [`logging`] — the `--log-format` enum and the `tracing` subscriber set-up.
+//! - [`signal`] — the shutdown future: first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+//! - [`http`] — one accept/serve loop for hyper HTTP/1.1 servers (pauses on accept errors,
+//!   graceful shutdown), the plain-text/JSON response helpers and the `/metrics` encoder.
+//! - [`limits`] — raising the open-files soft limit (every connection is a file descriptor).
+
+pub mod http;
+pub mod limits;
+pub mod logging;
+pub mod signal;

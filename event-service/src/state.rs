@@ -1,0 +1,124 @@
+//! What every task of one server shares: the configuration, metrics, hub, connection registry,
+//! connection slots and readiness.
+//!
+//! Its own module so the layers point one way: the entry point ([`crate::server`]) builds it,
+//! the listeners ([`crate::main_port`], [`crate::admin_port`]) read it, and it knows neither.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use prometheus::Registry;
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::{
+    config::Config, connection::ConnRegistry, hub::Hub, service_metrics::ServiceMetrics,
+    session::SessionSettings,
+};
+
+/// Per-connection read buffer. tokio-tungstenite's default (128 KiB) would dominate the memory
+/// of an idle connection; client frames are small (a ping is ~20 bytes, so one read still takes
+/// ~100 of them) and a larger frame just grows the buffer while it is read.
+pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+
+/// Bytes tungstenite buffers before writing through to the socket within one batch.
+pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Readiness as a value: false while draining or while the event source is down.
+#[derive(Clone)]
+pub(crate) struct ServiceReadiness {
+    draining: Arc<AtomicBool>,
+    hub: Arc<Hub>,
+}
+
+impl ServiceReadiness {
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+        Self {
+            draining: Arc::new(AtomicBool::new(false)),
+            hub,
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// From now on `/readyz` answers 503 "draining" and upgrades are refused.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// `None` when ready, else why not (shown by `/readyz`).
+    pub(crate) fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.is_draining() {
+            return Some("draining");
+        }
+        match self.hub.source() {
+            Some(source) if source.is_ready() => None,
+            Some(_) => Some("event source unavailable"),
+            None => Some("starting"),
+        }
+    }
+}
+
+/// What every task of one server shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub registry: Registry,
+    pub metrics: ServiceMetrics,
+    pub hub: Arc<Hub>,
+    pub conns: ConnRegistry,
+    pub connection_slots: Arc<Semaphore>,
+    pub readiness: ServiceReadiness,
+    pub ws_config: WebSocketConfig,
+    pub session: Arc<SessionSettings>,
+    /// Notified each time a connection ends (the drain waits on it).
+    pub conn_closed: Notify,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: Config,
+        registry: Registry,
+        metrics: ServiceMetrics,
+        hub: Arc<Hub>,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            conns: ConnRegistry::default(),
+            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            readiness: ServiceReadiness::new(hub.clone()),
+            hub,
+            ws_config: ws_config(&config),
+            session: Arc::new(SessionSettings {
+                ping_interval: config.ping_interval,
+                idle_timeout: config.idle_timeout,
+                socket_sample_interval: config.socket_sample_interval,
+                max_subscriptions: config.max_subscriptions,
+                max_pattern_length: config.max_pattern_length,
+            }),
+            conn_closed: Notify::new(),
+            next_id: AtomicU64::new(1),
+            config,
+        }
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn ws_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        // The outbound queue is bounded by us; tungstenite's buffer then holds at most one write
+        // buffer's worth plus one frame, which the queue bound caps.
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + config.send_queue_bytes + 64 * 1024)
+        .max_message_size(Some(config.max_frame_bytes))
+        .max_frame_size(Some(config.max_frame_bytes))
+}
