@@ -44,6 +44,8 @@ export interface ClientOptions {
   backoff?: BackoffOptions;
   /** Upper bound of the random delay before reconnecting after 1001/4002, in ms (default 1000). */
   promptJitterMs?: number;
+  /** A connection attempt not open after this long counts as failed, in ms (default 10000). */
+  connectTimeoutMs?: number;
   /** A connection open this long resets the backoff, in ms (default 10000). */
   stableAfterMs?: number;
   /** Send an application ping after this much silence, in ms; 0 disables (default 20000). */

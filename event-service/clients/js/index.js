@@ -101,6 +101,7 @@ export class EventRouterError extends Error {
 const DEFAULTS = Object.freeze({
   backoff: { initialMs: 500, maxMs: 30_000 },
   promptJitterMs: 1000,
+  connectTimeoutMs: 10_000,
   stableAfterMs: 10_000,
   pingIntervalMs: 20_000,
   pongTimeoutMs: 10_000,
@@ -161,6 +162,7 @@ export class EventRouterClient extends EventTarget {
     this._attempt = 0;
     this._reconnects = 0;
     this._timer = null;
+    this._connectTimer = null;
     this._stableTimer = null;
     this._heartbeat = null;
     this._lastReceived = 0;
@@ -224,7 +226,9 @@ export class EventRouterClient extends EventTarget {
     }
     const wasClosed = this._state === "closed";
     this._setState("closed");
-    this._failAll(new EventRouterError("closed", "the client was closed"));
+    const error = new EventRouterError("closed", "the client was closed");
+    this._failAll(error);
+    for (const waiter of this._opened.splice(0)) waiter.reject(error);
     if (!wasClosed && ws) {
       this._emit("close", { code, reason, wasClean: true, willReconnect: false, byClient: true });
     }
@@ -313,8 +317,29 @@ export class EventRouterClient extends EventTarget {
       this._ws = null;
       this._onClosed({ code: e.code, reason: e.reason, wasClean: e.wasClean });
     };
-    // An error is always followed by a close event, which decides what happens next.
-    ws.onerror = () => {};
+    // Once open, an error is always followed by a close event, which decides what happens next.
+    // Before that, some runtimes (Node 20's WebSocket) report a failed connection with an error
+    // and never a close: give up on this socket here, as a 1006.
+    ws.onerror = () => {
+      if (this._state === "connecting") this._abandon(ws, "connection failed");
+    };
+    // A handshake that hangs (a black-holed SYN, a proxy that never answers) counts as failed.
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws && this._state === "connecting") this._abandon(ws, "connect timeout");
+    }, this.options.connectTimeoutMs);
+  }
+
+  /** Drops a socket that failed or went silent, and reconnects as after an abnormal close. */
+  _abandon(ws, reason) {
+    if (this._ws !== ws) return;
+    this._ws = null;
+    this._detach(ws);
+    try {
+      ws.close(CloseCode.NORMAL, reason);
+    } catch {
+      // Never opened, or already closing.
+    }
+    this._onClosed({ code: CloseCode.ABNORMAL, reason, wasClean: false });
   }
 
   _detach(ws) {
@@ -323,6 +348,7 @@ export class EventRouterClient extends EventTarget {
 
   _onOpen(ws) {
     if (this._ws !== ws) return;
+    clearTimeout(this._connectTimer);
     const isReconnect = this._lastClose !== null;
     if (isReconnect) this._reconnects += 1;
     this._setState("open");
@@ -409,17 +435,7 @@ export class EventRouterClient extends EventTarget {
     this._heartbeat = setInterval(() => {
       const now = Date.now();
       if (this._pingSentAt && now - this._pingSentAt >= pongTimeoutMs) {
-        const ws = this._ws;
-        if (ws) {
-          this._ws = null;
-          this._detach(ws);
-          try {
-            ws.close(CloseCode.NORMAL, "no answer to ping");
-          } catch {
-            // Already closing.
-          }
-        }
-        this._onClosed({ code: CloseCode.ABNORMAL, reason: "no answer to ping", wasClean: false });
+        if (this._ws) this._abandon(this._ws, "no answer to ping");
         return;
       }
       if (!this._pingSentAt && now - this._lastReceived >= pingIntervalMs) {
@@ -431,9 +447,10 @@ export class EventRouterClient extends EventTarget {
 
   _clearTimers() {
     clearTimeout(this._timer);
+    clearTimeout(this._connectTimer);
     clearTimeout(this._stableTimer);
     clearInterval(this._heartbeat);
-    this._timer = this._stableTimer = this._heartbeat = null;
+    this._timer = this._connectTimer = this._stableTimer = this._heartbeat = null;
     this._pingSentAt = 0;
   }
 

@@ -139,6 +139,7 @@ test("a drain (1001) makes the client reconnect promptly to another instance", a
   const b = await service(["--drain-duration", "1s"], "b");
   const lb = await Balancer.start([a, b]);
   try {
+    await lb.allReady();
     // Backoff this long would fail the timing below: only the prompt path is fast enough.
     const c = client(lb.wsUrl, {
       backoff: { initialMs: 20_000, maxMs: 20_000 },

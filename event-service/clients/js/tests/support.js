@@ -173,6 +173,11 @@ export class Balancer {
     return `ws://127.0.0.1:${this.port}/ws`;
   }
 
+  /** Waits until every backend answers /readyz with 200 (an AMQP source connects first). */
+  async allReady(timeoutMs = 15_000) {
+    await waitFor(() => this.backends.every((b) => b.ready), "every backend to be ready", timeoutMs);
+  }
+
   async _check() {
     await Promise.all(
       this.backends.map(async (b) => {
