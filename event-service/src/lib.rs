@@ -20,6 +20,7 @@
 //!   counts driving `bind`/`unbind` on the source.
 //! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`).
 //! - [`http`] — the main port: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
+//! - [`console`] — the live page on the main port (`/`, `/console/*`), when `--console` is on.
 //! - [`admin`] — the admin port: `/metrics`, `/debug/connections`.
 //! - [`metrics`] — the Prometheus registry's contents.
 //! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
@@ -40,6 +41,7 @@
 pub mod admin;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod event;
 pub mod http;
 pub mod hub;
