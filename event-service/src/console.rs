@@ -64,10 +64,7 @@ pub(crate) fn route<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Bod
         _ => return None,
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Some(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n",
-        ));
+        return Some(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }
     Some(match asset {
         Some((body, content_type)) => static_file(body, content_type),

@@ -48,7 +48,10 @@ async fn served_when_enabled() {
     let (status, content_type, page) = get(&format!("{base}/")).await;
     assert_eq!(status, 200);
     assert_eq!(content_type, "text/html; charset=utf-8");
-    assert!(page.contains("<title>event router console</title>"), "{page}");
+    assert!(
+        page.contains("<title>event router console</title>"),
+        "{page}"
+    );
     for (path, kind, needle) in [
         ("/console/app.js", "text/javascript", "EventRouterClient"),
         ("/console/style.css", "text/css", "#events"),
@@ -61,7 +64,10 @@ async fn served_when_enabled() {
     let (status, content_type, client) = get(&format!("{base}/console/client.js")).await;
     assert_eq!(status, 200);
     assert!(content_type.starts_with("text/javascript"));
-    assert_eq!(client, CLIENT_JS, "the page uses the client of clients/js, byte for byte");
+    assert_eq!(
+        client, CLIENT_JS,
+        "the page uses the client of clients/js, byte for byte"
+    );
 
     let before = stats(&base).await;
     assert_eq!(before["connections"], 0);
