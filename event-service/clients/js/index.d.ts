@@ -88,7 +88,7 @@ export declare class EventRouterError extends Error {
   serverMessage: string;
   /** The patterns the error concerns (`unavailable`). */
   events: string[];
-  /** Patterns of the same request that were subscribed (a partial `unavailable`). */
+  /** Patterns of the same request that were subscribed (a partial `unavailable`); the handler holds them. */
   subscribed: string[];
   /** The close code, when the connection ended under the request. */
   closeCode?: number;

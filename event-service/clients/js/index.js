@@ -164,6 +164,7 @@ export class EventRouterClient extends EventTarget {
     this._timer = null;
     this._connectTimer = null;
     this._stableTimer = null;
+    this._rebindTimer = null;
     this._heartbeat = null;
     this._lastReceived = 0;
     this._pingSentAt = 0;
@@ -244,17 +245,24 @@ export class EventRouterClient extends EventTarget {
   subscribe(patterns, handler) {
     const list = toPatterns(patterns);
     if (typeof handler !== "function") throw new TypeError("handler must be a function");
-    const done = this._request("subscribe", list).then(() => {
-      for (const p of list) {
+    const hold = (held) => {
+      for (const p of held) {
         if (!this._handlers.has(p)) this._handlers.set(p, new Set());
         this._handlers.get(p).add(handler);
       }
-      return {
-        patterns: list,
-        unsubscribe: () => this.unsubscribe(list, handler),
-      };
-    });
-    return done;
+    };
+    return this._request("subscribe", list).then(
+      () => {
+        hold(list);
+        return { patterns: list, unsubscribe: () => this.unsubscribe(list, handler) };
+      },
+      (error) => {
+        // A partial `unavailable`: the server holds the patterns that did bind, so the handler
+        // holds them too (they are resubscribed and can be unsubscribed); the error lists both.
+        if (error.subscribed?.length) hold(error.subscribed);
+        throw error;
+      },
+    );
   }
 
   /**
@@ -369,16 +377,25 @@ export class EventRouterClient extends EventTarget {
     for (const waiter of this._opened.splice(0)) waiter.resolve();
   }
 
-  _resubscribe() {
-    const patterns = this.patterns;
+  _resubscribe(only = null, attempt = 0) {
+    const held = this.patterns;
+    const patterns = only ? only.filter((p) => held.includes(p)) : held;
     if (patterns.length === 0) return;
     const req = this._newRequest("subscribe", patterns, true);
     req.promise.then(
       () => this._emit("resubscribed", { patterns }),
       (error) => {
-        // The connection is up but some patterns could not be bound (e.g. `unavailable` while
-        // the broker is down): report it; the handlers stay, so the next reconnect retries.
-        if (error.code !== "closed") this._emit("error", { error, patterns: error.events });
+        if (error.code === "closed") return;
+        this._emit("error", { error, patterns: error.events });
+        // `unavailable`: the broker could not bind these patterns right now; the handlers stay
+        // and the client asks again with backoff while the connection lasts.
+        if (error.code === "unavailable" && error.events.length > 0 && this._state === "open") {
+          const delay = backoffDelay(attempt, this.options.backoff, this._random);
+          clearTimeout(this._rebindTimer);
+          this._rebindTimer = setTimeout(() => {
+            if (this._state === "open") this._resubscribe(error.events, attempt + 1);
+          }, delay);
+        }
       },
     );
     this._send(req);
@@ -449,8 +466,9 @@ export class EventRouterClient extends EventTarget {
     clearTimeout(this._timer);
     clearTimeout(this._connectTimer);
     clearTimeout(this._stableTimer);
+    clearTimeout(this._rebindTimer);
     clearInterval(this._heartbeat);
-    this._timer = this._connectTimer = this._stableTimer = this._heartbeat = null;
+    this._timer = this._connectTimer = this._stableTimer = this._rebindTimer = this._heartbeat = null;
     this._pingSentAt = 0;
   }
 
