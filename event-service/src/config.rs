@@ -146,6 +146,10 @@ pub struct Config {
     /// Demo mode: publish a sample event every second on the embedded bus (`demo.tick`).
     #[arg(long, env = env::DEMO, default_value_t = false)]
     pub demo: bool,
+
+    /// Serve the console page at `/` and its `/console/*` files on the main port. On with `--demo`, off otherwise.
+    #[arg(long, env = env::CONSOLE, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub console: Option<bool>,
 }
 
 impl Config {

