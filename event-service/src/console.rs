@@ -17,11 +17,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use prometheus::{IntCounterVec, core::Collector};
 
-use crate::{
-    config::Config,
-    http::{Body, json, text},
-    server::Shared,
-};
+use eventrouter_runtime::http::{Body, json, text};
+
+use crate::{config::Config, state::Shared};
 
 /// The page's path.
 pub const PAGE_PATH: &str = "/";
@@ -127,7 +125,7 @@ fn stats(shared: &Shared) -> serde_json::Value {
         "outbound_queue_bytes": outbound,
         "socket_sample_interval_seconds": shared.config.socket_sample_interval.as_secs_f64(),
         "source": shared.hub.source().map(|s| s.origin().as_str()),
-        "ready": shared.readiness.is_ready(),
+        "ready": shared.readiness.not_ready_reason().is_none(),
         "draining": shared.readiness.is_draining(),
     })
 }
