@@ -23,6 +23,8 @@
 //! - [`admin`] — the admin port: `/metrics`, `/debug/connections`.
 //! - [`metrics`] — the Prometheus registry's contents.
 //! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
+//! - [`rebalance`] — rebalancing after scale-out: the heartbeat instances exchange on the control
+//!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`server`] — assembly: [`server::serve`] (listeners + shutdown future, then drain) and
 //!   [`server::RunningServer`] (start on port 0 in the background, for tests).
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
@@ -45,6 +47,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod rebalance;
 pub mod server;
 pub mod session;
 pub mod sockq;
