@@ -389,7 +389,7 @@ fn a_single_instance_sheds_nothing() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn skewed_fleets_converge(
