@@ -344,8 +344,8 @@ fn check(sc: &Scenario) -> Report {
 
 #[test]
 fn scale_out_scenarios_converge_within_their_bounds() {
-    // (initial counts, placement): the 1 → 4 scale-out at 1,400 connections, a doubling,
-    // one hot instance among many, and a fleet at small counts.
+    // (initial counts, placement): the end-to-end scenario's scale-out to 4 instances at 1,400
+    // connections, a doubling, one hot instance among many, and a fleet at small counts.
     let scenarios = [
         (&[467, 467, 466, 0][..], Placement::Random),
         (&[467, 467, 466, 0][..], Placement::LeastLoaded),
