@@ -31,6 +31,8 @@
 //! - [`service_metrics`] — the Prometheus registry's contents (the AMQP source adds its broker
 //!   metrics).
 //! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
+//! - [`rebalance`] — rebalancing after scale-out: the heartbeat instances exchange on the control
+//!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
 //!
 //! Process plumbing shared with the operator (logging set-up, signals, the HTTP accept loop,
@@ -54,6 +56,7 @@ pub mod event;
 pub mod hub;
 pub mod main_port;
 pub mod protocol;
+pub mod rebalance;
 pub mod server;
 pub mod service_metrics;
 pub mod session;
