@@ -14,6 +14,7 @@
 #   user, whose Erlang cookie does not match the nodes the tests start).
 # - etcd, kube-apiserver, kube-controller-manager, built from the Go module proxy
 #   (build-control-plane.sh; tens of minutes the first time on 2 cores, cached afterwards).
+# - KEDA's operator and external metrics API server, built from the Go module proxy (keda.sh).
 #
 # Put $EVENTROUTER_TOOLS/bin first on PATH afterwards (tests/run does): some machines carry an
 # unrelated, older kubectl in /usr/bin.
@@ -113,4 +114,5 @@ install_kubectl_helm
 install_validator
 check_tools
 "$here/build-control-plane.sh"
+"$here/keda.sh" build
 log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
