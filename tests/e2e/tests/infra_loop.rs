@@ -96,6 +96,8 @@ fn deployment(exchange: &str) -> Deployment {
                 "metadata": { "labels": { "app": APP } },
                 "spec": {
                     "terminationGracePeriodSeconds": GRACE_SECONDS,
+                    // As the operator renders it; the kubelet mints no service-account tokens.
+                    "automountServiceAccountToken": false,
                     "containers": [{
                         "name": "event-service",
                         "image": format!("{IMAGE}:test"),
@@ -214,6 +216,7 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
     settings.pod_subnet = pod_subnet();
     let subnet = settings.pod_subnet;
     let stop = CancellationToken::new();
+    let kubelet_started = Instant::now();
     let kubelet = tokio::spawn(test_kubelet::run(client.clone(), settings, stop.clone()));
 
     let nodes: Api<Node> = Api::all(client.clone());
@@ -232,7 +235,7 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         }
     })
     .await;
-    let node_ready = started.elapsed();
+    let node_ready = kubelet_started.elapsed();
 
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "amqp" },
