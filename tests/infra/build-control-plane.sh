@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver and kube-controller-manager from the Go module proxy into the tools
+# Builds etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the Go module proxy
+# into the tools
 # cache, once; later runs find the binaries at the wanted version and return at once.
 #
 # None of them ships in a package registry reachable here, so each is built from a tiny wrapper
@@ -9,7 +10,8 @@
 # - kubernetes: k8s.io/kubernetes points its staging modules (k8s.io/api, k8s.io/apiserver, ...)
 #   at ./staging with `replace` directives, which `go install pkg@version` refuses. The wrapper
 #   carries one replace per staging module, pointed at the published v0.<minor>.<patch> version.
-#   Both commands share that module and Go's build cache, so the second build is incremental.
+#   The commands share that module and Go's build cache, so each build after the first is
+#   incremental (kube-scheduler: a few minutes after the other two).
 source "$(dirname "$0")/common.sh"
 
 command -v go >/dev/null || die "go is required to build etcd and kube-apiserver (Go >= 1.25 on PATH)"
@@ -71,6 +73,7 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 GO
   (cd "$dir" && GOFLAGS=-mod=mod go mod tidy) || die "resolving k8s.io/kubernetes@$KUBE_VERSION's dependencies failed"
@@ -84,7 +87,8 @@ build_kube() { # COMMAND...
   [[ ${#missing[@]} -eq 0 ]] && return
   log "building ${missing[*]} $KUBE_VERSION from the Go module proxy (first run only; tens of minutes on 2 cores)"
   local dir="$work/kubernetes-$KUBE_VERSION"
-  grep -q kube-controller-manager "$dir/tools.go" 2>/dev/null || write_kube_module "$dir"
+  # A module written before a command was added lacks its imports: write it again.
+  grep -q kube-scheduler "$dir/tools.go" 2>/dev/null || write_kube_module "$dir"
   local minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
   for cmd in "${missing[@]}"; do
@@ -96,5 +100,5 @@ build_kube() { # COMMAND...
 }
 
 build_etcd
-build_kube kube-apiserver kube-controller-manager
-log "control plane binaries ready: etcd $("$bin/etcd" --version | sed -n 's/^etcd Version: //p'), $("$bin/kube-apiserver" --version), $("$bin/kube-controller-manager" --version | sed 's/^Kubernetes //') (controller-manager)"
+build_kube kube-apiserver kube-controller-manager kube-scheduler
+log "control plane binaries ready: etcd $("$bin/etcd" --version | sed -n 's/^etcd Version: //p'), $("$bin/kube-apiserver" --version), $("$bin/kube-controller-manager" --version | sed 's/^Kubernetes //') (controller-manager), $("$bin/kube-scheduler" --version | sed 's/^Kubernetes //') (scheduler)"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs a real Kubernetes control plane for the tests: etcd, kube-apiserver and
-# kube-controller-manager, all on 127.0.0.1, from the binaries built by build-control-plane.sh.
+# Runs a real Kubernetes control plane for the tests: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler, all on 127.0.0.1, from the binaries built by
+# build-control-plane.sh.
 #
-#   control-plane.sh start    start all three (fails if they already run), wait until ready,
+#   control-plane.sh start    start them all (fails if they already run), wait until ready,
 #                             print `export EVENTROUTER_TEST_KUBECONFIG=...` on stdout
 #   control-plane.sh stop     stop them (reverse order) and delete etcd's data
 #   control-plane.sh env      print the export line again
@@ -12,28 +13,40 @@
 # point it elsewhere to run a second control plane side by side. Certificates and service-account
 # keys are generated with openssl on first use and kept in that directory; etcd's data is not.
 #
-# There is no kubelet and no scheduler: objects are stored, validated, admitted and reconciled by
-# the controllers (deployments make replica sets, replica sets make pods, the garbage collector
-# follows owner references, namespaces are finalized), but pods never run. The horizontal pod
-# autoscaler controller is off, so tests can play the autoscaler themselves.
+# There is no kubelet: objects are stored, validated, admitted and reconciled by the controllers
+# (deployments make replica sets, replica sets make pods, the garbage collector follows owner
+# references, namespaces are finalized), and the scheduler binds pods to whatever Nodes exist —
+# none, unless a test runs the process kubelet (tests/kubelet), whose Node is tainted so that
+# only pods of namespaces that opt in land there (PodNodeSelector and PodTolerationRestriction
+# are enabled for that). The apiserver's aggregation layer is configured (front-proxy CA, client
+# certificate, requestheader flags), so an APIService such as KEDA's external metrics works.
+#
+# KEDA (operator and external metrics API server, keda.sh) starts with the control plane when
+# its binaries are built (install.sh builds them); EVENTROUTER_CONTROL_PLANE_KEDA=0 leaves it out.
+#
+# The horizontal pod autoscaler controller is off, so tests can play the autoscaler themselves;
+# EVENTROUTER_CONTROL_PLANE_HPA_SYNC_PERIOD=5s turns it on with that sync period.
 source "$(dirname "$0")/common.sh"
 
 RUN="${EVENTROUTER_CONTROL_PLANE_DIR:-${TMPDIR:-/tmp}/eventrouter-control-plane}"
 PKI="$RUN/pki"
 BIN="$EVENTROUTER_TOOLS/bin"
 START_TIMEOUT="${EVENTROUTER_CONTROL_PLANE_START_TIMEOUT:-180}"
+HPA_SYNC_PERIOD="${EVENTROUTER_CONTROL_PLANE_HPA_SYNC_PERIOD:-}"
+WITH_KEDA="${EVENTROUTER_CONTROL_PLANE_KEDA:-1}"
+KEDA_SCRIPT="$(dirname "$0")/keda.sh"
 # Service IPs are only allocated, never routed; the first one names the `kubernetes` service.
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_FIRST_IP=10.96.0.1
 ADMIN_KUBECONFIG="$RUN/admin.kubeconfig"
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
 need_binaries() {
-  for b in etcd kube-apiserver kube-controller-manager; do
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler; do
     [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing: run tests/infra/build-control-plane.sh (or tests/infra/install.sh)"
   done
   command -v openssl >/dev/null || die "openssl is missing: apt-get install -y openssl"
@@ -42,27 +55,37 @@ need_binaries() {
 
 # --- certificates -------------------------------------------------------------------------------
 
-# Makes a key pair NAME.key and a certificate NAME.crt signed by the test CA. Args: NAME SUBJECT EXTENSIONS.
+# Makes a self-signed CA NAME.key, NAME.crt. Args: NAME COMMON_NAME.
+make_ca() {
+  local name="$1" cn="$2"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/$name.key" 2>/dev/null
+  openssl req -x509 -new -key "$PKI/$name.key" -subj "/CN=$cn" -days 3650 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$PKI/$name.crt"
+}
+
+# Makes a key pair NAME.key and a certificate NAME.crt signed by CA (default: the test CA).
+# Args: NAME SUBJECT EXTENSIONS [CA].
 sign_cert() {
-  local name="$1" subject="$2" extensions="$3"
+  local name="$1" subject="$2" extensions="$3" ca="${4:-ca}"
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/$name.key" 2>/dev/null
   openssl req -new -key "$PKI/$name.key" -subj "$subject" -out "$PKI/$name.csr"
   printf '%s\n' "$extensions" >"$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" -CAcreateserial \
     -days 3650 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
   rm -f "$PKI/$name.csr" "$PKI/$name.ext"
 }
 
 ensure_pki() {
-  [[ -f "$PKI/complete-v2" ]] && return
+  [[ -f "$PKI/complete-v3" ]] && return
   log "generating a test CA, serving and client certificates, service-account keys in $PKI"
   rm -rf "$PKI"
   mkdir -p "$PKI"
   chmod 700 "$PKI"
-  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$PKI/ca.key" 2>/dev/null
-  openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=eventrouter-test-ca" -days 3650 -sha256 \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -out "$PKI/ca.crt"
+  make_ca ca eventrouter-test-ca
+  # A CA of its own for the front proxy: an aggregated API server trusts the user names in
+  # request headers only from clients of this CA, never from any client of the cluster CA.
+  make_ca front-proxy-ca eventrouter-test-front-proxy-ca
   sign_cert apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
@@ -75,11 +98,12 @@ extendedKeyUsage=clientAuth"
   # The controller manager's own identity; RBAC's bootstrap roles grant it what it needs, and it
   # mints a service-account token per controller (--use-service-account-credentials).
   sign_cert controller-manager "/CN=system:kube-controller-manager" "$client"
+  sign_cert scheduler "/CN=system:kube-scheduler" "$client"
   # The API server's identity when it proxies to aggregated API servers (e.g. a metrics adapter).
-  sign_cert front-proxy-client "/CN=front-proxy-client" "$client"
+  sign_cert front-proxy-client "/CN=front-proxy-client" "$client" front-proxy-ca
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2>/dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
-  touch "$PKI/complete-v2"
+  touch "$PKI/complete-v3"
 }
 
 # Writes a kubeconfig with embedded credentials, so it can be copied or read by any client.
@@ -161,15 +185,15 @@ print_env() {
 cmd_start() {
   need_binaries
   mkdir -p "$RUN"
-  for name in etcd kube-apiserver kube-controller-manager; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
     alive "$name" && die "$name already runs from $RUN (pid $(cat "$RUN/$name.pid")); run: tests/infra/control-plane.sh stop"
   done
   ensure_pki
   # Anything that fails below (die exits) leaves no half-started control plane behind.
   trap 'cmd_stop >/dev/null 2>&1 || true' EXIT
 
-  local etcd_port etcd_peer_port api_port kcm_port
-  read -r etcd_port etcd_peer_port api_port kcm_port <<<"$(free_ports 4)"
+  local etcd_port etcd_peer_port api_port kcm_port scheduler_port
+  read -r etcd_port etcd_peer_port api_port kcm_port scheduler_port <<<"$(free_ports 5)"
   echo "$api_port" >"$RUN/apiserver.port"
 
   rm -rf "$RUN/etcd-data"
@@ -189,7 +213,8 @@ cmd_start() {
 
   log "starting kube-apiserver on https://127.0.0.1:$api_port"
   # The requestheader/proxy-client flags let aggregated API servers (metrics adapters) be
-  # registered; aggregator routing sends to endpoint IPs because there is no kube-proxy here.
+  # registered. Aggregator routing is off: an APIService's Service is of type ExternalName
+  # (127.0.0.1) here, which only the Service-based resolver follows (see keda.sh).
   spawn kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --bind-address=127.0.0.1 \
@@ -205,21 +230,30 @@ cmd_start() {
     --service-account-signing-key-file="$PKI/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=true \
-    --requestheader-client-ca-file="$PKI/ca.crt" \
+    --enable-admission-plugins=PodNodeSelector,PodTolerationRestriction \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
     --requestheader-allowed-names=front-proxy-client \
     --requestheader-username-headers=X-Remote-User \
     --requestheader-group-headers=X-Remote-Group \
     --requestheader-extra-headers-prefix=X-Remote-Extra- \
     --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
     --proxy-client-key-file="$PKI/front-proxy-client.key" \
-    --enable-aggregator-routing=true \
+    --enable-aggregator-routing=false \
     --profiling=false
   wait_for kube-apiserver "/readyz" apiserver_ready
 
   write_kubeconfig "$ADMIN_KUBECONFIG" admin "$api_port"
   write_kubeconfig "$RUN/controller-manager.kubeconfig" controller-manager "$api_port"
+  write_kubeconfig "$RUN/scheduler.kubeconfig" scheduler "$api_port"
 
-  log "starting kube-controller-manager (all controllers but the horizontal pod autoscaler)"
+  local controllers='*,-horizontalpodautoscaling' hpa_flags=()
+  if [[ -n "$HPA_SYNC_PERIOD" ]]; then
+    controllers='*'
+    hpa_flags=(--horizontal-pod-autoscaler-sync-period="$HPA_SYNC_PERIOD")
+    log "starting kube-controller-manager (all controllers; horizontal pod autoscaler every $HPA_SYNC_PERIOD)"
+  else
+    log "starting kube-controller-manager (all controllers but the horizontal pod autoscaler)"
+  fi
   spawn kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig="$RUN/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$RUN/controller-manager.kubeconfig" \
@@ -227,7 +261,8 @@ cmd_start() {
     --bind-address=127.0.0.1 \
     --secure-port="$kcm_port" \
     --cert-dir="$RUN/controller-manager-certs" \
-    --controllers='*,-horizontalpodautoscaling' \
+    --controllers="$controllers" \
+    "${hpa_flags[@]}" \
     --use-service-account-credentials=true \
     --service-account-private-key-file="$PKI/sa.key" \
     --root-ca-file="$PKI/ca.crt" \
@@ -237,6 +272,26 @@ cmd_start() {
     --leader-elect=false \
     --profiling=false
   wait_for kube-controller-manager "/healthz" curl -fsSk --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
+
+  log "starting kube-scheduler"
+  spawn kube-scheduler "$BIN/kube-scheduler" \
+    --kubeconfig="$RUN/scheduler.kubeconfig" \
+    --authentication-kubeconfig="$RUN/scheduler.kubeconfig" \
+    --authorization-kubeconfig="$RUN/scheduler.kubeconfig" \
+    --bind-address=127.0.0.1 \
+    --secure-port="$scheduler_port" \
+    --cert-dir="$RUN/scheduler-certs" \
+    --leader-elect=false \
+    --profiling=false
+  wait_for kube-scheduler "/healthz" curl -fsSk --max-time 2 "https://127.0.0.1:$scheduler_port/healthz"
+
+  if [[ "$WITH_KEDA" != 0 ]]; then
+    if [[ -x "$BIN/keda-operator" && -x "$BIN/keda-adapter" ]]; then
+      "$KEDA_SCRIPT" start >&2
+    else
+      log "KEDA is not built (tests/infra/keda.sh build): starting without it"
+    fi
+  fi
   trap - EXIT
   log "control plane ready: kubeconfig $ADMIN_KUBECONFIG, logs in $RUN"
   print_env
@@ -244,7 +299,8 @@ cmd_start() {
 
 cmd_stop() {
   [[ -d "$RUN" ]] || return 0
-  for name in kube-controller-manager kube-apiserver etcd; do
+  "$KEDA_SCRIPT" stop || true
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
     if alive "$name"; then log "stopping $name"; fi
     stop_process "$name"
   done

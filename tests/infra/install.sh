@@ -18,6 +18,7 @@
 #   from the Go module proxy, and the Prometheus Operator CRD schemas from npm.
 # - etcd, kube-apiserver, kube-controller-manager, built from the Go module proxy
 #   (build-control-plane.sh; tens of minutes the first time on 2 cores, cached afterwards).
+# - KEDA's operator and external metrics API server, built from the Go module proxy (keda.sh).
 #
 # Put $EVENTROUTER_TOOLS/bin first on PATH afterwards (tests/run does): some machines carry an
 # unrelated, older kubectl in /usr/bin.
@@ -141,4 +142,5 @@ install_chart_tools
 install_browser_test_packages
 check_tools
 "$here/build-control-plane.sh"
+"$here/keda.sh" build
 log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"

@@ -1,8 +1,9 @@
 //! The test Kubernetes control plane: a client built from `EVENTROUTER_TEST_KUBECONFIG`, and
 //! namespaces that tests create for themselves and that are deleted when the test ends.
 //!
-//! The control plane has no kubelet or scheduler: controllers create ReplicaSets and Pods, the
-//! garbage collector follows owner references, namespaces are finalized, but Pods stay Pending.
+//! The control plane runs the scheduler, the controller-manager and KEDA but no kubelet: Pods
+//! stay Pending unless a test starts the process kubelet (`tests/kubelet`) and opts its
+//! namespace in to the kubelet's Node.
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Namespace;
