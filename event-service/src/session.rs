@@ -467,7 +467,9 @@ fn check_patterns(
             Err(e @ PatternError::TooLong { .. }) => {
                 Err((ErrorCode::PatternTooLong, format!("{e}")))
             }
-            Err(e) => Err((ErrorCode::InvalidPattern, format!("{p:?}: {e}"))),
+            // The pattern as the client sent it (the JSON encoder escapes what needs escaping),
+            // not Rust's `Debug` rendering, which is no part of the protocol.
+            Err(e) => Err((ErrorCode::InvalidPattern, format!("pattern '{p}': {e}"))),
         })
         .collect()
 }
@@ -552,6 +554,23 @@ async fn subscribe_all(
         hub.reply(
             conn,
             protocol::error(id, ErrorCode::Unavailable, &error.to_string(), &failed),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_pattern_message_quotes_the_pattern_as_sent() {
+        let Err((code, message)) = check_patterns(vec!["order*".to_owned()], 64) else {
+            panic!("'order*' is not a valid pattern");
+        };
+        assert_eq!(code, ErrorCode::InvalidPattern);
+        assert!(
+            message.starts_with("pattern 'order*': "),
+            "unexpected message: {message}"
         );
     }
 }

@@ -69,6 +69,15 @@ async fn until_up(source: &AmqpSource) {
     until("the source is up", WAIT, || async { source.is_up() }).await;
 }
 
+/// Waits until the source has counted a failed connection attempt: the positive signal that it
+/// tried and failed, before a test asserts that it is (still) down.
+async fn until_a_connect_failure(registry: &prometheus::Registry) {
+    until("a failed connection attempt is counted", WAIT, || async {
+        metric(registry, "eventrouter_broker_connect_failures_total", None) >= 1.0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bindings_on_the_broker_follow_bind_and_unbind_and_only_bound_events_arrive() {
     let url = amqp_url();
@@ -334,7 +343,7 @@ async fn an_unreachable_broker_is_reported_not_fatal() {
         .expect("a free port")
         .port();
     let s = start_source(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), |_| {}).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_a_connect_failure(&s.registry).await;
     assert!(!s.source.is_up());
     assert_eq!(metric(&s.registry, "eventrouter_broker_up", None), 0.0);
     assert!(matches!(
@@ -366,7 +375,7 @@ async fn an_unreachable_broker_is_reported_not_fatal() {
 async fn a_missing_exchange_keeps_the_source_down_until_it_exists() {
     let url = amqp_url();
     let s = start_source(&url, |c| c.declare_exchange = false).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    until_a_connect_failure(&s.registry).await;
     assert!(
         !s.source.is_up(),
         "without --declare-exchange the source waits for the operator's exchange"

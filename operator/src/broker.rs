@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use eventrouter_runtime::amqp::is_not_found;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{debug, info};
 
 use crate::crd::{RecordedBinding, RecordedTopology};
@@ -53,11 +53,6 @@ impl BrokerError {
             Self::Refused { .. } => Reason::BrokerRefused,
         }
     }
-}
-
-/// The reply code 404 (NOT_FOUND) on a channel: the exchange or binding is not there.
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 async fn timed<T>(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use eventrouter_contract::operator_env;
 use eventrouter_runtime::{logging, logging::LogFormat, signal::shutdown_signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -28,13 +29,13 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Watch EventRouters in this namespace only (default: all namespaces).
-    #[arg(long, env = "EVENTROUTER_OPERATOR_NAMESPACE")]
+    #[arg(long, env = operator_env::NAMESPACE)]
     namespace: Option<String>,
 
     /// Address of the admin port: `/healthz`, `/readyz`, `/metrics`.
     #[arg(
         long,
-        env = "EVENTROUTER_OPERATOR_ADMIN_LISTEN",
+        env = operator_env::ADMIN_LISTEN,
         default_value = "0.0.0.0:8080"
     )]
     admin_listen: SocketAddr,
@@ -42,7 +43,7 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(
         long,
-        env = "EVENTROUTER_OPERATOR_LEASE_NAME",
+        env = operator_env::LEASE_NAME,
         default_value = "eventrouter-operator"
     )]
     lease_name: String,
@@ -50,44 +51,44 @@ struct RunArgs {
     /// Namespace of the leader-election Lease (usually the operator's own namespace).
     #[arg(
         long,
-        env = "EVENTROUTER_OPERATOR_LEASE_NAMESPACE",
+        env = operator_env::LEASE_NAMESPACE,
         default_value = "default"
     )]
     lease_namespace: String,
 
     /// How long the Lease stays valid without renewal; a crashed leader is replaced after this.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = operator_env::LEASE_DURATION, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
 
     /// This replica's identity in the Lease and in Events (default: the pod name, else host + pid).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = operator_env::POD_NAME)]
     identity: Option<String>,
 
     /// Re-reconcile every router this often, to repair drift on the broker side.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = operator_env::RESYNC_INTERVAL, default_value = "5m", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
 
     /// First retry delay after a failed reconcile; it doubles per consecutive failure.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = operator_env::BACKOFF_BASE, default_value = "1s", value_parser = humantime::parse_duration)]
     backoff_base: Duration,
 
     /// Longest retry delay after failed reconciles.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = operator_env::BACKOFF_MAX, default_value = "5m", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
 
     /// A deleted router whose broker topology still cannot be removed after this long is released
     /// anyway (with a Warning event), so deletion never hangs forever.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_CLEANUP_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = operator_env::CLEANUP_TIMEOUT, default_value = "10m", value_parser = humantime::parse_duration)]
     cleanup_timeout: Duration,
 
     /// Routers reconciled at the same time.
-    #[arg(long, env = "EVENTROUTER_OPERATOR_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = operator_env::CONCURRENCY, default_value_t = 8)]
     concurrency: u16,
 
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(
         long,
-        env = "EVENTROUTER_OPERATOR_LOG",
+        env = operator_env::LOG,
         default_value = "info,kube=warn"
     )]
     log: String,
@@ -95,17 +96,19 @@ struct RunArgs {
     /// Log format.
     #[arg(
         long,
-        env = "EVENTROUTER_OPERATOR_LOG_FORMAT",
+        env = operator_env::LOG_FORMAT,
         value_enum,
         default_value = "text"
     )]
     log_format: LogFormat,
 }
 
+/// Host name and process id: unique per replica even when two share a host (no `POD_NAME`).
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_owned();
     format!(
         "{}-{}",
         if host.is_empty() { "operator" } else { &host },

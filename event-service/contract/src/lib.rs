@@ -100,6 +100,8 @@ pub mod metrics {
     pub const CLIENT_FRAMES: &str = "eventrouter_client_frames_total";
     pub const BROKER_UP: &str = "eventrouter_broker_up";
     pub const BROKER_RECONNECTS: &str = "eventrouter_broker_reconnects_total";
+    /// Counter: attempts to connect to RabbitMQ and set up the queue that failed.
+    pub const BROKER_CONNECT_FAILURES: &str = "eventrouter_broker_connect_failures_total";
     pub const PUBLISH_CONFIRMS: &str = "eventrouter_publish_confirms_total";
     pub const PUBLISH_FAILURES: &str = "eventrouter_publish_failures_total";
     pub const MALFORMED_MESSAGES: &str = "eventrouter_malformed_messages_total";
@@ -138,6 +140,7 @@ pub mod metrics {
         CLIENT_FRAMES,
         BROKER_UP,
         BROKER_RECONNECTS,
+        BROKER_CONNECT_FAILURES,
         PUBLISH_CONFIRMS,
         PUBLISH_FAILURES,
         MALFORMED_MESSAGES,

@@ -5,8 +5,10 @@
 //! - [`signal`] — the shutdown future: first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
 //! - [`http`] — one accept/serve loop for hyper HTTP/1.1 servers (pauses on accept errors,
 //!   graceful shutdown), the plain-text/JSON response helpers and the `/metrics` encoder.
+//! - [`amqp`] — reading a `lapin` error (the broker's "not found" reply).
 //! - [`limits`] — raising the open-files soft limit (every connection is a file descriptor).
 
+pub mod amqp;
 pub mod http;
 pub mod limits;
 pub mod logging;

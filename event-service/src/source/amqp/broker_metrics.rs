@@ -34,6 +34,7 @@ impl PublishFailure {
 pub(crate) struct BrokerMetrics {
     up: IntGauge,
     reconnects: IntCounter,
+    connect_failures: IntCounter,
     confirms: IntCounter,
     publish_failures: IntCounterVec,
     malformed: IntCounterVec,
@@ -48,6 +49,10 @@ impl BrokerMetrics {
         let reconnects = IntCounter::new(
             names::BROKER_RECONNECTS,
             "Connections to RabbitMQ re-established after one was lost",
+        )?;
+        let connect_failures = IntCounter::new(
+            names::BROKER_CONNECT_FAILURES,
+            "Attempts to connect to RabbitMQ and set up the queue that failed (each is retried)",
         )?;
         let confirms = IntCounter::new(
             names::PUBLISH_CONFIRMS,
@@ -69,6 +74,7 @@ impl BrokerMetrics {
         )?;
         registry.register(Box::new(up.clone()))?;
         registry.register(Box::new(reconnects.clone()))?;
+        registry.register(Box::new(connect_failures.clone()))?;
         registry.register(Box::new(confirms.clone()))?;
         registry.register(Box::new(publish_failures.clone()))?;
         registry.register(Box::new(malformed.clone()))?;
@@ -81,6 +87,7 @@ impl BrokerMetrics {
         Ok(Self {
             up,
             reconnects,
+            connect_failures,
             confirms,
             publish_failures,
             malformed,
@@ -93,6 +100,10 @@ impl BrokerMetrics {
 
     pub(crate) fn reconnected(&self) {
         self.reconnects.inc();
+    }
+
+    pub(crate) fn connect_failed(&self) {
+        self.connect_failures.inc();
     }
 
     pub(crate) fn confirmed(&self, n: usize) {

@@ -33,9 +33,10 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use super::{
     AmqpSource, Link,
     message::{self, Malformed},
-    settings::OPERATION_TIMEOUT,
 };
 use crate::source::Origin;
+use eventrouter_contract::amqp::OPERATION_TIMEOUT;
+use eventrouter_runtime::amqp::is_not_found;
 
 /// The reconnect delays before jitter: the first, doubling per failure up to the last. Jitter
 /// adds up to as much again, so delays fall in [125 ms, 250 ms) first and [5 s, 10 s) at most.
@@ -148,6 +149,7 @@ pub(super) async fn run(source: Arc<AmqpSource>, shutdown: CancellationToken) {
                 }
             }
             Err(error) => {
+                source.metrics.connect_failed();
                 let (attempt, delay) = backoff.next_delay();
                 warn!(
                     %endpoint,
@@ -472,14 +474,6 @@ impl RateLimitedLog {
         self.last = Some(now);
         self.suppressed = 0;
     }
-}
-
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(e)
-            if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
-    )
 }
 
 /// Closes the connection politely if it is still open; a dead one is simply dropped.

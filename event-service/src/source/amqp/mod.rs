@@ -31,6 +31,7 @@ use std::{
     },
 };
 
+use eventrouter_contract::amqp::OPERATION_TIMEOUT;
 use futures_util::future::join_all;
 use lapin::{
     Channel, Confirmation,
@@ -44,7 +45,7 @@ use tracing::{debug, warn};
 pub use self::message::EncodeError;
 use self::{
     broker_metrics::{BrokerMetrics, PublishFailure},
-    settings::{AmqpSettings, OPERATION_TIMEOUT},
+    settings::AmqpSettings,
 };
 use super::{EventSink, Rejected, SourceError, Unavailable};
 use crate::{config::Config, event::Event};

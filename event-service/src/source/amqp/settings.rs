@@ -18,10 +18,6 @@ use crate::config::Config;
 /// intervals instead of the broker's 60 s default, so readiness drops quickly.
 pub(crate) const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
-/// Deadline for one broker round trip (connect, declare, bind, unbind, publish confirms). Long
-/// enough for a loaded broker, short enough that a client's `subscribe` gets an answer.
-pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Longest queue or exchange name RabbitMQ accepts (an AMQP short string).
 const MAX_NAME_BYTES: usize = 255;
 
