@@ -5,7 +5,6 @@
 mod operator_support;
 
 use eventrouter_contract::kube as names;
-use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};

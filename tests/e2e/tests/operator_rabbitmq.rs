@@ -8,7 +8,7 @@ mod operator_support;
 
 use eventrouter_e2e::rabbitmq::{DEFAULT_VHOST, Management, amqp_url, encode_segment};
 use eventrouter_e2e::wait::{wait_for, wait_until};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
