@@ -265,15 +265,7 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
         "{}",
         broker.message
     );
-    wait_condition(
-        client,
-        ns,
-        "chat",
-        "Ready",
-        "False",
-        Some("BrokerNotReady"),
-    )
-    .await;
+    wait_condition(client, ns, "chat", "Ready", "False", Some("BrokerNotReady")).await;
     // The Kubernetes side does not wait for the broker.
     wait_present(
         &kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns),
@@ -294,9 +286,7 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
     // Fix the Secret: the backoff retry picks it up.
     put_amqp_secret(client, ns, "amqp", &amqp_url()).await;
     wait_topology_declared(client, ns, "chat").await;
-    assert!(
-        exchange_exists(&mgmt, &exchange).await
-    );
+    assert!(exchange_exists(&mgmt, &exchange).await);
 
     // Break it again, then delete: cleanup cannot reach the broker and keeps retrying...
     put_amqp_secret(client, ns, "amqp", &unreachable).await;

@@ -51,8 +51,8 @@ mod tests {
     #[test]
     fn unread_bytes_show_in_the_receivers_rx_queue() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut client = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .expect("connect");
+        let mut client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_server, _) = listener.accept().expect("accept");
         client.write_all(&[7u8; 1000]).expect("write");
         let (server_port, client_port) = (

@@ -241,7 +241,15 @@ pub async fn condition(client: &Client, ns: &str, name: &str, type_: &str) -> Op
 
 /// Wait until the broker side of router `name` is declared (`BrokerReady=True`, `TopologyDeclared`).
 pub async fn wait_topology_declared(client: &Client, ns: &str, name: &str) -> Condition {
-    wait_condition(client, ns, name, "BrokerReady", "True", Some("TopologyDeclared")).await
+    wait_condition(
+        client,
+        ns,
+        name,
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await
 }
 
 /// Delete router `name` (its finalizer may still hold it).
