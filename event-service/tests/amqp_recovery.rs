@@ -24,6 +24,11 @@ async fn readyz(server: &RunningServer) -> u16 {
         .0
 }
 
+/// Waits (as long as an outage may take) until the service answers `/readyz` with 200 again.
+async fn ready_again(server: &RunningServer, what: &str) {
+    until(what, OUTAGE_WAIT, || async { readyz(server).await == 200 }).await;
+}
+
 /// A RabbitMQ node of the test's own, which it may stop and restart.
 async fn dedicated_node(name: &str) -> RabbitNode {
     RabbitNode::start(name)
@@ -102,10 +107,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     restart.await.expect("the restart task");
 
     // Back: ready again, every binding restored on the re-declared queue, delivery resumes.
-    until("readiness to come back", OUTAGE_WAIT, || async {
-        readyz(&server).await == 200
-    })
-    .await;
+    ready_again(&server, "readiness to come back").await;
     assert_eq!(
         node.management()
             .routing_keys(DEFAULT_VHOST, &exchange, &queue)
@@ -158,12 +160,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     assert_eq!(refused["id"], 7);
     assert_eq!(refused["code"], "unavailable", "{refused}");
     node.start_app().await.expect("rabbitmq.sh start_app");
-    until(
-        "readiness to come back (start_app)",
-        OUTAGE_WAIT,
-        || async { readyz(&server).await == 200 },
-    )
-    .await;
+    ready_again(&server, "readiness to come back (start_app)").await;
     assert_eq!(
         node.management()
             .routing_keys(DEFAULT_VHOST, &exchange, &queue)
