@@ -11,24 +11,12 @@ mod support;
 use std::time::Duration;
 
 use amqp_support::{
-    DEFAULT_VHOST, Management, Publisher, WAIT, amqp_url, encode_segment, management, unique, until,
+    DEFAULT_VHOST, Management, Publisher, WAIT, amqp_config, amqp_url, encode_segment, management,
+    unique, until,
 };
-use event_service::{
-    config::{Config, SourceKind},
-    server::RunningServer,
-};
+use event_service::server::RunningServer;
 use serde_json::{Value, json};
 use support::Client;
-
-fn amqp_config(url: &str, exchange: &str, pod: &str) -> Config {
-    let mut config = Config::for_tests();
-    config.source = SourceKind::Amqp;
-    config.amqp_url = Some(url.to_owned());
-    config.exchange = exchange.to_owned();
-    config.declare_exchange = true;
-    config.pod_name = Some(pod.to_owned());
-    config
-}
 
 async fn ready(server: &RunningServer) -> bool {
     support::get(&format!("{}/readyz", server.http_url()))
@@ -155,10 +143,6 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
         recv_events(&mut b_billing, 2).await,
         vec!["order.created", "billing.paid"]
     );
-    for client in [&mut a_orders, &mut a_users, &mut b_created, &mut b_billing] {
-        client.expect_silence(Duration::from_millis(500)).await;
-    }
-
     // The broker routed into each instance's queue only what someone there subscribed to:
     // A got order.created, user.7.message, order.shipped; B got order.created, billing.paid.
     until("queue A counted 3 routed messages", WAIT, || async {
@@ -169,6 +153,10 @@ async fn an_external_publish_reaches_exactly_the_matching_clients_on_two_instanc
         queue_publish_count(&mgmt, &queue_b).await == 2
     })
     .await;
+    // The broker has routed everything it will (the positive signal): no client gets more.
+    for client in [&mut a_orders, &mut a_users, &mut b_created, &mut b_billing] {
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
 
     // Last unsubscribe removes the binding; a disconnect removes what that client alone held.
     a_orders

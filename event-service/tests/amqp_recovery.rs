@@ -9,11 +9,8 @@ mod support;
 
 use std::time::Duration;
 
-use amqp_support::{DEFAULT_VHOST, Publisher, RabbitNode, WAIT, unique, until};
-use event_service::{
-    config::{Config, SourceKind},
-    server::RunningServer,
-};
+use amqp_support::{DEFAULT_VHOST, Publisher, RabbitNode, WAIT, amqp_config, unique, until};
+use event_service::server::RunningServer;
 use serde_json::json;
 use support::Client;
 
@@ -27,20 +24,25 @@ async fn readyz(server: &RunningServer) -> u16 {
         .0
 }
 
+/// Waits (as long as an outage may take) until the service answers `/readyz` with 200 again.
+async fn ready_again(server: &RunningServer, what: &str) {
+    until(what, OUTAGE_WAIT, || async { readyz(server).await == 200 }).await;
+}
+
+/// A RabbitMQ node of the test's own, which it may stop and restart.
+async fn dedicated_node(name: &str) -> RabbitNode {
+    RabbitNode::start(name)
+        .await
+        .expect("a dedicated RabbitMQ node")
+}
+
 #[tokio::test]
 async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
-    let node = RabbitNode::start("amqp-recovery")
-        .await
-        .expect("a dedicated RabbitMQ node");
+    let node = dedicated_node("amqp-recovery").await;
     let exchange = unique("recovery");
     let pod = unique("router");
     let queue = format!("{exchange}.{pod}");
-    let mut config = Config::for_tests();
-    config.source = SourceKind::Amqp;
-    config.amqp_url = Some(node.amqp_url().to_owned());
-    config.exchange = exchange.clone();
-    config.declare_exchange = true;
-    config.pod_name = Some(pod);
+    let mut config = amqp_config(node.amqp_url(), &exchange, &pod);
     // The test's clients stay silent through the outages; don't let the idle rule close them.
     config.idle_timeout = Duration::from_secs(600);
     let server = RunningServer::start(config)
@@ -105,10 +107,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     restart.await.expect("the restart task");
 
     // Back: ready again, every binding restored on the re-declared queue, delivery resumes.
-    until("readiness to come back", OUTAGE_WAIT, || async {
-        readyz(&server).await == 200
-    })
-    .await;
+    ready_again(&server, "readiness to come back").await;
     assert_eq!(
         node.management()
             .routing_keys(DEFAULT_VHOST, &exchange, &queue)
@@ -161,12 +160,7 @@ async fn a_broker_restart_mid_test_is_survived_and_bindings_come_back() {
     assert_eq!(refused["id"], 7);
     assert_eq!(refused["code"], "unavailable", "{refused}");
     node.start_app().await.expect("rabbitmq.sh start_app");
-    until(
-        "readiness to come back (start_app)",
-        OUTAGE_WAIT,
-        || async { readyz(&server).await == 200 },
-    )
-    .await;
+    ready_again(&server, "readiness to come back (start_app)").await;
     assert_eq!(
         node.management()
             .routing_keys(DEFAULT_VHOST, &exchange, &queue)
@@ -204,15 +198,9 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
     use event_service::source::amqp::AmqpSource;
     use tokio_util::sync::CancellationToken;
 
-    let node = RabbitNode::start("amqp-churn")
-        .await
-        .expect("a dedicated RabbitMQ node");
+    let node = dedicated_node("amqp-churn").await;
     let exchange = unique("churn");
-    let mut config = Config::for_tests();
-    config.amqp_url = Some(node.amqp_url().to_owned());
-    config.exchange = exchange.clone();
-    config.declare_exchange = true;
-    config.pod_name = Some(unique("router"));
+    let config = amqp_config(node.amqp_url(), &exchange, &unique("router"));
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
@@ -236,9 +224,14 @@ async fn bindings_made_during_a_restart_are_neither_lost_nor_left_over() {
             let mut kept = Vec::new();
             for i in 0..40 {
                 let pattern = format!("w{w}.p{i}.*");
-                while source.bind(&pattern).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                // Retries while the broker is down, with a deadline like every other wait.
+                tokio::time::timeout(OUTAGE_WAIT, async {
+                    while source.bind(&pattern).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("binding {pattern} within {OUTAGE_WAIT:?}"));
                 if i % 3 == 0 {
                     let _ = source.unbind(&pattern).await;
                 } else {

@@ -5,12 +5,12 @@
 //! seconds and receive nothing but the answers. The server-side Recv-Q of every one of those
 //! connections is measured from outside the service, in `/proc/net/tcp` (what `ss` and netstat
 //! read), and must return to 0 while the clients stay connected; the service's own
-//! `eventrouter_socket_recv_queue_bytes` must agree, and it must have counted every ping.
+//! `eventrouter_socket_recv_queue_bytes` must agree, and it must have counted every ping. That
+//! the reader sees unread bytes at all is tested next to it, in the test-support crate's `kernel`.
 
 mod support;
 
 use std::{
-    io::Write,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -26,26 +26,6 @@ use tokio_tungstenite::tungstenite::Message;
 const CLIENTS: usize = 20;
 const FLOOD: Duration = Duration::from_secs(4);
 const EVERY: Duration = Duration::from_millis(3);
-
-#[test]
-fn the_measurement_sees_unread_bytes() {
-    // Proves the /proc reader works: a socket nobody reads shows its bytes in Recv-Q.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let mut client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("c");
-    let (_server_side, _) = listener.accept().expect("accept");
-    client.write_all(&[0u8; 5000]).expect("write");
-    let server_port = listener.local_addr().expect("addr").port();
-    let client_port = client.local_addr().expect("addr").port();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (rx, _) = proc_net_tcp_queues(server_port, client_port).expect("socket listed");
-        if rx == 5000 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "Recv-Q stuck at {rx}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_only_clients_leave_no_bytes_in_server_recv_queues() {

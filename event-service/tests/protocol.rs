@@ -35,7 +35,16 @@ async fn subscribe_receive_unsubscribe() {
         json!({"op":"unsubscribed","id":2,"events":["order.created"]})
     );
     publish_event(&server, "order.created", json!(2)).await;
-    c.expect_silence(Duration::from_millis(300)).await;
+    // Positive signal instead of a quiet period: events keep publish order on a connection, so
+    // when an event published afterwards arrives next, nothing was delivered before it.
+    c.subscribe(3, &["order.done"]).await;
+    publish_event(&server, "order.done", json!(3)).await;
+    let ev = c.recv_json().await;
+    assert_eq!(
+        (&ev["event"], &ev["data"]),
+        (&json!("order.done"), &json!(3)),
+        "no order.deleted and no order.created after the unsubscribe: {ev}"
+    );
     server.stop().await.expect("clean stop");
 }
 

@@ -17,13 +17,7 @@ const BATCH: usize = 50;
 const BATCHES: usize = 160; // 8,000 events, ~32 MiB through the service
 
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
+    eventrouter_test_support::kernel::own_rss_bytes().expect("own VmRSS")
 }
 
 /// Publishes every batch while `reader` drains the well-behaved client; returns the RSS growth.

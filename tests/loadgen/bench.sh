@@ -105,15 +105,22 @@ stats() {
 
 common=(--addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN_PORT")
 
+# One scenario run against a fresh service: `run_once OUT SCENARIO [FLAGS...]` writes the JSON
+# report to OUT.
+run_once() {
+  local out="$1" scenario="$2"; shift 2
+  start_service
+  "$loadgen_bin" --threads "$LOADGEN_THREADS" --json "$scenario" "${common[@]}" \
+    --service-pid "$service_pid" "$@" >"$out"
+  stop_service
+}
+
 run_idle() {
   local files=()
   for i in $(seq 1 "$RUNS"); do
     echo "== idle run $i/$RUNS: $CONNECTIONS connections ==" >&2
-    start_service
     local out="$RESULTS_DIR/idle-$i.json"
-    "$loadgen_bin" --threads "$LOADGEN_THREADS" --json idle "${common[@]}" \
-      --service-pid "$service_pid" --connections "$CONNECTIONS" --hold "$IDLE_HOLD" >"$out"
-    stop_service
+    run_once "$out" idle --connections "$CONNECTIONS" --hold "$IDLE_HOLD"
     files+=("$out")
   done
   echo
@@ -132,13 +139,10 @@ run_fanout() {
     local files=()
     for i in $(seq 1 "$RUNS"); do
       echo "== fanout run $i/$RUNS: $SUBSCRIBERS subscribers, $rate events/s ==" >&2
-      start_service
       local out="$RESULTS_DIR/fanout-$rate-$i.json"
-      "$loadgen_bin" --threads "$LOADGEN_THREADS" --json fanout "${common[@]}" \
-        --service-pid "$service_pid" --subscribers "$SUBSCRIBERS" --rate "$rate" \
+      run_once "$out" fanout --subscribers "$SUBSCRIBERS" --rate "$rate" \
         --duration "$DURATION" --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" \
-        --publishers "$PUBLISHERS" >"$out"
-      stop_service
+        --publishers "$PUBLISHERS"
       files+=("$out")
     done
     echo

@@ -27,6 +27,18 @@ pub use eventrouter_test_support::wait::wait_until as until;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// The service's test configuration reading from RabbitMQ at `url`: it declares `exchange` and
+/// binds its own queue, named after `pod`.
+pub fn amqp_config(url: &str, exchange: &str, pod: &str) -> event_service::config::Config {
+    let mut config = event_service::config::Config::for_tests();
+    config.source = event_service::config::SourceKind::Amqp;
+    config.amqp_url = Some(url.to_owned());
+    config.exchange = exchange.to_owned();
+    config.declare_exchange = true;
+    config.pod_name = Some(pod.to_owned());
+    config
+}
+
 /// Management API of the shared node.
 pub fn management() -> Management {
     Management::shared()

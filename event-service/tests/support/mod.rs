@@ -164,28 +164,9 @@ pub fn local_port(client: &Client) -> u16 {
     }
 }
 
-/// Kernel queues of the established TCP socket `local_port → remote_port`, read from
-/// `/proc/net/tcp` and `/proc/net/tcp6` like `ss`/netstat do: `(Recv-Q, Send-Q)`.
+/// Kernel queues of the established TCP socket `local_port → remote_port` as `(Recv-Q, Send-Q)`.
 pub fn proc_net_tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(file).expect("read /proc/net/tcp");
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 5 || cols[3] != "01" {
-                continue; // not ESTABLISHED
-            }
-            let port = |addr: &str| {
-                addr.rsplit_once(':')
-                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-            };
-            if port(cols[1]) != Some(local_port) || port(cols[2]) != Some(remote_port) {
-                continue;
-            }
-            let (tx, rx) = cols[4].split_once(':').expect("tx:rx column");
-            let tx = u64::from_str_radix(tx, 16).expect("hex tx_queue");
-            let rx = u64::from_str_radix(rx, 16).expect("hex rx_queue");
-            return Some((rx, tx));
-        }
-    }
-    None
+    eventrouter_test_support::kernel::tcp_queues(local_port, remote_port)
+        .expect("read /proc/net/tcp")
+        .map(|q| (q.rx, q.tx))
 }

@@ -270,21 +270,20 @@ fn validate_server_side(t: &Install, crd_existed: bool) -> PathBuf {
     dry_run_file
 }
 
-/// `helm install` with the chart's EventRouter, autoscaled; one `helm upgrade` when the install
-/// itself created the CRD, as documented.
-fn helm_install(t: &Install, amqp_url: &str, crd_existed: bool, dry_run_file: &Path) {
+/// Secret `name` in the test namespace whose key `url` holds `url`, as the chart's EventRouter
+/// references it.
+fn create_url_secret(t: &Install, name: &str, url: &str) {
     run(t
         .cluster
         .kubectl()
-        .args([
-            "create",
-            "secret",
-            "generic",
-            "rabbitmq",
-            "-n",
-            &t.namespace,
-        ])
-        .arg(format!("--from-literal=url={amqp_url}")));
+        .args(["create", "secret", "generic", name, "-n", &t.namespace])
+        .arg(format!("--from-literal=url={url}")));
+}
+
+/// `helm install` with the chart's EventRouter, autoscaled; one `helm upgrade` when the install
+/// itself created the CRD, as documented.
+fn helm_install(t: &Install, amqp_url: &str, crd_existed: bool, dry_run_file: &Path) {
+    create_url_secret(t, "rabbitmq", amqp_url);
     let exchange = format!("chart-install-{}", std::process::id());
     let sets = [
         "eventRouter.create=true".to_string(),
@@ -472,18 +471,7 @@ fn children_are_reconciled(t: &Install, operator: &ChartOperator) {
 /// A second router whose broker is unreachable makes reconciles fail (errors by reason); returns
 /// its manifest.
 fn add_a_router_with_a_dead_broker(t: &Install) -> PathBuf {
-    run(t
-        .cluster
-        .kubectl()
-        .args([
-            "create",
-            "secret",
-            "generic",
-            "dead-broker",
-            "-n",
-            &t.namespace,
-        ])
-        .arg("--from-literal=url=amqp://guest:guest@127.0.0.1:1/%2f"));
+    create_url_secret(t, "dead-broker", "amqp://guest:guest@127.0.0.1:1/%2f");
     let ns = &t.namespace;
     let broken = format!(
         "apiVersion: eventrouter.io/v1alpha1\nkind: EventRouter\nmetadata:\n  name: broken\n  namespace: {ns}\nspec:\n  deletionPolicy: retain\n  rabbitmq:\n    secretRef: {{name: dead-broker, key: url}}\n"

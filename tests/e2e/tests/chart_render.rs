@@ -32,6 +32,21 @@ fn refs(paths: &[PathBuf]) -> Vec<&Path> {
     paths.iter().map(PathBuf::as_path).collect()
 }
 
+/// The chart rendered as release `events` in namespace `event-router`, with the given file of
+/// `ci/` on top of the defaults (none: the defaults alone).
+fn render(ci_values: Option<&str>) -> Vec<serde_yaml::Value> {
+    let file = ci_values.map(|name| chart_dir().join("ci").join(name));
+    let values: Vec<&Path> = file.iter().map(PathBuf::as_path).collect();
+    yaml_docs(&helm_template("events", "event-router", &values, &[]))
+}
+
+/// The first rendered document of `kind`.
+fn first_of<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| kind_of(d) == kind)
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
 #[test]
 fn helm_lint_passes_with_the_defaults_and_every_ci_values_file() {
     for (label, files) in value_sets() {
@@ -96,13 +111,7 @@ fn monitoring_objects_validate_against_the_prometheus_operator_crd_schemas() {
             .is_dir(),
         "the Prometheus Operator schemas are missing: tests/infra/install.sh installs them"
     );
-    let everything = chart_dir().join("ci/everything-on-values.yaml");
-    let docs = yaml_docs(&helm_template(
-        "events",
-        "event-router",
-        &[everything.as_path()],
-        &[],
-    ));
+    let docs = render(Some("everything-on-values.yaml"));
     let monitoring: Vec<serde_json::Value> = docs
         .iter()
         .filter(|d| {
@@ -144,10 +153,7 @@ fn monitoring_objects_validate_against_the_prometheus_operator_crd_schemas() {
 
     // The PodMonitor scrapes the router pods' admin port by the name the operator gives it, and
     // adds the `router` label the dashboards and alerts select on.
-    let pm = docs
-        .iter()
-        .find(|d| kind_of(d) == "PodMonitor")
-        .expect("a PodMonitor");
+    let pm = first_of(&docs, "PodMonitor");
     let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
     assert_eq!(endpoint["port"].as_str(), Some("metrics"));
     assert_eq!(
@@ -214,7 +220,7 @@ fn the_charts_crd_is_the_generated_crd() {
     );
 
     // What the chart renders is that CRD plus the release's labels and the keep policy.
-    let docs = yaml_docs(&helm_template("events", "event-router", &[], &[]));
+    let docs = render(None);
     let mut rendered = docs
         .into_iter()
         .find(|d| kind_of(d) == "CustomResourceDefinition")
@@ -251,27 +257,15 @@ fn the_crd_can_be_left_out_or_released_on_uninstall() {
         &[],
         &["crds.keep=false"],
     ));
-    let crd = not_kept
-        .iter()
-        .find(|d| kind_of(d) == "CustomResourceDefinition")
-        .expect("CRD");
+    let crd = first_of(&not_kept, "CustomResourceDefinition");
     assert!(crd["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
 }
 
 #[test]
 fn the_prometheus_rule_and_adapter_configmap_embed_the_tested_files() {
-    let everything = chart_dir().join("ci/everything-on-values.yaml");
-    let docs = yaml_docs(&helm_template(
-        "events",
-        "event-router",
-        &[everything.as_path()],
-        &[],
-    ));
+    let docs = render(Some("everything-on-values.yaml"));
 
-    let rule = docs
-        .iter()
-        .find(|d| kind_of(d) == "PrometheusRule")
-        .expect("a PrometheusRule");
+    let rule = first_of(&docs, "PrometheusRule");
     let alerts: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(chart_dir().join("files/alerts.yaml")).expect("alerts"),
     )
@@ -339,11 +333,8 @@ fn the_prometheus_rule_and_adapter_configmap_embed_the_tested_files() {
 
 #[test]
 fn rbac_is_cluster_wide_by_default_and_namespaced_when_one_namespace_is_watched() {
-    let cluster = yaml_docs(&helm_template("events", "event-router", &[], &[]));
-    let cr = cluster
-        .iter()
-        .find(|d| kind_of(d) == "ClusterRole")
-        .expect("ClusterRole");
+    let cluster = render(None);
+    let cr = first_of(&cluster, "ClusterRole");
     let rules = serde_json::to_string(&cr["rules"]).expect("JSON");
     for resource in [
         "eventrouters",
@@ -358,17 +349,8 @@ fn rbac_is_cluster_wide_by_default_and_namespaced_when_one_namespace_is_watched(
         );
     }
 
-    let single = chart_dir().join("ci/single-namespace-values.yaml");
-    let docs = yaml_docs(&helm_template(
-        "events",
-        "event-router",
-        &[single.as_path()],
-        &[],
-    ));
-    let cr = docs
-        .iter()
-        .find(|d| kind_of(d) == "ClusterRole")
-        .expect("ClusterRole for CRDs");
+    let docs = render(Some("single-namespace-values.yaml"));
+    let cr = first_of(&docs, "ClusterRole");
     let cr_rules = serde_json::to_string(&cr["rules"]).expect("JSON");
     assert!(
         cr_rules.contains("customresourcedefinitions") && !cr_rules.contains("deployments"),
@@ -383,10 +365,7 @@ fn rbac_is_cluster_wide_by_default_and_namespaced_when_one_namespace_is_watched(
             .expect("JSON")
             .contains("eventrouters")
     );
-    let deploy = docs
-        .iter()
-        .find(|d| kind_of(d) == "Deployment")
-        .expect("Deployment");
+    let deploy = first_of(&docs, "Deployment");
     let args = serde_json::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["args"])
         .expect("JSON");
     assert!(args.contains("--namespace=team-a"), "{args}");

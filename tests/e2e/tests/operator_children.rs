@@ -5,7 +5,6 @@
 mod operator_support;
 
 use eventrouter_contract::kube as names;
-use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
@@ -83,10 +82,8 @@ async fn wait_deployment<F: Fn(&Deployment) -> bool>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_come_back() {
-    let (client, ns) = setup("op-children").await;
-    let ns = ns.name().to_string();
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let watched = watched_namespace("op-children").await;
+    let (client, ns) = (watched.client.clone(), watched.ns.clone());
 
     let started = std::time::Instant::now();
     apply_router(&client, &ns, "chat", &a_router_spec_reading("amqp")).await;
@@ -156,15 +153,7 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
     );
 
     // Status: the broker side is declared, the pods never become ready (no kubelet here).
-    wait_condition(
-        &client,
-        &ns,
-        "chat",
-        "BrokerReady",
-        "True",
-        Some("TopologyDeclared"),
-    )
-    .await;
+    wait_topology_declared(&client, &ns, "chat").await;
     wait_condition(&client, &ns, "chat", "Ready", "False", Some("NotAvailable")).await;
     wait_condition(&client, &ns, "chat", "Paused", "False", None).await;
     // Replicas come from the Deployment's status, which its controller fills in shortly after.
@@ -301,10 +290,9 @@ async fn operator_children_appear_follow_the_spec_respect_the_autoscaler_and_com
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_paused_router_changes_nothing_until_resumed() {
-    let (client, ns) = setup("op-paused").await;
-    let ns = ns.name().to_string();
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let watched = watched_namespace("op-paused").await;
+    let (client, ns) = (watched.client.clone(), watched.ns.clone());
+    let operator = &watched.operator;
 
     let mut spec = a_router_spec_reading("amqp");
     apply_router(&client, &ns, "chat", &spec).await;
@@ -353,10 +341,8 @@ async fn operator_paused_router_changes_nothing_until_resumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_keda_provider_follows_whether_the_cluster_serves_scaled_objects() {
-    let (client, ns) = setup("op-keda").await;
-    let ns = ns.name().to_string();
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let watched = watched_namespace("op-keda").await;
+    let (client, ns) = (watched.client.clone(), watched.ns.clone());
 
     let mut spec = a_router_spec_reading("amqp");
     spec.autoscaling.enabled = true;

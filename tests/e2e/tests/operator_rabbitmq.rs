@@ -8,7 +8,7 @@ mod operator_support;
 
 use eventrouter_e2e::rabbitmq::{DEFAULT_VHOST, Management, amqp_url, encode_segment};
 use eventrouter_e2e::wait::{wait_for, wait_until};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -56,6 +56,36 @@ async fn bindings_into(mgmt: &Management, destination: &str) -> Vec<(String, Str
     pairs
 }
 
+/// Whether `name` exists on the shared node (the management API must answer).
+async fn exchange_exists(mgmt: &Management, name: &str) -> bool {
+    mgmt.exchange_exists(DEFAULT_VHOST, name)
+        .await
+        .expect("management API answers")
+}
+
+/// A watched namespace, the router's exchange name and a declared upstream exchange.
+struct WithUpstream {
+    watched: Watched,
+    mgmt: Management,
+    exchange: String,
+    upstream: String,
+}
+
+async fn with_upstream(prefix: &str) -> WithUpstream {
+    let watched = watched_namespace(prefix).await;
+    let (exchange, upstream) = (
+        format!("{}.router", watched.ns),
+        format!("{}.orders", watched.ns),
+    );
+    upstream_exchange(&upstream, true).await;
+    WithUpstream {
+        watched,
+        mgmt: Management::shared(),
+        exchange,
+        upstream,
+    }
+}
+
 fn a_router_spec(
     exchange: &str,
     upstream: &str,
@@ -74,17 +104,17 @@ fn a_router_spec(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it_declared() {
-    let (client, ns) = setup("op-mq-delete").await;
-    let ns = ns.name().to_string();
-    let mgmt = Management::shared();
-    let (exchange, upstream) = (format!("{ns}.router"), format!("{ns}.orders"));
-    upstream_exchange(&upstream, true).await;
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let WithUpstream {
+        watched,
+        mgmt,
+        exchange,
+        upstream,
+    } = with_upstream("op-mq-delete").await;
+    let (client, ns) = (&watched.client, watched.ns.as_str());
 
     apply_router(
-        &client,
-        &ns,
+        client,
+        ns,
         "chat",
         &a_router_spec(
             &exchange,
@@ -94,19 +124,9 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
         ),
     )
     .await;
-    wait_condition(
-        &client,
-        &ns,
-        "chat",
-        "BrokerReady",
-        "True",
-        Some("TopologyDeclared"),
-    )
-    .await;
+    wait_topology_declared(client, ns, "chat").await;
     assert!(
-        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
-            .await
-            .expect("mgmt"),
+        exchange_exists(&mgmt, &exchange).await,
         "the router's exchange exists"
     );
     let details = mgmt
@@ -132,8 +152,8 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
 
     // One pattern fewer in the spec: exactly that binding goes.
     apply_router(
-        &client,
-        &ns,
+        client,
+        ns,
         "chat",
         &a_router_spec(&exchange, &upstream, &["order.*"], DeletionPolicy::Delete),
     )
@@ -145,7 +165,7 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
     // The status record follows the broker (the operator changes the broker first, then writes
     // the status), so it is awaited too.
     wait_until("the status to record one binding", CONVERGE, || async {
-        routers(&client, &ns)
+        routers(client, ns)
             .get("chat")
             .await
             .ok()
@@ -168,10 +188,7 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
     )
     .await;
 
-    routers(&client, &ns)
-        .delete("chat", &DeleteParams::default())
-        .await
-        .expect("delete the router");
+    delete_router(client, ns, "chat").await;
     wait_until("the router's exchange to be deleted", CONVERGE, || async {
         !mgmt
             .exchange_exists(DEFAULT_VHOST, &exchange)
@@ -179,11 +196,9 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
             .unwrap_or(true)
     })
     .await;
-    wait_absent(&routers(&client, &ns), "chat").await;
+    wait_absent(&routers(client, ns), "chat").await;
     assert!(
-        mgmt.exchange_exists(DEFAULT_VHOST, &upstream)
-            .await
-            .expect("mgmt"),
+        exchange_exists(&mgmt, &upstream).await,
         "the upstream exchange is not ours to delete"
     );
     upstream_exchange(&upstream, false).await;
@@ -191,31 +206,26 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_retain_policy_keeps_the_topology_after_deletion() {
-    let (client, ns) = setup("op-mq-retain").await;
-    let ns = ns.name().to_string();
-    let mgmt = Management::shared();
-    let (exchange, upstream) = (format!("{ns}.router"), format!("{ns}.orders"));
-    upstream_exchange(&upstream, true).await;
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let _operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let WithUpstream {
+        watched,
+        mgmt,
+        exchange,
+        upstream,
+    } = with_upstream("op-mq-retain").await;
+    let (client, ns) = (&watched.client, watched.ns.as_str());
 
     apply_router(
-        &client,
-        &ns,
+        client,
+        ns,
         "chat",
         &a_router_spec(&exchange, &upstream, &["#"], DeletionPolicy::Retain),
     )
     .await;
-    wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
-    routers(&client, &ns)
-        .delete("chat", &DeleteParams::default())
-        .await
-        .expect("delete the router");
-    wait_absent(&routers(&client, &ns), "chat").await;
+    wait_condition(client, ns, "chat", "BrokerReady", "True", None).await;
+    delete_router(client, ns, "chat").await;
+    wait_absent(&routers(client, ns), "chat").await;
     assert!(
-        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
-            .await
-            .expect("mgmt"),
+        exchange_exists(&mgmt, &exchange).await,
         "retain keeps the exchange"
     );
     assert_eq!(
@@ -229,26 +239,21 @@ async fn operator_retain_policy_keeps_the_topology_after_deletion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_fixed() {
-    let (client, ns) = setup("op-mq-down").await;
-    let ns = ns.name().to_string();
+    let (client, namespace) = setup("op-mq-down").await;
+    let (client, ns) = (&client, namespace.name());
     let mgmt = Management::shared();
     let exchange = format!("{ns}.router");
     let closed = eventrouter_e2e::free_port().expect("a free port");
-    put_amqp_secret(
-        &client,
-        &ns,
-        "amqp",
-        &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
-    )
-    .await;
-    let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    let unreachable = format!("amqp://guest:guest@127.0.0.1:{closed}/%2f");
+    put_amqp_secret(client, ns, "amqp", &unreachable).await;
+    let operator = RunningOperator::start(client, ns, "op-a", "eventrouter-operator").await;
 
     let mut spec = a_router_spec(&exchange, "amq.topic", &["order.*"], DeletionPolicy::Delete);
     spec.rabbitmq.upstreams.clear();
-    apply_router(&client, &ns, "chat", &spec).await;
+    apply_router(client, ns, "chat", &spec).await;
     let broker = wait_condition(
-        &client,
-        &ns,
+        client,
+        ns,
         "chat",
         "BrokerReady",
         "False",
@@ -260,22 +265,14 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
         "{}",
         broker.message
     );
-    wait_condition(
-        &client,
-        &ns,
-        "chat",
-        "Ready",
-        "False",
-        Some("BrokerNotReady"),
-    )
-    .await;
+    wait_condition(client, ns, "chat", "Ready", "False", Some("BrokerNotReady")).await;
     // The Kubernetes side does not wait for the broker.
     wait_present(
-        &kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns),
+        &kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns),
         "chat",
     )
     .await;
-    wait_event(&client, &ns, "chat", "BrokerUnreachable", "Warning").await;
+    wait_event(client, ns, "chat", "BrokerUnreachable", "Warning").await;
     wait_until("failures to be counted by reason", CONVERGE, || async {
         operator
             .metrics
@@ -287,39 +284,18 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
     .await;
 
     // Fix the Secret: the backoff retry picks it up.
-    put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    wait_condition(
-        &client,
-        &ns,
-        "chat",
-        "BrokerReady",
-        "True",
-        Some("TopologyDeclared"),
-    )
-    .await;
-    assert!(
-        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
-            .await
-            .expect("mgmt")
-    );
+    put_amqp_secret(client, ns, "amqp", &amqp_url()).await;
+    wait_topology_declared(client, ns, "chat").await;
+    assert!(exchange_exists(&mgmt, &exchange).await);
 
     // Break it again, then delete: cleanup cannot reach the broker and keeps retrying...
-    put_amqp_secret(
-        &client,
-        &ns,
-        "amqp",
-        &format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
-    )
-    .await;
+    put_amqp_secret(client, ns, "amqp", &unreachable).await;
     let before = operator.reconciles();
-    routers(&client, &ns)
-        .delete("chat", &DeleteParams::default())
-        .await
-        .expect("delete the router");
+    delete_router(client, ns, "chat").await;
     // Two cleanup attempts have run (and failed) before the router is checked.
     operator.wait_reconciles(before, 2).await;
     assert!(
-        routers(&client, &ns)
+        routers(client, ns)
             .get_opt("chat")
             .await
             .expect("get")
@@ -329,13 +305,13 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
     // ...until the documented escape hatch is used.
     let patch =
         serde_json::json!({"metadata": {"annotations": {SKIP_BROKER_CLEANUP_ANNOTATION: "true"}}});
-    routers(&client, &ns)
+    routers(client, ns)
         .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("annotate");
-    wait_absent(&routers(&client, &ns), "chat").await;
+    wait_absent(&routers(client, ns), "chat").await;
     let found = wait_for("the skip event", CONVERGE, || async {
-        let events = router_events(&client, &ns, "chat").await;
+        let events = router_events(client, ns, "chat").await;
         if events.iter().any(|(r, _, _)| r == "BrokerCleanupSkipped") {
             Ok(events)
         } else {
@@ -345,9 +321,7 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
     .await;
     assert!(!found.is_empty());
     assert!(
-        mgmt.exchange_exists(DEFAULT_VHOST, &exchange)
-            .await
-            .expect("mgmt"),
+        exchange_exists(&mgmt, &exchange).await,
         "skipped cleanup leaves the exchange"
     );
     upstream_exchange(&exchange, false).await;

@@ -138,13 +138,43 @@ pub fn timestamp_of(payload: &[u8]) -> Option<u64> {
         .flatten()
 }
 
-/// Runs the scenario.
+/// Runs the scenario: connect and subscribe, measure while publishing, drain, report.
 pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
-    let common = &args.common;
     if args.batch == 0 || args.publishers == 0 {
         bail!("--batch and --publishers must be at least 1");
     }
     let epoch = Instant::now();
+    let mut subs = subscribe(args, epoch).await?;
+    let before = Snapshot::before(args).await;
+    let received_before = total(&subs.stats);
+    let published = measure(args, &subs.stats, received_before, epoch).await?;
+    // Drain: until every subscriber has everything, nothing moved for `drain_quiet`, or timeout.
+    let expected = published.accepted * subs.stats.len() as u64;
+    drain(&subs.stats, received_before, expected, args).await;
+    let after = Snapshot::after(args).await;
+    subs.readers.abort_all();
+    Ok(report(
+        args,
+        subs,
+        published,
+        received_before,
+        expected,
+        (before, after),
+    ))
+}
+
+/// The subscribed connections, each read by its own task.
+struct Subscribers {
+    stats: Arc<Vec<SubStats>>,
+    samples: Samples,
+    readers: JoinSet<()>,
+    failures: BTreeMap<String, u64>,
+    first_failure: Option<String>,
+}
+
+/// Connect phase: opens and subscribes `--subscribers` connections and starts their readers.
+async fn subscribe(args: &FanoutArgs, epoch: Instant) -> anyhow::Result<Subscribers> {
+    let common = &args.common;
     eprintln!(
         "fanout: opening {} subscribers of {:?} on {}",
         args.subscribers, args.event, common.addr
@@ -160,9 +190,11 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
             common.addr
         );
     }
-    let subscribers = opened.connections.len();
-    let stats: Arc<Vec<SubStats>> =
-        Arc::new((0..subscribers).map(|_| SubStats::default()).collect());
+    let stats: Arc<Vec<SubStats>> = Arc::new(
+        (0..opened.connections.len())
+            .map(|_| SubStats::default())
+            .collect(),
+    );
     let samples: Samples = Arc::new(Mutex::new(Vec::new()));
     let mut readers = JoinSet::new();
     for (slot, (_, sub)) in opened.connections.into_iter().enumerate() {
@@ -176,15 +208,73 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
             args.read_buffer,
         ));
     }
+    Ok(Subscribers {
+        stats,
+        samples,
+        readers,
+        failures: opened.failures,
+        first_failure: opened.first_failure,
+    })
+}
 
-    let before = scrape_opt(common.admin).await;
-    let cpu_before = common
+/// The service's counters and both processes' CPU time at one instant.
+struct Snapshot {
+    scrape: Option<Scrape>,
+    service_cpu: Option<f64>,
+    loadgen_cpu: Option<f64>,
+}
+
+impl Snapshot {
+    /// Before the window: scrape first, so the scrape's own CPU stays outside the window.
+    async fn before(args: &FanoutArgs) -> Self {
+        let scrape = scrape_opt(args.common.admin).await;
+        let (service_cpu, loadgen_cpu) = cpu_now(args);
+        Snapshot {
+            scrape,
+            service_cpu,
+            loadgen_cpu,
+        }
+    }
+
+    /// After the window: CPU first, for the same reason.
+    async fn after(args: &FanoutArgs) -> Self {
+        let (service_cpu, loadgen_cpu) = cpu_now(args);
+        let scrape = scrape_opt(args.common.admin).await;
+        Snapshot {
+            scrape,
+            service_cpu,
+            loadgen_cpu,
+        }
+    }
+}
+
+/// CPU seconds used so far by the service (when its pid is known) and by this process.
+fn cpu_now(args: &FanoutArgs) -> (Option<f64>, Option<f64>) {
+    let service = args
+        .common
         .service_pid
         .and_then(|pid| procfs::cpu_seconds(pid).ok());
-    let self_cpu_before = procfs::cpu_seconds(std::process::id()).ok();
-    let received_before: u64 = total(&stats);
+    (service, procfs::cpu_seconds(std::process::id()).ok())
+}
 
-    // Publish.
+/// What the publishers did during the measured window.
+struct Published {
+    accepted: u64,
+    errors: BTreeMap<String, u64>,
+    seconds: f64,
+    /// Nanoseconds since the epoch when publishing started.
+    start_ns: u64,
+    per_second: Vec<f64>,
+}
+
+/// Measure phase: publishes for `--duration` over `--publishers` connections while sampling the
+/// delivery rate each second.
+async fn measure(
+    args: &FanoutArgs,
+    stats: &[SubStats],
+    received_before: u64,
+    epoch: Instant,
+) -> anyhow::Result<Published> {
     eprintln!(
         "  publishing {} events/s ({}) in batches of {} over {} connection(s) for {:?}",
         args.rate,
@@ -203,43 +293,45 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     let accepted = Arc::new(AtomicU64::new(0));
     let mut publishers = JoinSet::new();
     for p in 0..args.publishers {
-        let client = HttpClient::connect(common.addr)
+        let client = HttpClient::connect(args.common.addr)
             .await
             .context("connecting a publisher")?;
-        let args = args.clone();
-        let accepted = Arc::clone(&accepted);
         publishers.spawn(publish(
             p,
             client,
-            args,
-            accepted,
+            args.clone(),
+            Arc::clone(&accepted),
             epoch,
             publish_start,
             deadline,
         ));
     }
-
-    let per_second = progress(&stats, &accepted, received_before, publish_start, deadline).await;
-    let mut publish_errors = BTreeMap::new();
+    let per_second = progress(stats, &accepted, received_before, publish_start, deadline).await;
+    let mut errors = BTreeMap::new();
     while let Some(joined) = publishers.join_next().await {
         for (k, v) in joined.context("a publisher panicked")? {
-            *publish_errors.entry(k).or_insert(0) += v;
+            *errors.entry(k).or_insert(0) += v;
         }
     }
-    let publish_seconds = publish_start.elapsed().as_secs_f64();
-    let published = accepted.load(Ordering::Relaxed);
+    Ok(Published {
+        seconds: publish_start.elapsed().as_secs_f64(),
+        accepted: accepted.load(Ordering::Relaxed),
+        errors,
+        start_ns,
+        per_second,
+    })
+}
 
-    // Drain: until every subscriber has everything, nothing moved for `drain_quiet`, or timeout.
-    let expected = published * subscribers as u64;
-    drain(&stats, received_before, expected, args).await;
-
-    let cpu_after = common
-        .service_pid
-        .and_then(|pid| procfs::cpu_seconds(pid).ok());
-    let self_cpu_after = procfs::cpu_seconds(std::process::id()).ok();
-    let after = scrape_opt(common.admin).await;
-    readers.abort_all();
-
+/// Report phase: turns the counters, samples and snapshots into the report.
+fn report(
+    args: &FanoutArgs,
+    subs: Subscribers,
+    published: Published,
+    received_before: u64,
+    expected: u64,
+    (before, after): (Snapshot, Snapshot),
+) -> FanoutReport {
+    let stats = &subs.stats;
     let counts: Vec<u64> = stats
         .iter()
         .map(|s| s.messages.load(Ordering::Relaxed))
@@ -250,48 +342,29 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         .iter()
         .map(|s| s.last_message_ns.load(Ordering::Relaxed))
         .max()
-        .unwrap_or(start_ns);
-    let delivery_seconds = (last_ns.saturating_sub(start_ns)) as f64 / 1e9;
-    let mut closed = BTreeMap::new();
-    for s in stats.iter() {
-        let c = s.closed.load(Ordering::Relaxed);
-        if c > 0 {
-            let key = match c - 1 {
-                0 => "no_close_frame".to_owned(),
-                code => code.to_string(),
-            };
-            *closed.entry(key).or_insert(0) += 1;
-        }
-    }
-    let mut steady: Vec<f64> = per_second
-        .iter()
-        .copied()
-        .skip(1)
-        .take(per_second.len().saturating_sub(2))
-        .collect();
-    steady.sort_by(f64::total_cmp);
-    let mut lat = samples.lock().map(|v| v.clone()).unwrap_or_default();
-    lat.sort_unstable();
+        .unwrap_or(published.start_ns);
+    let delivery_seconds = (last_ns.saturating_sub(published.start_ns)) as f64 / 1e9;
+    let lat = sorted_samples(&subs.samples);
     let pct = |p: f64| -> Option<f64> {
         (!lat.is_empty()).then(|| {
             let idx = ((lat.len() as f64 - 1.0) * p).round() as usize;
             f64::from(lat[idx]) / 1000.0
         })
     };
-
-    Ok(FanoutReport {
+    let accepted = published.accepted;
+    FanoutReport {
         subscribers_requested: args.subscribers,
-        subscribers,
-        connect_failures: opened.failures,
-        first_failure: opened.first_failure,
+        subscribers: stats.len(),
+        connect_failures: subs.failures,
+        first_failure: subs.first_failure,
         payload_bytes: args.payload_bytes,
         target_rate: args.rate,
         batch: args.batch,
         publishers: args.publishers,
-        publish_seconds,
-        published_accepted: published,
-        publish_errors,
-        publish_rate: published as f64 / publish_seconds,
+        publish_seconds: published.seconds,
+        published_accepted: accepted,
+        publish_errors: published.errors,
+        publish_rate: accepted as f64 / published.seconds,
         received,
         expected,
         missing: expected as i64 - received as i64,
@@ -301,8 +374,8 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         } else {
             0.0
         },
-        steady_deliveries_per_second: steady.get(steady.len() / 2).copied(),
-        per_second,
+        steady_deliveries_per_second: steady_median(&published.per_second),
+        per_second: published.per_second,
         mean_frame_bytes: if received > 0 {
             bytes as f64 / received as f64
         } else {
@@ -310,19 +383,59 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         },
         per_subscriber_min: counts.iter().copied().min().unwrap_or(0),
         per_subscriber_max: counts.iter().copied().max().unwrap_or(0),
-        subscribers_missing_some: counts.iter().filter(|c| **c < published).count(),
-        subscribers_closed: closed,
+        subscribers_missing_some: counts.iter().filter(|c| **c < accepted).count(),
+        subscribers_closed: closed_by_code(stats),
         latency_samples: lat.len(),
         latency_p50_ms: pct(0.50),
         latency_p99_ms: pct(0.99),
         latency_max_ms: lat.last().map(|v| f64::from(*v) / 1000.0),
-        service: match (before, after) {
+        service: match (before.scrape, after.scrape) {
             (Some(b), Some(a)) => Some(service_counters(&b, &a)),
             _ => None,
         },
-        service_cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
-        loadgen_cpu_seconds: self_cpu_before.zip(self_cpu_after).map(|(b, a)| a - b),
-    })
+        service_cpu_seconds: before
+            .service_cpu
+            .zip(after.service_cpu)
+            .map(|(b, a)| a - b),
+        loadgen_cpu_seconds: before
+            .loadgen_cpu
+            .zip(after.loadgen_cpu)
+            .map(|(b, a)| a - b),
+    }
+}
+
+/// Subscribers the server closed, by close code (`no_close_frame` when it just hung up).
+fn closed_by_code(stats: &[SubStats]) -> BTreeMap<String, u64> {
+    let mut closed = BTreeMap::new();
+    for s in stats {
+        let c = s.closed.load(Ordering::Relaxed);
+        if c > 0 {
+            let key = match c - 1 {
+                0 => "no_close_frame".to_owned(),
+                code => code.to_string(),
+            };
+            *closed.entry(key).or_insert(0) += 1;
+        }
+    }
+    closed
+}
+
+/// Median of the per-second rates, the first and last (partial) seconds excluded.
+fn steady_median(per_second: &[f64]) -> Option<f64> {
+    let mut steady: Vec<f64> = per_second
+        .iter()
+        .copied()
+        .skip(1)
+        .take(per_second.len().saturating_sub(2))
+        .collect();
+    steady.sort_by(f64::total_cmp);
+    steady.get(steady.len() / 2).copied()
+}
+
+fn sorted_samples(samples: &Samples) -> Vec<u32> {
+    let mut lat = samples.lock().map(|v| v.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    lat
 }
 
 /// One publisher connection: posts batches until `deadline` (at its share of the rate, or as fast

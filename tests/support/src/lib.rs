@@ -11,6 +11,7 @@
 //! - [`prom`]: the one reader of the Prometheus text format.
 //! - [`rabbitmq`]: management API reads, a confirming publisher, dedicated nodes.
 //! - [`command`]: run a program (kubectl, helm, promtool, ...) and capture its output.
+//! - [`kernel`]: a socket's kernel queues and this process's resident memory, via `procfs`.
 //!
 //! This crate depends on neither the event service nor the operator, so both can use it as a
 //! dev-dependency without a cycle. A helper that needs a missing service panics naming the
@@ -18,6 +19,7 @@
 
 pub mod command;
 pub mod http;
+pub mod kernel;
 pub mod prom;
 pub mod rabbitmq;
 pub mod wait;

@@ -70,6 +70,30 @@ pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
     (client, ns)
 }
 
+/// A test namespace whose Secret `amqp` points at the shared RabbitMQ node, with one operator
+/// (`op-a`) watching it: the start of most operator tests.
+pub struct Watched {
+    pub client: Client,
+    pub ns: String,
+    /// Declared before the namespace so that it stops before the namespace goes.
+    pub operator: RunningOperator,
+    _namespace: TestNamespace,
+}
+
+/// See [`Watched`].
+pub async fn watched_namespace(prefix: &str) -> Watched {
+    let (client, namespace) = setup(prefix).await;
+    let ns = namespace.name().to_string();
+    put_amqp_secret(&client, &ns, "amqp", &eventrouter_e2e::rabbitmq::amqp_url()).await;
+    let operator = RunningOperator::start(&client, &ns, "op-a", "eventrouter-operator").await;
+    Watched {
+        client,
+        ns,
+        operator,
+        _namespace: namespace,
+    }
+}
+
 /// Create (or replace) Secret `name` whose key `url` holds `url`.
 pub async fn put_amqp_secret(client: &Client, ns: &str, name: &str, url: &str) {
     let secret = Secret {
@@ -213,6 +237,27 @@ pub async fn condition(client: &Client, ns: &str, name: &str, type_: &str) -> Op
         .conditions
         .into_iter()
         .find(|c| c.type_ == type_)
+}
+
+/// Wait until the broker side of router `name` is declared (`BrokerReady=True`, `TopologyDeclared`).
+pub async fn wait_topology_declared(client: &Client, ns: &str, name: &str) -> Condition {
+    wait_condition(
+        client,
+        ns,
+        name,
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await
+}
+
+/// Delete router `name` (its finalizer may still hold it).
+pub async fn delete_router(client: &Client, ns: &str, name: &str) {
+    routers(client, ns)
+        .delete(name, &kube::api::DeleteParams::default())
+        .await
+        .expect("delete the router");
 }
 
 /// Wait until condition `type_` of `name` has `status` (and, if given, `reason`) for the current generation.
