@@ -17,10 +17,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use eventrouter_e2e::cluster::{TestNamespace, kube_client, unique_name};
+use eventrouter_e2e::cluster::{TestNamespace, kube_client};
 use eventrouter_e2e::command::run_ok;
 use eventrouter_e2e::rabbitmq::amqp_url;
 use eventrouter_e2e::repo_root;
+use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -454,7 +455,7 @@ async fn keda_serves_external_metrics(client: &Client, ns: &str) {
         || async {
             let request = http::Request::get(format!(
                 "{path}?labelSelector={}",
-                selector.replace('=', "%3D").replace(',', "%2C")
+                eventrouter_e2e::rabbitmq::encode_segment(&selector)
             ))
             .body(Vec::new())
             .map_err(|e| e.to_string())?;
