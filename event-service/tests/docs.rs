@@ -93,6 +93,7 @@ fn every_setting_has_an_eventrouter_env_var() {
 const AMQP_ONLY: [&str; 5] = [
     eventrouter_contract::metrics::BROKER_UP,
     eventrouter_contract::metrics::BROKER_RECONNECTS,
+    eventrouter_contract::metrics::BROKER_CONNECT_FAILURES,
     eventrouter_contract::metrics::PUBLISH_CONFIRMS,
     eventrouter_contract::metrics::PUBLISH_FAILURES,
     eventrouter_contract::metrics::MALFORMED_MESSAGES,
