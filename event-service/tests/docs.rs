@@ -90,7 +90,7 @@ fn every_setting_has_an_eventrouter_env_var() {
 }
 
 /// Metrics the AMQP source registers (absent with the embedded bus).
-const AMQP_ONLY: [&str; 5] = [
+const AMQP_ONLY: [&str; 6] = [
     eventrouter_contract::metrics::BROKER_UP,
     eventrouter_contract::metrics::BROKER_RECONNECTS,
     eventrouter_contract::metrics::BROKER_CONNECT_FAILURES,
