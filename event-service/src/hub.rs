@@ -73,10 +73,6 @@ impl Hub {
         self.source.get()
     }
 
-    pub fn limits(&self) -> QueueLimits {
-        self.limits
-    }
-
     /// Queues a control reply (ack, pong, error) for one connection, under the same bound.
     pub fn reply(&self, conn: &ConnShared, text: String) {
         let pushed = conn.push(
@@ -213,9 +209,13 @@ impl Hub {
         }
     }
 
-    /// Number of distinct patterns with local subscribers.
-    pub fn pattern_count(&self) -> usize {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).len()
+    /// True when no pattern has local subscribers.
+    #[cfg(test)]
+    fn has_no_patterns(&self) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     fn fan_out(&self, name: &str, frame: &Utf8Bytes, published: SystemTime) -> u64 {
@@ -382,7 +382,7 @@ mod tests {
             hub.remove_connection(c).await;
         }
         assert_eq!(hub.metrics.bindings.get(), 0);
-        assert_eq!(hub.pattern_count(), 0);
+        assert!(hub.has_no_patterns());
         assert!(lock(&hub.binds).is_empty());
     }
 
@@ -400,7 +400,7 @@ mod tests {
         hub.remove_connection(&b).await;
         assert_eq!(hub.metrics.bindings.get(), 0);
         assert_eq!(hub.metrics.subscriptions.get(), 0);
-        assert_eq!(hub.pattern_count(), 0);
+        assert!(hub.has_no_patterns());
         assert!(lock(&hub.binds).is_empty(), "no lock entries left behind");
     }
 }

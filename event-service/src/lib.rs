@@ -48,19 +48,19 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod admin_port;
+pub(crate) mod admin_port;
 pub mod config;
-pub mod connection;
-pub mod console;
+pub(crate) mod connection;
+pub(crate) mod console;
 pub mod event;
-pub mod hub;
-pub mod main_port;
-pub mod protocol;
+pub(crate) mod hub;
+pub(crate) mod main_port;
+pub(crate) mod protocol;
 pub mod rebalance;
 pub mod server;
-pub mod service_metrics;
+pub(crate) mod service_metrics;
 pub mod session;
-pub mod sockq;
+pub(crate) mod sockq;
 pub mod source;
-pub mod state;
-pub mod topics;
+pub(crate) mod state;
+pub(crate) mod topics;
