@@ -120,8 +120,6 @@ pub async fn apply_children(
         horizontal_autoscaler,
         scaled_object,
         service_monitor,
-        // The broker side is declared over AMQP by the reconciler, not applied here.
-        topology: _,
     } = desired;
     let typed = || client.clone();
     let mut applied = Applied::default();

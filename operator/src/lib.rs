@@ -21,18 +21,18 @@
 //! this process leads does it run the controller.
 
 pub mod admin;
-pub mod apply;
-pub mod broker;
+pub(crate) mod apply;
+pub(crate) mod broker;
 pub mod build;
-pub mod controller;
+pub(crate) mod controller;
 pub mod crd;
-pub mod error;
-pub mod leader;
-pub mod metrics;
-pub mod reconcile_backoff;
-pub mod status;
-pub mod topology;
-pub mod validate;
+pub(crate) mod error;
+pub(crate) mod leader;
+pub(crate) mod metrics;
+pub(crate) mod reconcile_backoff;
+pub(crate) mod status;
+pub(crate) mod topology;
+pub(crate) mod validate;
 
 use std::sync::Arc;
 

@@ -29,7 +29,6 @@ pub use self::autoscaling::scaled_object_resource;
 pub(crate) use self::monitoring::metrics_service_name;
 pub use self::monitoring::service_monitor_resource;
 use crate::crd::{AutoscalingProvider, EventRouter};
-use crate::topology::DesiredTopology;
 use crate::validate::Plan;
 
 /// Every object a router wants. `None` children must not exist.
@@ -44,8 +43,6 @@ pub struct Desired {
     pub horizontal_autoscaler: Option<HorizontalPodAutoscaler>,
     pub scaled_object: Option<DynamicObject>,
     pub service_monitor: Option<DynamicObject>,
-    /// The broker side, declared over AMQP rather than applied to the API server.
-    pub topology: DesiredTopology,
 }
 
 /// Labels on every child; the first two also select the pods.
@@ -109,7 +106,6 @@ pub fn build(router: &EventRouter, plan: &Plan) -> Desired {
         service_monitor: plan
             .service_monitor
             .then(|| monitoring::service_monitor(router, plan)),
-        topology: plan.topology.clone(),
     }
 }
 
