@@ -151,34 +151,18 @@ impl AmqpSource {
             .map_err(|_| SourceError::Rejected(Rejected::PatternTooLong))?;
         let guard = self.link.read().await;
         let link = guard.as_ref().ok_or_else(not_connected)?;
-        let result = tokio::time::timeout(
-            OPERATION_TIMEOUT,
-            link.control.queue_bind(
-                self.settings.queue_name(),
-                self.settings.exchange_name(),
-                routing_key,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        match result {
-            Ok(Ok(())) => {
-                self.patterns().insert(pattern.to_owned());
-                debug!(pattern, queue = %self.settings.queue, "bound");
-                Ok(())
-            }
-            Ok(Err(error)) => {
-                warn!(pattern, %error, "queue.bind failed");
-                self.request_recycle(link.generation);
-                Err(source_error(error))
-            }
-            Err(_) => {
-                warn!(pattern, timeout = ?OPERATION_TIMEOUT, "queue.bind got no answer");
-                self.request_recycle(link.generation);
-                Err(SourceError::Timeout)
-            }
-        }
+        let bind = link.control.queue_bind(
+            self.settings.queue_name(),
+            self.settings.exchange_name(),
+            routing_key,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        );
+        self.control_operation("queue.bind", pattern, link.generation, bind)
+            .await?;
+        self.patterns().insert(pattern.to_owned());
+        debug!(pattern, queue = %self.settings.queue, "bound");
+        Ok(())
     }
 
     /// Removes `pattern` from this instance's queue.
@@ -200,32 +184,38 @@ impl AmqpSource {
         let Ok(routing_key) = ShortString::try_new(pattern) else {
             return Ok(()); // never bound: `bind` refuses such patterns
         };
-        let result = tokio::time::timeout(
-            OPERATION_TIMEOUT,
-            link.control.queue_unbind(
-                self.settings.queue_name(),
-                self.settings.exchange_name(),
-                routing_key,
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        match result {
-            Ok(Ok(())) => {
-                debug!(pattern, queue = %self.settings.queue, "unbound");
-                Ok(())
-            }
+        let unbind = link.control.queue_unbind(
+            self.settings.queue_name(),
+            self.settings.exchange_name(),
+            routing_key,
+            FieldTable::default(),
+        );
+        self.control_operation("queue.unbind", pattern, link.generation, unbind)
+            .await?;
+        debug!(pattern, queue = %self.settings.queue, "unbound");
+        Ok(())
+    }
+
+    /// Runs one control-channel operation under [`OPERATION_TIMEOUT`]. A failure or a missing
+    /// answer leaves the connection's state unknown, so it asks for the connection `generation`
+    /// to be replaced (its exclusive queue and every binding go with it) and returns the error.
+    async fn control_operation(
+        &self,
+        operation: &'static str,
+        pattern: &str,
+        generation: u64,
+        work: impl Future<Output = lapin::Result<()>>,
+    ) -> Result<(), SourceError> {
+        match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => {
-                warn!(pattern, %error, "queue.unbind failed; replacing the connection");
-                self.request_recycle(link.generation);
+                warn!(operation, pattern, %error, "failed; replacing the connection");
+                self.request_recycle(generation);
                 Err(source_error(error))
             }
             Err(_) => {
-                warn!(
-                    pattern,
-                    "queue.unbind got no answer; replacing the connection"
-                );
-                self.request_recycle(link.generation);
+                warn!(operation, pattern, timeout = ?OPERATION_TIMEOUT, "no answer; replacing the connection");
+                self.request_recycle(generation);
                 Err(SourceError::Timeout)
             }
         }
