@@ -398,15 +398,20 @@ mod tests {
         assert_eq!(find(&c, "Ready").reason, "BrokerNotReady");
     }
 
-    #[test]
-    fn paused_keeps_the_last_broker_condition() {
+    /// The conditions of a router that was healthy at t=100 and is in `phase` at t=200.
+    fn healthy_then(phase: Phase) -> Vec<Condition> {
         let d = a_deployment_with(2, 2);
         let before = conditions(&healthy(&d), &[], &at(100));
         let observed = Observed {
-            phase: Phase::Paused,
+            phase,
             ..healthy(&d)
         };
-        let c = conditions(&observed, &before, &at(200));
+        conditions(&observed, &before, &at(200))
+    }
+
+    #[test]
+    fn paused_keeps_the_last_broker_condition() {
+        let c = healthy_then(Phase::Paused);
         assert_eq!(find(&c, "Paused").status, "True");
         assert_eq!(find(&c, "Ready").reason, "Paused");
         assert_eq!(find(&c, "BrokerReady").status, "True");
@@ -467,15 +472,9 @@ mod tests {
 
     #[test]
     fn an_invalid_spec_is_not_broker_ready_even_if_it_was_before() {
-        let d = a_deployment_with(2, 2);
-        let before = conditions(&healthy(&d), &[], &at(100));
-        let observed = Observed {
-            phase: Phase::Invalid {
-                problems: "bad".into(),
-            },
-            ..healthy(&d)
-        };
-        let c = conditions(&observed, &before, &at(200));
+        let c = healthy_then(Phase::Invalid {
+            problems: "bad".into(),
+        });
         let broker = find(&c, "BrokerReady");
         assert_eq!(
             (broker.status.as_str(), broker.reason.as_str()),
