@@ -55,3 +55,51 @@ retry_for() {
     sleep 0.5
   done
 }
+
+# --- processes ----------------------------------------------------------------------------------
+# For scripts that run long-lived processes: set PROCESS_DIR (where NAME.pid and NAME.log go) and
+# START_TIMEOUT (seconds) before using these.
+
+# Starts "$@" detached from this shell, logging to $PROCESS_DIR/NAME.log, recording its PID.
+spawn() { # NAME COMMAND...
+  local name="$1"; shift
+  setsid "$@" </dev/null >"$PROCESS_DIR/$name.log" 2>&1 &
+  echo $! >"$PROCESS_DIR/$name.pid"
+}
+
+alive() { [[ -f "$PROCESS_DIR/$1.pid" ]] && kill -0 "$(cat "$PROCESS_DIR/$1.pid")" 2>/dev/null; }
+
+# Waits until PROBE succeeds, failing early with the log's tail when NAME exits.
+wait_for() { # NAME WHAT PROBE...
+  local name="$1" what="$2"; shift 2
+  local log_file="$PROCESS_DIR/$name.log"
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then
+      tail -n 40 "$log_file" >&2 || true
+      die "$name exited before $what; full log: $log_file"
+    fi
+    ((SECONDS < deadline)) || { tail -n 40 "$log_file" >&2 || true; die "$name: no $what within ${START_TIMEOUT}s; log: $log_file"; }
+    sleep 0.5
+  done
+}
+
+# Waits up to SECONDS for PID to exit after it was asked to; kills it when it does not.
+await_exit() { # PID SECONDS WHAT
+  local pid="$1" seconds="$2" what="$3"
+  if ! retry_for "$seconds" bash -c "! kill -0 $pid 2>/dev/null"; then
+    log "$what (pid $pid) ignored SIGTERM for ${seconds}s; killing it"
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+}
+
+# Stops a process started with spawn: SIGTERM, then SIGKILL after 20 s.
+stop_process() { # NAME
+  local name="$1"
+  alive "$name" || { rm -f "$PROCESS_DIR/$name.pid"; return 0; }
+  local pid; pid="$(cat "$PROCESS_DIR/$name.pid")"
+  log "stopping $name"
+  kill "$pid" 2>/dev/null || true
+  await_exit "$pid" 20 "$name"
+  rm -f "$PROCESS_DIR/$name.pid"
+}

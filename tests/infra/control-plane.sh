@@ -30,6 +30,7 @@ source "$(dirname "$0")/common.sh"
 
 RUN="${EVENTROUTER_CONTROL_PLANE_DIR:-${TMPDIR:-/tmp}/eventrouter-control-plane}"
 PKI="$RUN/pki"
+PROCESS_DIR="$RUN"
 BIN="$EVENTROUTER_TOOLS/bin"
 START_TIMEOUT="${EVENTROUTER_CONTROL_PLANE_START_TIMEOUT:-180}"
 HPA_SYNC_PERIOD="${EVENTROUTER_CONTROL_PLANE_HPA_SYNC_PERIOD:-}"
@@ -136,42 +137,7 @@ YAML
   )
 }
 
-# --- processes ----------------------------------------------------------------------------------
-
-# Starts "$@" detached from this shell, logging to $RUN/NAME.log, recording its PID.
-spawn() { # NAME COMMAND...
-  local name="$1"; shift
-  setsid "$@" </dev/null >"$RUN/$name.log" 2>&1 &
-  echo $! >"$RUN/$name.pid"
-}
-
-alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
-
-# Waits until PROBE succeeds, failing early with the log's tail when NAME exits.
-wait_for() { # NAME WHAT PROBE...
-  local name="$1" what="$2"; shift 2
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    if ! alive "$name"; then
-      tail -n 40 "$RUN/$name.log" >&2 || true
-      die "$name exited before $what; full log: $RUN/$name.log"
-    fi
-    ((SECONDS < deadline)) || { tail -n 40 "$RUN/$name.log" >&2 || true; die "$name: no $what within ${START_TIMEOUT}s; log: $RUN/$name.log"; }
-    sleep 0.5
-  done
-}
-
-stop_process() { # NAME
-  local name="$1"
-  alive "$name" || { rm -f "$RUN/$name.pid"; return 0; }
-  local pid; pid="$(cat "$RUN/$name.pid")"
-  kill "$pid" 2>/dev/null || true
-  if ! retry_for 20 bash -c "! kill -0 $pid 2>/dev/null"; then
-    log "$name (pid $pid) ignored SIGTERM for 20s; killing it"
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$RUN/$name.pid"
-}
+# --- processes (spawn, alive, wait_for, stop_process: common.sh) ----------------------------------
 
 apiserver_ready() {
   curl -fsS --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
@@ -301,7 +267,6 @@ cmd_stop() {
   [[ -d "$RUN" ]] || return 0
   "$KEDA_SCRIPT" stop || true
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    if alive "$name"; then log "stopping $name"; fi
     stop_process "$name"
   done
   rm -rf "$RUN/etcd-data" "$RUN/apiserver.port"

@@ -93,45 +93,12 @@ cmd_build() {
 
 RUN="${EVENTROUTER_CONTROL_PLANE_DIR:-${TMPDIR:-/tmp}/eventrouter-control-plane}"
 DIR="$RUN/keda"
+PROCESS_DIR="$DIR"
 KEDA_NAMESPACE=keda
 APISERVICE=v1beta1.external.metrics.k8s.io
 START_TIMEOUT="${EVENTROUTER_CONTROL_PLANE_START_TIMEOUT:-180}"
 
 kube() { "$bin/kubectl" --kubeconfig "$RUN/admin.kubeconfig" "$@"; }
-
-spawn() { # NAME COMMAND...
-  local name="$1"; shift
-  setsid "$@" </dev/null >"$DIR/$name.log" 2>&1 &
-  echo $! >"$DIR/$name.pid"
-}
-
-alive() { [[ -f "$DIR/$1.pid" ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
-
-wait_for() { # NAME WHAT PROBE...
-  local name="$1" what="$2"; shift 2
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    if ! alive "$name"; then
-      tail -n 40 "$DIR/$name.log" >&2 || true
-      die "$name exited before $what; full log: $DIR/$name.log"
-    fi
-    ((SECONDS < deadline)) || { tail -n 40 "$DIR/$name.log" >&2 || true; die "$name: no $what within ${START_TIMEOUT}s; log: $DIR/$name.log"; }
-    sleep 0.5
-  done
-}
-
-stop_process() { # NAME
-  local name="$1"
-  alive "$name" || { rm -f "$DIR/$name.pid"; return 0; }
-  local pid; pid="$(cat "$DIR/$name.pid")"
-  log "stopping $name"
-  kill "$pid" 2>/dev/null || true
-  if ! retry_for 20 bash -c "! kill -0 $pid 2>/dev/null"; then
-    log "$name (pid $pid) ignored SIGTERM for 20s; killing it"
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$DIR/$name.pid"
-}
 
 # One certificate for both KEDA processes: serving (metrics API, gRPC) and client (gRPC) on
 # 127.0.0.1, signed by the control plane's CA, which the APIService's caBundle names.

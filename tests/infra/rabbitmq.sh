@@ -180,10 +180,7 @@ cmd_stop() {
     log "rabbitmqctl stop failed; terminating pid $pid"
     kill "$pid" 2>/dev/null || true
   fi
-  if ! retry_for 30 bash -c "! kill -0 $pid 2>/dev/null"; then
-    log "RabbitMQ node $RABBITMQ_NODENAME ignored SIGTERM for 30s; killing it"
-    kill -9 "$pid" 2>/dev/null || true
-  fi
+  await_exit "$pid" 30 "RabbitMQ node $RABBITMQ_NODENAME"
   rm -f "$RABBITMQ_PID_FILE"
 }
 
