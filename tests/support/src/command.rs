@@ -75,6 +75,27 @@ pub async fn run_ok_async(command: &mut tokio::process::Command) -> anyhow::Resu
     stdout_of_success(&*command, output)
 }
 
+/// Builds a binary of the workspace (`cargo build -p PACKAGE --bin BIN`, the debug profile the
+/// tests are built with; a no-op when it is fresh) and returns its path.
+pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<std::path::PathBuf> {
+    let root = crate::repo_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_ok(
+        std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .current_dir(&root),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"));
+    let path = target.join("debug").join(bin);
+    if !path.is_file() {
+        bail!("cargo built {bin} but {} does not exist", path.display());
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

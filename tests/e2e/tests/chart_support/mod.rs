@@ -384,30 +384,10 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (
     (response.status, response.text())
 }
 
-/// Builds a binary of the workspace (`cargo build -p PACKAGE --bin BIN`, the debug profile the
-/// tests are built with) and returns its path.
+/// Builds a binary of the workspace and returns its path.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
-        .current_dir(repo_root()));
-    let target = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| {
-            if t.is_absolute() {
-                t
-            } else {
-                repo_root().join(t)
-            }
-        })
-        .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(bin);
-    assert!(
-        path.is_file(),
-        "cargo built {bin} but {} does not exist",
-        path.display()
-    );
-    path
+    eventrouter_e2e::command::workspace_binary(package, bin)
+        .unwrap_or_else(|error| panic!("building {bin}: {error:#}"))
 }
 
 /// A child process whose output is collected by a thread (so its pipe never fills up) and which
