@@ -40,6 +40,31 @@ pub mod env {
     pub const CONSOLE: &str = "EVENTROUTER_CONSOLE";
     /// Set from the downward API; names the instance's RabbitMQ queue.
     pub const POD_NAME: &str = "POD_NAME";
+    /// The listening socket's accept backlog (the kernel caps it at `net.core.somaxconn`).
+    pub const LISTEN_BACKLOG: &str = "EVENTROUTER_LISTEN_BACKLOG";
+    /// `true` (the default) lets an instance over the fleet's mean ask clients to reconnect.
+    pub const REBALANCE: &str = "EVENTROUTER_REBALANCE";
+    /// The exchange the instances exchange load heartbeats on (default `<exchange>.control`).
+    pub const CONTROL_EXCHANGE: &str = "EVENTROUTER_CONTROL_EXCHANGE";
+    /// How often an instance publishes its heartbeat.
+    pub const HEARTBEAT_INTERVAL: &str = "EVENTROUTER_HEARTBEAT_INTERVAL";
+    /// Fraction over the fleet mean that still counts as balanced.
+    pub const REBALANCE_TOLERANCE: &str = "EVENTROUTER_REBALANCE_TOLERANCE";
+    /// Most connections one instance sheds per second.
+    pub const REBALANCE_RATE: &str = "EVENTROUTER_REBALANCE_RATE";
+    /// A connection younger than this is never shed.
+    pub const REBALANCE_MIN_AGE: &str = "EVENTROUTER_REBALANCE_MIN_AGE";
+}
+
+/// The router's control exchange: where instances publish their load heartbeats.
+pub mod control {
+    /// Appended to the events exchange's name to name the control exchange by default.
+    pub const EXCHANGE_SUFFIX: &str = ".control";
+
+    /// The default control exchange of a router whose events exchange is `exchange`.
+    pub fn default_exchange(exchange: &str) -> String {
+        format!("{exchange}{EXCHANGE_SUFFIX}")
+    }
 }
 
 /// Bounds every AMQP client of the project shares.
@@ -124,6 +149,18 @@ pub mod metrics {
     pub const DRAINING: &str = "eventrouter_draining";
     /// Gauge: the configured `--max-connections` (so alerts can compare).
     pub const MAX_CONNECTIONS: &str = "eventrouter_max_connections";
+    /// Gauge: instances heard on the control exchange within the heartbeat TTL, this one included.
+    pub const REBALANCE_FLEET_SIZE: &str = "eventrouter_rebalance_fleet_size";
+    /// Gauge: connections per active (not draining) instance, from the heartbeats.
+    pub const REBALANCE_FLEET_MEAN: &str = "eventrouter_rebalance_fleet_mean";
+    /// Counter: connections closed with 4002 so their clients reconnect elsewhere.
+    pub const REBALANCE_SHED: &str = "eventrouter_rebalance_shed_total";
+    /// Counter: heartbeats received and accepted into the fleet view.
+    pub const REBALANCE_HEARTBEATS_RECEIVED: &str =
+        "eventrouter_rebalance_heartbeats_received_total";
+    /// Counter: heartbeats received and refused (malformed, oversized, unknown version).
+    pub const REBALANCE_HEARTBEATS_REJECTED: &str =
+        "eventrouter_rebalance_heartbeats_rejected_total";
 
     /// Every metric above, for checks that must cover them all.
     pub const ALL: &[&str] = &[
@@ -156,6 +193,11 @@ pub mod metrics {
         KERNEL_BUFFERED_BYTES,
         DRAINING,
         MAX_CONNECTIONS,
+        REBALANCE_FLEET_SIZE,
+        REBALANCE_FLEET_MEAN,
+        REBALANCE_SHED,
+        REBALANCE_HEARTBEATS_RECEIVED,
+        REBALANCE_HEARTBEATS_REJECTED,
     ];
 }
 
