@@ -127,6 +127,36 @@ pub struct Config {
     #[arg(long, env = env::DRAIN_DURATION, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_duration: Duration,
 
+    /// Accept backlog of the main port's listening socket: room for a burst of reconnects
+    /// (after a drain, a rebalance or a scale-in). The kernel caps it at `net.core.somaxconn`.
+    #[arg(long, env = env::LISTEN_BACKLOG, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub listen_backlog: u32,
+
+    /// Rebalance after scale-out: while this instance holds more than its share of the fleet's
+    /// connections, ask some clients to reconnect (close 4002). Needs the `amqp` source.
+    #[arg(long, env = env::REBALANCE, default_value_t = true, action = clap::ArgAction::Set)]
+    pub rebalance: bool,
+
+    /// Exchange the instances publish their load heartbeats on (fanout). Default: `<exchange>.control`.
+    #[arg(long, env = env::CONTROL_EXCHANGE)]
+    pub control_exchange: Option<String>,
+
+    /// How often this instance publishes its heartbeat; peers silent for 3 intervals are forgotten.
+    #[arg(long, env = env::HEARTBEAT_INTERVAL, default_value = "5s", value_parser = heartbeat_interval)]
+    pub heartbeat_interval: Duration,
+
+    /// Fraction over the fleet mean (e.g. `0.15`) that still counts as balanced.
+    #[arg(long, env = env::REBALANCE_TOLERANCE, default_value_t = 0.15, value_parser = fraction)]
+    pub rebalance_tolerance: f64,
+
+    /// Most connections this instance closes per second to rebalance.
+    #[arg(long, env = env::REBALANCE_RATE, default_value_t = 10.0, value_parser = positive_rate)]
+    pub rebalance_rate: f64,
+
+    /// A connection younger than this is never closed to rebalance (no client moves twice in a row).
+    #[arg(long, env = env::REBALANCE_MIN_AGE, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub rebalance_min_age: Duration,
+
     /// How often each connection samples its kernel socket queues (SIOCINQ/SIOCOUTQ).
     #[arg(long, env = env::SOCKET_SAMPLE_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
     pub socket_sample_interval: Duration,
@@ -152,7 +182,44 @@ pub struct Config {
     pub console: Option<bool>,
 }
 
+/// `--rebalance-tolerance`: a fraction between 0 and 1.
+fn fraction(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "expected a fraction of the mean between 0 and 1 (e.g. 0.15), got '{value}'"
+        )),
+    }
+}
+
+/// `--rebalance-rate`: a positive number of connections per second.
+fn positive_rate(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "expected a positive number of connections per second, got '{value}'"
+        )),
+    }
+}
+
+/// `--heartbeat-interval`: a duration of at least 100 ms (the fleet view's TTL is three of them).
+fn heartbeat_interval(value: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("must be at least 100ms, got '{value}'"));
+    }
+    Ok(d)
+}
+
 impl Config {
+    /// The control exchange: `--control-exchange`, else `<exchange>.control`.
+    pub fn control_exchange(&self) -> String {
+        self.control_exchange
+            .clone()
+            .filter(|name| !name.trim().is_empty())
+            .unwrap_or_else(|| eventrouter_contract::control::default_exchange(&self.exchange))
+    }
+
     /// Every default, read from the flags' declarations only: no environment variable is
     /// consulted (unlike [`Config::parse`]), so a `POD_NAME` or `EVENTROUTER_*` of the machine
     /// running the tests cannot leak in.

@@ -64,11 +64,14 @@ pub enum Pushed {
 pub enum CloseRequest {
     Drain,
     SlowConsumer,
+    /// This instance holds more than its share of the fleet's connections: reconnect elsewhere.
+    Rebalance,
 }
 
 const CLOSE_NONE: u8 = 0;
 const CLOSE_DRAIN: u8 = 1;
 const CLOSE_SLOW: u8 = 2;
+const CLOSE_REBALANCE: u8 = 3;
 
 #[derive(Default)]
 struct OutQueue {
@@ -208,25 +211,29 @@ impl ConnShared {
         self.waker.register(waker);
     }
 
-    /// Asks the connection's task to close the connection (first request wins).
-    pub fn request_close(&self, why: CloseRequest) {
+    /// Asks the connection's task to close the connection (first request wins); true when this
+    /// request is the one that took effect.
+    pub fn request_close(&self, why: CloseRequest) -> bool {
         let v = match why {
             CloseRequest::Drain => CLOSE_DRAIN,
             CloseRequest::SlowConsumer => CLOSE_SLOW,
+            CloseRequest::Rebalance => CLOSE_REBALANCE,
         };
-        if self
+        let first = self
             .close
             .compare_exchange(CLOSE_NONE, v, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+            .is_ok();
+        if first {
             self.waker.wake();
         }
+        first
     }
 
     pub(crate) fn close_requested(&self) -> Option<CloseRequest> {
         match self.close.load(Ordering::Acquire) {
             CLOSE_DRAIN => Some(CloseRequest::Drain),
             CLOSE_SLOW => Some(CloseRequest::SlowConsumer),
+            CLOSE_REBALANCE => Some(CloseRequest::Rebalance),
             _ => None,
         }
     }
@@ -283,6 +290,49 @@ impl ConnRegistry {
     pub fn snapshot(&self) -> Vec<Arc<ConnShared>> {
         lock(&self.conns).values().cloned().collect()
     }
+
+    /// What rebalancing decides on: the connections not already asked to close, and the `n` of
+    /// them open longest (oldest first, as `(id, accepted)`). One pass over the registry, keeping
+    /// a bounded heap of `n`. A connection asked to close stays registered until its close
+    /// handshake ends; counting it would make the next decision shed past the target.
+    pub fn movable(&self, n: usize) -> Movable {
+        let mut open = 0usize;
+        let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
+        for c in lock(&self.conns).values() {
+            if c.close_requested().is_some() {
+                continue;
+            }
+            open += 1;
+            if n == 0 {
+                continue;
+            }
+            // Max-heap on (opened, id): the top is the youngest kept, dropped when one older comes.
+            heap.push((c.opened, c.id));
+            if heap.len() > n {
+                heap.pop();
+            }
+        }
+        let mut oldest: Vec<(u64, Instant)> =
+            heap.into_iter().map(|(opened, id)| (id, opened)).collect();
+        oldest.sort_by_key(|&(id, opened)| (opened, id));
+        Movable { open, oldest }
+    }
+
+    /// Asks connection `id` to close; false when it is gone or already closing for another reason.
+    pub fn request_close(&self, id: u64, why: CloseRequest) -> bool {
+        lock(&self.conns)
+            .get(&id)
+            .is_some_and(|conn| conn.request_close(why))
+    }
+}
+
+/// See [`ConnRegistry::movable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movable {
+    /// Open connections not asked to close.
+    pub open: usize,
+    /// The oldest of them, oldest first: `(id, accepted)`.
+    pub oldest: Vec<(u64, Instant)>,
 }
 
 #[cfg(test)]
@@ -298,6 +348,37 @@ mod tests {
 
     fn conn() -> ConnShared {
         ConnShared::new(1, "127.0.0.1:1".parse().expect("addr"))
+    }
+
+    #[test]
+    fn movable_lists_the_oldest_connections_not_already_closing() {
+        let registry = ConnRegistry::default();
+        for id in 1..=5 {
+            registry.insert(Arc::new(ConnShared::new(
+                id,
+                "127.0.0.1:1".parse().expect("addr"),
+            )));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let ids = |m: Movable| m.oldest.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(registry.movable(3)), [1, 2, 3]);
+        assert_eq!(registry.movable(10).oldest.len(), 5);
+        assert!(registry.movable(0).oldest.is_empty());
+        assert_eq!(registry.movable(0).open, 5);
+        assert!(registry.request_close(2, CloseRequest::Rebalance));
+        assert!(
+            !registry.request_close(2, CloseRequest::Rebalance),
+            "already closing"
+        );
+        assert!(!registry.request_close(9, CloseRequest::Rebalance));
+        let after = registry.movable(3);
+        assert_eq!(after.open, 4, "a closing connection no longer counts");
+        assert_eq!(ids(after), [1, 3, 4]);
+        let two = registry.snapshot().into_iter().find(|c| c.id == 2);
+        assert_eq!(
+            two.and_then(|c| c.close_requested()),
+            Some(CloseRequest::Rebalance)
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
 //! - [`rebalance`] — rebalancing after scale-out: the heartbeat instances exchange on the control
 //!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
+//! - [`rebalancer`] — the task that runs it: publishes this instance's heartbeat, reads the
+//!   others' (from the AMQP source's control channel), closes the chosen connections.
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
 //!
 //! Process plumbing shared with the operator (logging set-up, signals, the HTTP accept loop,
@@ -56,7 +58,8 @@ pub mod event;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;
-pub mod rebalance;
+pub(crate) mod rebalance;
+pub(crate) mod rebalancer;
 pub mod server;
 pub(crate) mod service_metrics;
 pub mod session;

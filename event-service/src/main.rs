@@ -15,9 +15,9 @@ async fn main() -> anyhow::Result<()> {
         Err(error) => tracing::warn!(%error, "could not raise the open-files limit"),
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = server::bind_main(config.listen, config.listen_backlog)
         .await
-        .with_context(|| format!("could not listen on {}", config.listen))?;
+        .context("could not open the main port")?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("could not listen on {}", config.admin_listen))?;

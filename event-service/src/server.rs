@@ -26,6 +26,7 @@ use crate::{
     event::Event,
     hub::Hub,
     main_port,
+    rebalancer::{self, RebalanceMetrics},
     service_metrics::ServiceMetrics,
     session::CLOSE_GRACE,
     source::{EventSink, Source, amqp, memory::MemorySource},
@@ -46,8 +47,28 @@ pub enum ServeError {
     Metrics(#[from] prometheus::Error),
     #[error("could not start the AMQP source: {0}")]
     Amqp(#[from] amqp::AmqpStartError),
+    #[error("invalid rebalancing settings: {0}")]
+    Rebalance(#[from] crate::rebalance::SettingsError),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+/// Binds the main port with `--listen-backlog` as the accept queue (tokio's `bind` uses 128,
+/// which a burst of reconnects after a drain or a rebalance overflows). The kernel caps the
+/// backlog at `net.core.somaxconn`.
+pub async fn bind_main(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServeError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted instance rebinds while old sockets linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind().map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// Runs the service on the given listeners until `shutdown` completes, then drains.
@@ -93,7 +114,11 @@ pub(crate) async fn serve_observed(
         ),
     };
     hub.set_source(source.clone());
+    let rebalance_metrics = RebalanceMetrics::register(&registry)?;
     let shared = Arc::new(Shared::new(config, registry, metrics, hub));
+    if let Source::Amqp(amqp) = &source {
+        rebalancer::spawn(shared.clone(), amqp, rebalance_metrics, background.clone())?;
+    }
 
     tracing::info!(
         listen = %listener.local_addr().map_err(ServeError::LocalAddr)?,
@@ -205,7 +230,7 @@ impl RunningServer {
                 .await
                 .map_err(|source| ServeError::Bind { addr, source })
         };
-        let listener = bind(config.listen).await?;
+        let listener = bind_main(config.listen, config.listen_backlog).await?;
         let admin = bind(config.admin_listen).await?;
         let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
         let admin_addr = admin.local_addr().map_err(ServeError::LocalAddr)?;

@@ -43,6 +43,8 @@ pub enum DisconnectReason {
     SlowConsumer,
     IdleTimeout,
     Drain,
+    /// Closed with 4002 so the client reconnects to a less loaded instance.
+    Rebalance,
     TooBig,
     Binary,
     Abuse,
@@ -344,7 +346,7 @@ mod tests {
                     .map(DisconnectReason::as_str)
                     .collect()
             ),
-            "client_closed,slow_consumer,idle_timeout,drain,too_big,binary,abuse,error"
+            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,error"
         );
         assert_eq!(
             labels(FrameKind::iter().map(FrameKind::as_str).collect()),

@@ -163,6 +163,11 @@ impl Session {
                     "slow consumer: outbound queue full",
                     DisconnectReason::SlowConsumer,
                 ),
+                Step::Close(CloseRequest::Rebalance) => self.start_close(
+                    close::REBALANCE,
+                    "rebalancing: reconnect now",
+                    DisconnectReason::Rebalance,
+                ),
                 Step::OpDone => self.start_next_op(),
                 Step::Timer => {
                     if let Some(reason) = self.on_timer() {

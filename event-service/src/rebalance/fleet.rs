@@ -98,10 +98,6 @@ impl FleetView {
         &self.me
     }
 
-    pub fn settings(&self) -> FleetSettings {
-        self.settings
-    }
-
     /// When the view was created.
     pub fn created(&self) -> Instant {
         self.created
@@ -181,12 +177,9 @@ impl FleetView {
     }
 
     /// Instances held, expired ones included until the next [`FleetView::expire`].
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The fleet's figures at `now`: what the rebalancer decides on and the metrics show.

@@ -47,7 +47,7 @@
 //!
 //! # Close code
 //!
-//! The wiring closes each chosen connection with 4002
+//! The task in [`crate::rebalancer`] closes each chosen connection with 4002
 //! ([`eventrouter_contract::close::REBALANCE`]): clients reconnect right away, without backoff,
 //! and the load balancer places them again.
 //!
@@ -63,8 +63,6 @@ pub mod plan;
 #[cfg(test)]
 mod simulation;
 
-pub use fleet::{DEFAULT_HEARTBEAT_INTERVAL, FleetSettings, FleetSummary, FleetView, Observed};
-pub use heartbeat::{Heartbeat, HeartbeatError};
-pub use plan::{
-    Candidate, Decision, Figures, Hold, Limit, Local, Outcome, Rebalancer, Settings, SettingsError,
-};
+pub use fleet::{FleetSettings, FleetView};
+pub use heartbeat::Heartbeat;
+pub use plan::{Candidate, Local, Outcome, Rebalancer, Settings, SettingsError};

@@ -195,6 +195,7 @@ pub struct Decision {
 
 impl Decision {
     /// The connections to close now (empty when holding).
+    #[cfg(test)]
     pub fn shed(&self) -> &[u64] {
         match &self.outcome {
             Outcome::Shed { ids, .. } => ids,

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use super::{
-    AmqpSource, Link,
+    AmqpSource, Link, heartbeats,
     message::{self, Malformed},
 };
 use crate::source::Origin;
@@ -91,6 +91,8 @@ async fn step<T>(
 struct Connected {
     connection: Connection,
     consumer: Consumer,
+    /// The control queue's consumer (heartbeats), when the control exchange is open.
+    heartbeats: Option<Consumer>,
     generation: u64,
 }
 
@@ -189,9 +191,10 @@ async fn set_up(source: &AmqpSource, generation: u64) -> Result<Connected, Setup
     )
     .await?;
     match build(source, &connection, generation).await {
-        Ok(consumer) => Ok(Connected {
+        Ok((consumer, heartbeats)) => Ok(Connected {
             connection,
             consumer,
+            heartbeats,
             generation,
         }),
         Err(error) => {
@@ -205,7 +208,7 @@ async fn build(
     source: &AmqpSource,
     connection: &Connection,
     generation: u64,
-) -> Result<Consumer, SetupError> {
+) -> Result<(Consumer, Option<Consumer>), SetupError> {
     let settings = &source.settings;
     let control = step("opening the control channel", connection.create_channel()).await?;
     let exchange = settings.exchange_name();
@@ -258,6 +261,11 @@ async fn build(
     )
     .await?;
 
+    let (heartbeat, heartbeats) = match open_heartbeats(source, connection).await {
+        Some(h) => (Some(h.channel), Some(h.consumer)),
+        None => (None, None),
+    };
+
     // From here until the link is installed no bind or unbind can run, so the snapshot below is
     // exactly the set to restore.
     let mut link = source.link.write().await;
@@ -293,10 +301,45 @@ async fn build(
         generation,
         control,
         publish,
+        heartbeat,
     });
     source.set_up(true);
     debug!(restored = patterns.len(), "bindings restored");
-    Ok(consumer)
+    Ok((consumer, heartbeats))
+}
+
+/// Opens the control exchange's channel when rebalancing is on. A failure is logged and leaves
+/// the session without heartbeats; it never fails the session (see `heartbeats`).
+async fn open_heartbeats(
+    source: &AmqpSource,
+    connection: &Connection,
+) -> Option<heartbeats::HeartbeatLink> {
+    let exchange = source.settings.control_exchange.as_deref()?;
+    let declare = source.settings.declare_exchange;
+    match tokio::time::timeout(
+        OPERATION_TIMEOUT,
+        heartbeats::open(connection, exchange, declare),
+    )
+    .await
+    {
+        Ok(Ok(link)) => Some(link),
+        Ok(Err(error)) if is_not_found(&error) => {
+            warn!(
+                exchange,
+                "the control exchange does not exist: the operator declares it, or start the \
+                 service with --declare-exchange=true; rebalancing holds"
+            );
+            None
+        }
+        Ok(Err(error)) => {
+            warn!(exchange, %error, "could not open the control exchange; rebalancing holds");
+            None
+        }
+        Err(_) => {
+            warn!(exchange, timeout = ?OPERATION_TIMEOUT, "opening the control exchange got no answer; rebalancing holds");
+            None
+        }
+    }
 }
 
 /// Consumes until the session ends, and says why it ended.
@@ -306,6 +349,7 @@ async fn live(
     shutdown: &CancellationToken,
 ) -> LinkEnd {
     let mut events = session.connection.events_listener();
+    let generation = session.generation;
     let broker_events = async {
         while let Some(event) = events.next().await {
             match event {
@@ -326,14 +370,24 @@ async fn live(
     let recycle = async {
         loop {
             source.recycle.notified().await;
-            if source.recycle_generation.load(Ordering::Acquire) == session.generation {
+            if source.recycle_generation.load(Ordering::Acquire) == generation {
                 return "an operation failed on this connection; replacing it".to_owned();
             }
         }
     };
+    let inbox = &source.control_inbox;
+    let consumer = &mut session.consumer;
+    let heartbeat_consumer = session.heartbeats.as_mut();
+    let heartbeats = async move {
+        match heartbeat_consumer {
+            Some(consumer) => heartbeats::forward(consumer, inbox).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = shutdown.cancelled() => LinkEnd::Shutdown,
-        reason = consume(source, &mut session.consumer) => LinkEnd::Lost(reason),
+        () = heartbeats => LinkEnd::Shutdown, // never completes
+        reason = consume(source, consumer) => LinkEnd::Lost(reason),
         reason = broker_events => LinkEnd::Lost(reason),
         reason = recycle => LinkEnd::Lost(reason),
     }

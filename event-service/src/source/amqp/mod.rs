@@ -7,6 +7,7 @@
 //! - `link` — the live broker link: the channels of the current connection and the background
 //!   manager that keeps one up: connect, declare, restore bindings, consume, notice the loss, back
 //!   off (exponential with jitter, `backon`), do it again.
+//! - `heartbeats` — the control exchange's channel: load heartbeats out and in, for rebalancing.
 //! - `message` — event ⇄ AMQP message mapping and the malformed-message rules (pure).
 //! - `settings` — the configuration, resolved and checked at start (pure).
 //! - `broker_metrics` — broker up, reconnects, publish confirms/failures, malformed messages.
@@ -19,6 +20,7 @@
 //! new connection after the restore: none falls between two connections.
 
 mod broker_metrics;
+mod heartbeats;
 mod link;
 mod message;
 mod settings;
@@ -26,7 +28,7 @@ mod settings;
 use std::{
     collections::BTreeSet,
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, OnceLock, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
@@ -38,7 +40,7 @@ use lapin::{
     options::{BasicPublishOptions, QueueBindOptions},
     types::{FieldTable, ShortString},
 };
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::{Notify, RwLock, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -81,6 +83,9 @@ struct Link {
     control: Channel,
     /// In confirm mode: every publish is confirmed by the broker.
     publish: Channel,
+    /// Publishes heartbeats to the control exchange; `None` when rebalancing is off or the
+    /// control exchange could not be opened on this connection.
+    heartbeat: Option<Channel>,
 }
 
 /// The RabbitMQ source. Cheap to share (`Arc`); a background task keeps it connected until the
@@ -102,6 +107,8 @@ pub struct AmqpSource {
     /// channel closed by the broker): the generation it asks the manager to replace.
     recycle_generation: AtomicU64,
     recycle: Notify,
+    /// Where heartbeats read from the control exchange go (the rebalancer's inbox).
+    control_inbox: OnceLock<mpsc::Sender<Vec<u8>>>,
 }
 
 impl AmqpSource {
@@ -127,6 +134,7 @@ impl AmqpSource {
             blocked: AtomicBool::new(false),
             recycle_generation: AtomicU64::new(0),
             recycle: Notify::new(),
+            control_inbox: OnceLock::new(),
         });
         tokio::spawn(link::run(Arc::clone(&source), shutdown));
         Ok(source)
@@ -140,6 +148,46 @@ impl AmqpSource {
     /// The exchange events are published to and consumed from.
     pub fn exchange(&self) -> &str {
         &self.settings.exchange
+    }
+
+    /// This instance's name (the pod name, else a random one): the key of its heartbeats.
+    pub fn instance(&self) -> &str {
+        &self.settings.instance
+    }
+
+    /// The control exchange, when rebalancing is on.
+    pub fn control_exchange(&self) -> Option<&str> {
+        self.settings.control_exchange.as_deref()
+    }
+
+    /// Sends every message read from the control exchange to `inbox` from the next session on
+    /// (the first call wins).
+    pub(crate) fn attach_control_inbox(&self, inbox: mpsc::Sender<Vec<u8>>) {
+        let _ = self.control_inbox.set(inbox);
+    }
+
+    /// Publishes a heartbeat to the control exchange (unconfirmed: the next one replaces a lost
+    /// one). [`SourceError::Unavailable`] while disconnected or when the control exchange is not
+    /// open on this connection.
+    pub(crate) async fn publish_heartbeat(&self, body: &[u8]) -> Result<(), SourceError> {
+        let Some(exchange) = self.settings.control_exchange.as_deref() else {
+            return Err(not_connected());
+        };
+        let guard = self.link.read().await;
+        let channel = guard
+            .as_ref()
+            .and_then(|link| link.heartbeat.as_ref())
+            .ok_or_else(not_connected)?;
+        match tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            heartbeats::publish(channel, exchange, body),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(source_error(error)),
+            Err(_) => Err(SourceError::Timeout),
+        }
     }
 
     /// Binds `pattern` on this instance's queue; returns once the broker confirmed `queue.bind`.

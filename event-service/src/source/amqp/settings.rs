@@ -40,6 +40,10 @@ pub(crate) struct AmqpSettings {
     pub max_message_bytes: usize,
     /// Name shown for the connection in the broker's management UI.
     pub connection_name: String,
+    /// This instance's name (the pod name): its queue's suffix and its heartbeats' key.
+    pub instance: String,
+    /// The control exchange heartbeats go over; `None` when rebalancing is off.
+    pub control_exchange: Option<String>,
 }
 
 impl AmqpSettings {
@@ -74,6 +78,21 @@ impl AmqpSettings {
         );
 
         check_name("exchange", &config.exchange)?;
+        let control_exchange = if config.rebalance {
+            let name = config.control_exchange();
+            check_name("control exchange", &name)?;
+            if name == config.exchange {
+                return Err(AmqpStartError::InvalidSetting {
+                    setting: "--control-exchange",
+                    reason: "must differ from --exchange: a client subscribed to `#` would \
+                             receive every heartbeat"
+                        .into(),
+                });
+            }
+            Some(name)
+        } else {
+            None
+        };
         let instance = match &config.pod_name {
             Some(pod) if !pod.trim().is_empty() => pod.trim().to_owned(),
             _ => format!("instance-{:08x}", rand::random::<u32>()),
@@ -107,6 +126,8 @@ impl AmqpSettings {
             // published itself is never dropped as too large on the way back.
             max_message_bytes: config.max_publish_bytes,
             connection_name: format!("event-service {instance}"),
+            instance,
+            control_exchange,
         })
     }
 
@@ -151,10 +172,10 @@ pub(crate) fn queue_name(exchange: &str, instance: &str) -> String {
 fn check_name(what: &'static str, name: &str) -> Result<(), AmqpStartError> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
         return Err(AmqpStartError::InvalidSetting {
-            setting: if what == "exchange" {
-                "--exchange"
-            } else {
-                "--pod-name"
+            setting: match what {
+                "exchange" => "--exchange",
+                "control exchange" => "--control-exchange",
+                _ => "--pod-name",
             },
             reason: format!(
                 "the {what} name must be 1 to {MAX_NAME_BYTES} bytes, not {}",
