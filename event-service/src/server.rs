@@ -286,6 +286,22 @@ mod tests {
     use tokio_tungstenite::tungstenite::Message;
 
     #[tokio::test]
+    async fn the_main_port_listens_with_the_configured_backlog() {
+        let listener = bind_main("127.0.0.1:0".parse().expect("addr"), 77)
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // For a listening socket, `ss` shows the accept backlog in the Send-Q column.
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let send_q = text.split_whitespace().nth(2);
+        assert_eq!(send_q, Some("77"), "ss -ltn says: {text}");
+    }
+
+    #[tokio::test]
     async fn the_hub_is_freed_after_the_server_stops() {
         let config = Config::for_tests();
         let listener = TcpListener::bind(config.listen).await.expect("bind");
