@@ -145,6 +145,16 @@ pub fn replica_counts(deployment: Option<&Deployment>) -> (Option<i32>, Option<i
 fn progressing(observed: &Observed<'_>, now: &Time) -> Condition {
     use ConditionType::Progressing;
     let g = observed.generation;
+    let rollout_in_progress = |message| {
+        condition(
+            Progressing,
+            true,
+            Reason::RolloutInProgress,
+            message,
+            g,
+            now,
+        )
+    };
     match observed.deployment {
         _ if observed.phase == Phase::Paused => {
             condition(Progressing, false, Reason::Paused, "paused".into(), g, now)
@@ -163,30 +173,13 @@ fn progressing(observed: &Observed<'_>, now: &Time) -> Condition {
                 !generation_seen || updated < desired || status.replicas.unwrap_or(0) > updated;
             if rolling {
                 let message = format!("{updated} of {desired} pods updated");
-                condition(
-                    Progressing,
-                    true,
-                    Reason::RolloutInProgress,
-                    message,
-                    g,
-                    now,
-                )
+                rollout_in_progress(message)
             } else {
                 let message = "every pod runs the current template".into();
                 condition(Progressing, false, Reason::RolloutComplete, message, g, now)
             }
         }
-        None => {
-            let message = "creating the Deployment".into();
-            condition(
-                Progressing,
-                true,
-                Reason::RolloutInProgress,
-                message,
-                g,
-                now,
-            )
-        }
+        None => rollout_in_progress("creating the Deployment".into()),
     }
 }
 
