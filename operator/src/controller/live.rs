@@ -381,6 +381,7 @@ mod tests {
     fn a_record(key: &str) -> RecordedTopology {
         RecordedTopology {
             exchange: "chat".into(),
+            control_exchange: Some("chat.control".into()),
             bindings: vec![RecordedBinding {
                 source: "orders".into(),
                 routing_key: key.into(),
