@@ -1,5 +1,5 @@
-//! RabbitMQ topology over AMQP (lapin): the router's durable topic exchange and its upstream
-//! exchange-to-exchange bindings.
+//! RabbitMQ topology over AMQP (lapin): the router's durable topic exchange, its durable fanout
+//! control exchange (the pods' load heartbeats) and its upstream exchange-to-exchange bindings.
 //!
 //! AMQP cannot list bindings, so the caller records what `sync` declared (in the EventRouter's
 //! status) and hands that record back to `sync` (to unbind what is no longer wanted) and to
@@ -103,22 +103,10 @@ impl Broker {
         recorded: Option<&RecordedTopology>,
         delete_stale_exchange: bool,
     ) -> Result<RecordedTopology, BrokerError> {
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        timed(self.channel.exchange_declare(
-            desired.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            options,
-            FieldTable::default(),
-        ))
-        .await?
-        .map_err(|source| BrokerError::Refused {
-            operation: "exchange.declare",
-            target: desired.exchange.clone(),
-            source,
-        })?;
+        self.declare_exchange(&desired.exchange, ExchangeKind::Topic)
+            .await?;
+        self.declare_exchange(&desired.control_exchange, ExchangeKind::Fanout)
+            .await?;
 
         for binding in &desired.bindings {
             let result = timed(self.channel.exchange_bind(
@@ -148,7 +136,8 @@ impl Broker {
 
         if let Some(recorded) = recorded {
             if recorded.exchange != desired.exchange {
-                // The router moved to another exchange: the old one's bindings go with it.
+                // The router moved to another exchange: the old one's bindings (and its control
+                // exchange) go with it.
                 if delete_stale_exchange {
                     self.remove(recorded).await?;
                 }
@@ -160,10 +149,61 @@ impl Broker {
                 {
                     self.unbind(&recorded.exchange, stale).await?;
                 }
+                if let Some(control) = &recorded.control_exchange
+                    && *control != desired.control_exchange
+                    && delete_stale_exchange
+                {
+                    self.delete_exchange(control).await?;
+                }
             }
         }
-        debug!(exchange = %desired.exchange, bindings = desired.bindings.len(), "topology in sync");
+        debug!(
+            exchange = %desired.exchange,
+            control_exchange = %desired.control_exchange,
+            bindings = desired.bindings.len(),
+            "topology in sync"
+        );
         Ok(desired.record())
+    }
+
+    /// Declare a durable exchange of `kind` (idempotent while its type and flags agree).
+    async fn declare_exchange(
+        &mut self,
+        name: &str,
+        kind: ExchangeKind,
+    ) -> Result<(), BrokerError> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        timed(
+            self.channel
+                .exchange_declare(name.into(), kind, options, FieldTable::default()),
+        )
+        .await?
+        .map_err(|source| BrokerError::Refused {
+            operation: "exchange.declare",
+            target: name.to_string(),
+            source,
+        })
+    }
+
+    /// Delete exchange `name`; one already gone counts as deleted.
+    async fn delete_exchange(&mut self, name: &str) -> Result<(), BrokerError> {
+        let result = timed(
+            self.channel
+                .exchange_delete(name.into(), ExchangeDeleteOptions::default()),
+        )
+        .await?;
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => self.reopen().await,
+            Err(source) => Err(BrokerError::Refused {
+                operation: "exchange.delete",
+                target: name.to_string(),
+                source,
+            }),
+        }
     }
 
     async fn unbind(
@@ -190,28 +230,22 @@ impl Broker {
         }
     }
 
-    /// Remove exactly what `recorded` lists: its bindings, then its exchange.
+    /// Remove exactly what `recorded` lists: its bindings, then its exchange and its control
+    /// exchange.
     pub async fn remove(&mut self, recorded: &RecordedTopology) -> Result<(), BrokerError> {
         for binding in &recorded.bindings {
             self.unbind(&recorded.exchange, binding).await?;
         }
-        let result = timed(self.channel.exchange_delete(
-            recorded.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        ))
-        .await?;
-        match result {
-            Ok(()) => {}
-            Err(error) if is_not_found(&error) => self.reopen().await?,
-            Err(source) => {
-                return Err(BrokerError::Refused {
-                    operation: "exchange.delete",
-                    target: recorded.exchange.clone(),
-                    source,
-                });
-            }
+        self.delete_exchange(&recorded.exchange).await?;
+        if let Some(control) = &recorded.control_exchange {
+            self.delete_exchange(control).await?;
         }
-        info!(exchange = %recorded.exchange, bindings = recorded.bindings.len(), "topology removed");
+        info!(
+            exchange = %recorded.exchange,
+            control_exchange = recorded.control_exchange.as_deref().unwrap_or_default(),
+            bindings = recorded.bindings.len(),
+            "topology removed"
+        );
         Ok(())
     }
 

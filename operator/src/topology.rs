@@ -1,4 +1,5 @@
-//! The broker topology a router wants: its exchange and upstream bindings, as plain data.
+//! The broker topology a router wants: its exchange, its control exchange and its upstream
+//! bindings, as plain data.
 //!
 //! `validate` computes it, `build` carries it in `Desired`, and the AMQP `broker` module declares
 //! it. It lives apart from `broker` so the pure modules never import the I/O one.
@@ -10,7 +11,11 @@ use crate::crd::{RecordedBinding, RecordedTopology};
 /// The topology a router wants on the broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredTopology {
+    /// The durable topic exchange clients' events are published to.
     pub exchange: String,
+    /// The durable fanout exchange the pods publish their load heartbeats to. Never the events
+    /// exchange: a client subscribed to `#` would receive the heartbeats.
+    pub control_exchange: String,
     pub bindings: BTreeSet<RecordedBinding>,
 }
 
@@ -19,6 +24,7 @@ impl DesiredTopology {
     pub fn record(&self) -> RecordedTopology {
         RecordedTopology {
             exchange: self.exchange.clone(),
+            control_exchange: Some(self.control_exchange.clone()),
             bindings: self.bindings.iter().cloned().collect(),
         }
     }
@@ -36,12 +42,14 @@ mod tests {
         };
         let desired = DesiredTopology {
             exchange: "chat".into(),
+            control_exchange: "chat.control".into(),
             bindings: BTreeSet::from([binding("users", "user.#"), binding("orders", "order.*")]),
         };
         assert_eq!(
             desired.record(),
             RecordedTopology {
                 exchange: "chat".into(),
+                control_exchange: Some("chat.control".into()),
                 bindings: vec![binding("orders", "order.*"), binding("users", "user.#")],
             }
         );

@@ -15,6 +15,10 @@ use crate::topology::DesiredTopology;
 
 /// The longest drain the operator accepts; the pod's grace period is derived from it.
 pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
+/// The shortest heartbeat interval the event service accepts.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// AMQP names are short strings: at most 255 bytes.
+const MAX_EXCHANGE_NAME_BYTES: usize = 255;
 
 /// What the reconciler looked up in the cluster before validating.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +154,22 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
             "upstream exchange {exchange:?} is the router's own exchange"
         ));
     }
+    let control_exchange = router.control_exchange_name();
+    if control_exchange.len() > MAX_EXCHANGE_NAME_BYTES {
+        problems.push(format!(
+            "the control exchange {control_exchange:?} would be longer than {MAX_EXCHANGE_NAME_BYTES} bytes; shorten spec.rabbitmq.exchange"
+        ));
+    }
+    if spec
+        .rabbitmq
+        .upstreams
+        .iter()
+        .any(|u| u.exchange == control_exchange)
+    {
+        problems.push(format!(
+            "upstream exchange {control_exchange:?} is the router's control exchange (its pods' load heartbeats)"
+        ));
+    }
 
     duration(
         &mut problems,
@@ -203,6 +223,27 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
         ));
     }
 
+    let heartbeat = duration(
+        &mut problems,
+        "spec.rebalance.heartbeatInterval",
+        &spec.rebalance.heartbeat_interval,
+    );
+    if let Some(heartbeat) = heartbeat
+        && heartbeat < MIN_HEARTBEAT_INTERVAL
+    {
+        problems.push(format!(
+            "spec.rebalance.heartbeatInterval must be at least {}",
+            humantime::format_duration(MIN_HEARTBEAT_INTERVAL)
+        ));
+    }
+    // Zero is a valid minimum age (any connection may be moved), so only the syntax is checked.
+    if let Err(error) = humantime::parse_duration(&spec.rebalance.min_connection_age) {
+        problems.push(format!(
+            "spec.rebalance.minConnectionAge {:?} is not a duration like 60s or 2m: {error}",
+            spec.rebalance.min_connection_age
+        ));
+    }
+
     let autoscaling = &spec.autoscaling;
     if autoscaling.enabled {
         if autoscaling.min_replicas > autoscaling.max_replicas {
@@ -238,7 +279,11 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
         name,
         namespace,
         drain: drain.unwrap_or(Duration::from_secs(10)),
-        topology: DesiredTopology { exchange, bindings },
+        topology: DesiredTopology {
+            exchange,
+            control_exchange,
+            bindings,
+        },
         autoscaler: (autoscaling.enabled && !keda_missing).then_some(autoscaling.provider),
         keda_missing,
         service_monitor: spec.monitoring.service_monitor && facts.service_monitor_installed,
@@ -276,6 +321,7 @@ pub(crate) mod tests {
     fn a_default_router_is_valid_and_uses_its_name_as_exchange() {
         let plan = validate(&a_router_named("chat"), &a_cluster_with_the_secret()).expect("valid");
         assert_eq!(plan.topology.exchange, "chat");
+        assert_eq!(plan.topology.control_exchange, "chat.control");
         assert!(plan.topology.bindings.is_empty());
         assert_eq!(plan.drain, Duration::from_secs(10));
         assert_eq!(plan.autoscaler, None);
@@ -404,6 +450,56 @@ pub(crate) mod tests {
                 ("users", "user.#")
             ]
         );
+    }
+
+    #[test]
+    fn the_control_exchange_follows_the_exchange_and_is_no_upstream() {
+        let mut router = a_router_named("chat");
+        router.spec.rabbitmq.exchange = Some("events.chat".into());
+        let plan = validate(&router, &a_cluster_with_the_secret()).expect("valid");
+        assert_eq!(plan.topology.control_exchange, "events.chat.control");
+
+        router.spec.rabbitmq.upstreams = vec![UpstreamBinding {
+            exchange: "events.chat.control".into(),
+            routing_keys: vec!["#".into()],
+        }];
+        assert_eq!(
+            problems_of(&router, &a_cluster_with_the_secret()),
+            vec![
+                r#"upstream exchange "events.chat.control" is the router's control exchange (its pods' load heartbeats)"#
+                    .to_string()
+            ]
+        );
+
+        router.spec.rabbitmq.upstreams.clear();
+        router.spec.rabbitmq.exchange = Some("e".repeat(250));
+        let problems = problems_of(&router, &a_cluster_with_the_secret());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("longer than 255 bytes"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn rebalance_durations_are_checked_like_the_service_does() {
+        let mut router = a_router_named("chat");
+        router.spec.rebalance.heartbeat_interval = "50ms".into();
+        router.spec.rebalance.min_connection_age = "soon".into();
+        let problems = problems_of(&router, &a_cluster_with_the_secret());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(
+            problems[0],
+            "spec.rebalance.heartbeatInterval must be at least 100ms"
+        );
+        assert!(
+            problems[1].starts_with(r#"spec.rebalance.minConnectionAge "soon" is not a duration"#),
+            "{problems:?}"
+        );
+
+        router.spec.rebalance.heartbeat_interval = "100ms".into();
+        router.spec.rebalance.min_connection_age = "0s".into();
+        validate(&router, &a_cluster_with_the_secret()).expect("the service accepts both");
     }
 
     #[test]

@@ -50,10 +50,16 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// `tolerancePercent` as the service's fraction of the mean: `15` → `0.15`, `100` → `1.00`.
+fn tolerance_fraction(percent: u32) -> String {
+    format!("{}.{:02}", percent / 100, percent % 100)
+}
+
 fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
     let spec = &router.spec;
     let ws = &spec.websocket;
     let mq = &spec.rabbitmq;
+    let rebalance = &spec.rebalance;
     vec![
         env_var(env::LISTEN, format!("0.0.0.0:{}", http::DEFAULT_PORT)),
         env_var(
@@ -81,6 +87,23 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
         env_var(env::MAX_SUBSCRIPTIONS, ws.max_subscriptions.to_string()),
         env_var(env::MAX_CONNECTIONS, ws.max_connections_per_pod.to_string()),
         env_var(env::DRAIN_DURATION, ws.drain_duration.clone()),
+        env_var(env::LISTEN_BACKLOG, ws.listen_backlog.to_string()),
+        env_var(env::REBALANCE, spec.rebalance_enabled().to_string()),
+        // Always explicit: the operator declares this exchange, so the pods must not guess it.
+        env_var(
+            env::CONTROL_EXCHANGE,
+            plan.topology.control_exchange.clone(),
+        ),
+        env_var(
+            env::HEARTBEAT_INTERVAL,
+            rebalance.heartbeat_interval.clone(),
+        ),
+        env_var(
+            env::REBALANCE_TOLERANCE,
+            tolerance_fraction(rebalance.tolerance_percent),
+        ),
+        env_var(env::REBALANCE_RATE, rebalance.max_shed_rate.to_string()),
+        env_var(env::REBALANCE_MIN_AGE, rebalance.min_connection_age.clone()),
         env_var(env::LOG, spec.log_level.clone()),
         env_var(env::LOG_FORMAT, "json"),
         EnvVar {
@@ -353,11 +376,14 @@ mod tests {
     fn a_default_spec_runs_the_service_with_its_own_cli_defaults() {
         let env =
             env_of(&desired(&a_router_named("chat"), &a_cluster_with_the_secret()).deployment);
-        // Set by the operator on purpose, whatever the service defaults to.
+        // Set by the operator on purpose, whatever the service defaults to. Rebalancing follows
+        // autoscaling (off here), checked against the service's default below.
         let by_design = [
             env::SOURCE,
             env::AMQP_URL_FILE,
             env::EXCHANGE,
+            env::CONTROL_EXCHANGE,
+            env::REBALANCE,
             env::LOG_FORMAT,
         ];
         let mut compared = 0;
@@ -367,18 +393,77 @@ mod tests {
             }
             let default = service_default(name)
                 .unwrap_or_else(|| panic!("the service has no default for {name}"));
-            match (
-                humantime::parse_duration(value),
-                humantime::parse_duration(&default),
-            ) {
-                (Ok(ours), Ok(theirs)) => assert_eq!(ours, theirs, "{name}: {value} vs {default}"),
-                _ => assert_eq!(value, &default, "{name}"),
+            let duration = |v: &str| humantime::parse_duration(v).ok();
+            let number = |v: &str| v.parse::<f64>().ok();
+            if let (Some(ours), Some(theirs)) = (duration(value), duration(&default)) {
+                assert_eq!(ours, theirs, "{name}: {value} vs {default}");
+            } else if let (Some(ours), Some(theirs)) = (number(value), number(&default)) {
+                // `0.15` and `0.150` are the same fraction.
+                assert!((ours - theirs).abs() < 1e-9, "{name}: {value} vs {default}");
+            } else {
+                assert_eq!(value, &default, "{name}");
             }
             compared += 1;
         }
         // Every env var the operator sets is either compared or set on purpose.
         assert_eq!(compared + by_design.len(), env.len(), "{env:?}");
-        assert!(compared >= 16, "{compared} compared");
+        assert!(compared >= 21, "{compared} compared");
+
+        // With autoscaling on, a default spec rebalances as the service does by default.
+        let mut autoscaled = a_router_named("chat");
+        autoscaled.spec.autoscaling.enabled = true;
+        let env = env_of(&desired(&autoscaled, &a_cluster_with_the_secret()).deployment);
+        assert_eq!(
+            Some(env[env::REBALANCE].clone()),
+            service_default(env::REBALANCE)
+        );
+    }
+
+    #[test]
+    fn rebalancing_is_on_with_autoscaling_unless_the_spec_says_otherwise() {
+        let rebalance_of = |autoscaling: bool, enabled: Option<bool>| {
+            let mut router = a_router_named("chat");
+            router.spec.autoscaling.enabled = autoscaling;
+            router.spec.rebalance.enabled = enabled;
+            env_of(&desired(&router, &a_cluster_with_the_secret()).deployment)[env::REBALANCE]
+                .clone()
+        };
+        assert_eq!(rebalance_of(false, None), "false");
+        assert_eq!(rebalance_of(true, None), "true");
+        assert_eq!(rebalance_of(false, Some(true)), "true");
+        assert_eq!(rebalance_of(true, Some(false)), "false");
+    }
+
+    #[test]
+    fn the_rebalance_settings_and_backlog_come_from_the_spec() {
+        let mut router = a_router_named("chat");
+        router.spec.rabbitmq.exchange = Some("events.chat".into());
+        router.spec.rebalance.tolerance_percent = 5;
+        router.spec.rebalance.max_shed_rate = 25;
+        router.spec.rebalance.min_connection_age = "2m".into();
+        router.spec.rebalance.heartbeat_interval = "500ms".into();
+        router.spec.websocket.listen_backlog = 1024;
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        assert_eq!(env[env::CONTROL_EXCHANGE], "events.chat.control");
+        assert_eq!(env[env::REBALANCE_TOLERANCE], "0.05");
+        assert_eq!(env[env::REBALANCE_RATE], "25");
+        assert_eq!(env[env::REBALANCE_MIN_AGE], "2m");
+        assert_eq!(env[env::HEARTBEAT_INTERVAL], "500ms");
+        assert_eq!(env[env::LISTEN_BACKLOG], "1024");
+    }
+
+    #[test]
+    fn the_tolerance_percent_becomes_a_fraction() {
+        assert_eq!(tolerance_fraction(0), "0.00");
+        assert_eq!(tolerance_fraction(15), "0.15");
+        assert_eq!(tolerance_fraction(100), "1.00");
+        for percent in 0..=100 {
+            let fraction: f64 = tolerance_fraction(percent).parse().expect("a number");
+            assert!(
+                (fraction * 100.0 - f64::from(percent)).abs() < 1e-9,
+                "{percent}"
+            );
+        }
     }
 
     #[test]

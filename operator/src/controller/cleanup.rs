@@ -42,8 +42,8 @@ fn decide(router: &EventRouter) -> Cleanup {
             EventReason::BrokerCleanupSkipped,
             EventAction::Cleanup,
             format!(
-                "annotation {SKIP_BROKER_CLEANUP_ANNOTATION}=true: exchange {:?} left on the broker",
-                recorded.exchange
+                "annotation {SKIP_BROKER_CLEANUP_ANNOTATION}=true: {} left on the broker",
+                recorded.describe_exchanges()
             ),
         ));
     }
@@ -52,8 +52,8 @@ fn decide(router: &EventRouter) -> Cleanup {
             EventReason::TopologyRetained,
             EventAction::Cleanup,
             format!(
-                "deletionPolicy retain: exchange {:?} left on the broker",
-                recorded.exchange
+                "deletionPolicy retain: {} left on the broker",
+                recorded.describe_exchanges()
             ),
         ));
     }
@@ -85,8 +85,8 @@ pub(super) async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Resu
     let SecretLookup::Found(url) = read_amqp_url(&ctx.client, &namespace, &router).await? else {
         // Without credentials nothing can be removed; blocking deletion forever would not help.
         let text = format!(
-            "the AMQP Secret is gone: exchange {:?} left on the broker",
-            recorded.exchange
+            "the AMQP Secret is gone: {} left on the broker",
+            recorded.describe_exchanges()
         );
         let note = Note::warning(
             EventReason::BrokerCleanupSkipped,
@@ -104,14 +104,14 @@ pub(super) async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Resu
     }
     .await;
     let Err(error) = result else {
-        info!(router = %router.name_any(), %namespace, exchange = %recorded.exchange, "broker topology removed");
+        info!(router = %router.name_any(), %namespace, exchange = %recorded.exchange, control_exchange = recorded.control_exchange.as_deref().unwrap_or_default(), "broker topology removed");
         return Ok(done);
     };
     let timeout = ctx.settings.cleanup_timeout;
     if deleting_for(&router, Timestamp::now()) > timeout {
         let text = format!(
-            "gave up removing exchange {:?} after {}: {error}",
-            recorded.exchange,
+            "gave up removing {} after {}: {error}",
+            recorded.describe_exchanges(),
             humantime::format_duration(timeout)
         );
         let note = Note::warning(
@@ -147,6 +147,7 @@ mod tests {
         router.status = Some(EventRouterStatus {
             topology: Some(RecordedTopology {
                 exchange: "chat".into(),
+                control_exchange: Some("chat.control".into()),
                 bindings: Vec::new(),
             }),
             ..EventRouterStatus::default()
@@ -171,9 +172,19 @@ mod tests {
     #[test]
     fn delete_removes_the_record_retain_and_the_annotation_leave_it() {
         let router = a_deleted_router(DeletionPolicy::Delete);
-        assert!(matches!(decide(&router), Cleanup::Remove(r) if r.exchange == "chat"));
+        assert!(matches!(
+            decide(&router),
+            Cleanup::Remove(r) if r.exchange == "chat" && r.control_exchange.as_deref() == Some("chat.control")
+        ));
         let retained = decide(&a_deleted_router(DeletionPolicy::Retain));
         assert_eq!(reason(&retained), Some("TopologyRetained"));
+        let Cleanup::Leave(note) = &retained else {
+            panic!("retain leaves the topology: {retained:?}");
+        };
+        assert_eq!(
+            note.text,
+            r#"deletionPolicy retain: exchange "chat" and control exchange "chat.control" left on the broker"#
+        );
         let mut annotated = a_deleted_router(DeletionPolicy::Delete);
         annotated
             .annotations_mut()

@@ -116,8 +116,8 @@ pub(crate) fn outcome_notes(
             EventReason::TopologyDeclared,
             EventAction::DeclareTopology,
             format!(
-                "exchange {:?} with {} upstream binding(s)",
-                record.exchange,
+                "{} with {} upstream binding(s)",
+                record.describe_exchanges(),
                 record.bindings.len()
             ),
         ));
@@ -147,6 +147,7 @@ mod tests {
     fn a_record(bindings: usize) -> RecordedTopology {
         RecordedTopology {
             exchange: "chat".into(),
+            control_exchange: Some("chat.control".into()),
             bindings: (0..bindings)
                 .map(|i| RecordedBinding {
                     source: format!("up{i}"),
@@ -181,7 +182,7 @@ mod tests {
         assert_eq!(notes[0].text, "applied generation 1 to every child");
         assert_eq!(
             notes[1].text,
-            "exchange \"chat\" with 2 upstream binding(s)"
+            "exchange \"chat\" and control exchange \"chat.control\" with 2 upstream binding(s)"
         );
         assert!(notes.iter().all(|n| n.type_ == EventType::Normal));
     }

@@ -381,6 +381,7 @@ mod tests {
     fn a_record(key: &str) -> RecordedTopology {
         RecordedTopology {
             exchange: "chat".into(),
+            control_exchange: Some("chat.control".into()),
             bindings: vec![RecordedBinding {
                 source: "orders".into(),
                 routing_key: key.into(),
@@ -414,6 +415,18 @@ mod tests {
         assert!(
             broker_sync_needed(&previous, &a_record("refund.#"), true),
             "changed"
+        );
+        // A record written before the control exchange existed: declare it at once.
+        let older = EventRouterStatus {
+            topology: Some(RecordedTopology {
+                control_exchange: None,
+                ..a_record("order.*")
+            }),
+            ..previous.clone()
+        };
+        assert!(
+            broker_sync_needed(&older, &a_record("order.*"), true),
+            "no control exchange recorded"
         );
         let failing = EventRouterStatus {
             conditions: vec![broker_ready("False")],

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::{
     AutoscalingProvider, AutoscalingSpec, DeletionPolicy, DisruptionBudgetSpec, EventRouterSpec,
-    MonitoringSpec, RabbitMqSpec, ScalingRules, SecretKeyRef, ServiceSpec, ServiceType,
-    SlowConsumerPolicy, WebSocketSpec,
+    MonitoringSpec, RabbitMqSpec, RebalanceSpec, ScalingRules, SecretKeyRef, ServiceSpec,
+    ServiceType, SlowConsumerPolicy, WebSocketSpec,
 };
 
 pub(super) fn default_image() -> String {
@@ -61,6 +61,21 @@ pub(super) fn default_max_connections() -> u32 {
 pub(super) fn default_drain_duration() -> String {
     "10s".into()
 }
+pub(super) fn default_listen_backlog() -> u32 {
+    4096
+}
+pub(super) fn default_rebalance_tolerance_percent() -> u32 {
+    15
+}
+pub(super) fn default_rebalance_max_shed_rate() -> u32 {
+    10
+}
+pub(super) fn default_rebalance_min_connection_age() -> String {
+    "60s".into()
+}
+pub(super) fn default_rebalance_heartbeat_interval() -> String {
+    "5s".into()
+}
 pub(super) fn default_min_replicas() -> i32 {
     2
 }
@@ -110,6 +125,19 @@ impl Default for WebSocketSpec {
             max_subscriptions: default_max_subscriptions(),
             max_connections_per_pod: default_max_connections(),
             drain_duration: default_drain_duration(),
+            listen_backlog: default_listen_backlog(),
+        }
+    }
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            tolerance_percent: default_rebalance_tolerance_percent(),
+            max_shed_rate: default_rebalance_max_shed_rate(),
+            min_connection_age: default_rebalance_min_connection_age(),
+            heartbeat_interval: default_rebalance_heartbeat_interval(),
         }
     }
 }
@@ -188,6 +216,7 @@ impl EventRouterSpec {
             rabbitmq: RabbitMqSpec::from_secret(secret),
             websocket: WebSocketSpec::default(),
             autoscaling: AutoscalingSpec::default(),
+            rebalance: RebalanceSpec::default(),
             service: ServiceSpec::default(),
             disruption_budget: DisruptionBudgetSpec::default(),
             monitoring: MonitoringSpec::default(),

@@ -121,6 +121,11 @@ pub struct EventRouterSpec {
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
 
+    /// Rebalancing after scale-out: pods holding more than their share of the router's
+    /// connections ask some clients to reconnect (close code 4002), so new pods take load.
+    #[serde(default)]
+    pub rebalance: RebalanceSpec,
+
     /// The Service in front of the pods.
     #[serde(default)]
     pub service: ServiceSpec,
@@ -266,6 +271,11 @@ pub struct WebSocketSpec {
     #[serde(default = "default_drain_duration")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub drain_duration: String,
+    /// Accept backlog of each pod's listening socket: room for a burst of reconnects after a
+    /// drain, a rebalance or a scale-in. The node's `net.core.somaxconn` caps it.
+    #[serde(default = "default_listen_backlog")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_backlog: u32,
 }
 
 /// What happens to a slow consumer. `as_ref()` is the event service's `--slow-consumer-policy` value.
@@ -327,6 +337,38 @@ pub struct AutoscalingSpec {
     /// Scale-down behaviour. Connections are long-lived: scale down slowly.
     #[serde(default = "default_scale_down")]
     pub scale_down: ScalingRules,
+}
+
+/// Rebalancing after scale-out. The pods learn each other's connection counts from heartbeats on
+/// the router's control exchange (`<exchange>.control`, declared by the operator); a pod over the
+/// fleet's mean plus the tolerance closes some of its older connections with code 4002, and
+/// their clients reconnect through the Service, mostly to the less loaded pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// Turn rebalancing on or off. When unset it is on exactly when `spec.autoscaling.enabled`
+    /// is true: scale-out is when new pods need the old pods' clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// How far over the fleet's mean connections per pod (in percent) still counts as balanced;
+    /// a pod sheds only its excess over the mean plus this.
+    #[serde(default = "default_rebalance_tolerance_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub tolerance_percent: u32,
+    /// Most connections one pod closes per second to rebalance, so clients move gradually.
+    #[serde(default = "default_rebalance_max_shed_rate")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_shed_rate: u32,
+    /// A connection younger than this is never closed to rebalance, so no client is moved twice
+    /// in a row (e.g. `60s`).
+    #[serde(default = "default_rebalance_min_connection_age")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub min_connection_age: String,
+    /// How often each pod publishes its connection count on the control exchange (at least
+    /// `100ms`); a pod not heard from for three intervals leaves the fleet's view.
+    #[serde(default = "default_rebalance_heartbeat_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub heartbeat_interval: String,
 }
 
 /// The autoscaler.
@@ -430,6 +472,18 @@ impl EventRouter {
             None => self.metadata.name.clone().unwrap_or_default(),
         }
     }
+
+    /// The router's control exchange (the pods' load heartbeats): `<exchange>.control`.
+    pub fn control_exchange_name(&self) -> String {
+        eventrouter_contract::control::default_exchange(&self.exchange_name())
+    }
+}
+
+impl EventRouterSpec {
+    /// Whether the pods rebalance: `spec.rebalance.enabled`, else whether autoscaling is on.
+    pub fn rebalance_enabled(&self) -> bool {
+        self.rebalance.enabled.unwrap_or(self.autoscaling.enabled)
+    }
 }
 
 /// The CRD as YAML, exactly as committed in `crds/`.
@@ -493,6 +547,8 @@ mod tests {
                 "spec.monitoring.interval",
                 "spec.rabbitmq.queueExpires",
                 "spec.rabbitmq.queueMessageTtl",
+                "spec.rebalance.heartbeatInterval",
+                "spec.rebalance.minConnectionAge",
                 "spec.websocket.drainDuration",
                 "spec.websocket.handshakeTimeout",
                 "spec.websocket.idleTimeout",

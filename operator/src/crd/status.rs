@@ -29,15 +29,32 @@ pub struct EventRouterStatus {
     pub topology: Option<RecordedTopology>,
 }
 
-/// Exchange and bindings declared on the broker (AMQP cannot list bindings, so they are recorded).
+/// Exchanges and bindings declared on the broker (AMQP cannot list bindings, so they are recorded).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordedTopology {
     /// The router's exchange.
     pub exchange: String,
+    /// The router's control exchange (fanout), where its pods publish load heartbeats. Absent
+    /// from records written by operator versions that did not declare one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_exchange: Option<String>,
     /// Exchange-to-exchange bindings into `exchange`.
     #[serde(default)]
     pub bindings: Vec<RecordedBinding>,
+}
+
+impl RecordedTopology {
+    /// The recorded exchanges for messages: `exchange "chat" and control exchange "chat.control"`.
+    pub fn describe_exchanges(&self) -> String {
+        match &self.control_exchange {
+            Some(control) => format!(
+                "exchange {:?} and control exchange {control:?}",
+                self.exchange
+            ),
+            None => format!("exchange {:?}", self.exchange),
+        }
+    }
 }
 
 /// One exchange-to-exchange binding.
@@ -50,4 +67,27 @@ pub struct RecordedBinding {
     pub source: String,
     /// Binding pattern.
     pub routing_key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_without_a_control_exchange_still_reads_and_names_only_its_exchange() {
+        // Written by an operator that declared no control exchange.
+        let record: RecordedTopology =
+            serde_json::from_value(serde_json::json!({"exchange": "chat", "bindings": []}))
+                .expect("an older record parses");
+        assert_eq!(record.control_exchange, None);
+        assert_eq!(record.describe_exchanges(), r#"exchange "chat""#);
+        let current = RecordedTopology {
+            control_exchange: Some("chat.control".into()),
+            ..record
+        };
+        assert_eq!(
+            serde_json::to_value(&current).expect("serializes")["controlExchange"],
+            "chat.control"
+        );
+    }
 }

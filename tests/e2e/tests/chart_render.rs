@@ -1,7 +1,7 @@
 //! The chart renders, lints and validates: `helm lint`/`helm template` with the defaults and every
 //! `ci/` values file, the rendered objects against the Kubernetes 1.35 schemas
 //! (kubernetes-validate) and the Prometheus Operator CRD schemas, `values.schema.json` rejecting
-//! unknown keys, the chart's CRD copy equal to the generated `crds/` file, and the PrometheusRule
+//! unknown keys (and agreeing with the CRD on the spec fields it repeats), the chart's CRD copy equal to the generated `crds/` file, and the PrometheusRule
 //! and adapter ConfigMap embedding exactly the files the other tests check.
 
 mod chart_support;
@@ -192,6 +192,13 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
         ("operator.logFormat=xml", invalid),
         ("operator.replicas=0", invalid),
         ("operator.image.pullPolicy=Sometimes", invalid),
+        ("eventRouter.spec.rebalance.maxShedrate=5", unknown),
+        ("eventRouter.spec.rebalance.tolerancePercent=150", invalid),
+        (
+            "eventRouter.spec.rebalance.minConnectionAge=1 minute",
+            invalid,
+        ),
+        ("eventRouter.spec.websocket.listenBacklog=0", invalid),
     ] {
         let mut cmd = Command::new(tool("helm"));
         cmd.args(["template", "events"])
@@ -200,6 +207,58 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
         let (_, text) = run_failing(&mut cmd);
         assert!(text.contains(expected), "--set {set}: {text}");
     }
+}
+
+/// The values schema repeats a few EventRouter spec fields (so a typo fails `helm install`, not
+/// only the API server later): each must be the CRD's field with the same type and bounds, and
+/// `spec.rebalance` (closed in the values schema) must list every field the CRD has.
+#[test]
+fn the_spec_fields_in_the_values_schema_match_the_crd() {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).expect("values schema"),
+    )
+    .expect("values.schema.json is JSON");
+    let crd: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("crds").join(CRD_FILE)).expect("the CRD"),
+    )
+    .expect("the CRD is YAML");
+    let crd_spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let values_spec = &schema["properties"]["eventRouter"]["properties"]["spec"];
+    let sections = values_spec["properties"]
+        .as_object()
+        .expect("the values schema describes spec sections");
+    let mut checked = Vec::new();
+    for (section, described) in sections {
+        let fields = described["properties"].as_object().expect("fields");
+        let in_crd = crd_spec["properties"][section]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("the CRD has no spec.{section}"));
+        if described["additionalProperties"] == serde_json::json!(false) {
+            let ours: Vec<&String> = fields.keys().collect();
+            let theirs: Vec<&String> = in_crd.keys().collect();
+            assert_eq!(ours, theirs, "spec.{section}: the values schema is closed");
+        }
+        for (field, ours) in fields {
+            let theirs = in_crd
+                .get(field)
+                .unwrap_or_else(|| panic!("the CRD has no spec.{section}.{field}"));
+            assert_eq!(ours["type"], theirs["type"], "spec.{section}.{field}");
+            for bound in ["minimum", "maximum"] {
+                assert_eq!(
+                    ours[bound].as_f64(),
+                    theirs[bound].as_f64(),
+                    "spec.{section}.{field} {bound}"
+                );
+            }
+            assert_eq!(ours["pattern"], theirs["pattern"], "spec.{section}.{field}");
+            checked.push(format!("{section}.{field}"));
+        }
+    }
+    assert!(
+        checked.contains(&"rebalance.tolerancePercent".to_string())
+            && checked.contains(&"websocket.listenBacklog".to_string()),
+        "{checked:?}"
+    );
 }
 
 #[test]

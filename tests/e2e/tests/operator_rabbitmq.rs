@@ -1,6 +1,6 @@
-//! The operator with a real RabbitMQ (the shared node; the URL goes in a Secret): the exchange and
-//! upstream bindings exist after reconcile, follow the spec, are removed on deletion with
-//! `deletionPolicy: delete` and kept with `retain`; an unreachable broker gives `BrokerReady=False`
+//! The operator with a real RabbitMQ (the shared node; the URL goes in a Secret): the exchange, the
+//! control exchange and the upstream bindings exist after reconcile, follow the spec, are removed
+//! on deletion with `deletionPolicy: delete` and kept with `retain`; an unreachable broker gives `BrokerReady=False`
 //! and the router recovers once the Secret is fixed; the skip annotation releases a deletion that
 //! cannot reach the broker.
 
@@ -61,6 +61,28 @@ async fn exchange_exists(mgmt: &Management, name: &str) -> bool {
     mgmt.exchange_exists(DEFAULT_VHOST, name)
         .await
         .expect("management API answers")
+}
+
+/// `(type, durable)` of exchange `name` on the shared node.
+async fn exchange_kind(mgmt: &Management, name: &str) -> (String, bool) {
+    let details = mgmt
+        .get(&format!(
+            "exchanges/{}/{}",
+            encode_segment(DEFAULT_VHOST),
+            encode_segment(name)
+        ))
+        .await
+        .expect("management API answers")
+        .unwrap_or_else(|| panic!("exchange {name:?} exists"));
+    (
+        details["type"].as_str().unwrap_or_default().to_string(),
+        details["durable"].as_bool().unwrap_or_default(),
+    )
+}
+
+/// The control exchange of a router whose events exchange is `exchange`.
+fn control_of(exchange: &str) -> String {
+    eventrouter_contract::control::default_exchange(exchange)
 }
 
 /// A watched namespace, the router's exchange name and a declared upstream exchange.
@@ -129,19 +151,25 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
         exchange_exists(&mgmt, &exchange).await,
         "the router's exchange exists"
     );
-    let details = mgmt
-        .get(&format!(
-            "exchanges/{}/{}",
-            encode_segment(DEFAULT_VHOST),
-            encode_segment(&exchange)
-        ))
-        .await
-        .expect("mgmt")
-        .expect("exchange");
     assert_eq!(
-        (details["type"].as_str(), details["durable"].as_bool()),
-        (Some("topic"), Some(true))
+        exchange_kind(&mgmt, &exchange).await,
+        ("topic".to_string(), true)
     );
+    // The pods' heartbeats go to an exchange of their own, never the events exchange.
+    let control = control_of(&exchange);
+    assert_eq!(
+        exchange_kind(&mgmt, &control).await,
+        ("fanout".to_string(), true),
+        "the control exchange is a durable fanout"
+    );
+    let recorded = routers(client, ns)
+        .get("chat")
+        .await
+        .expect("the router")
+        .status
+        .and_then(|s| s.topology)
+        .expect("a recorded topology");
+    assert_eq!(recorded.control_exchange.as_deref(), Some(control.as_str()));
     assert_eq!(
         bindings_into(&mgmt, &exchange).await,
         vec![
@@ -198,6 +226,10 @@ async fn operator_declares_bindings_follows_the_spec_and_deletes_exactly_what_it
     .await;
     wait_absent(&routers(client, ns), "chat").await;
     assert!(
+        !exchange_exists(&mgmt, &control).await,
+        "the control exchange is deleted with the router's exchange"
+    );
+    assert!(
         exchange_exists(&mgmt, &upstream).await,
         "the upstream exchange is not ours to delete"
     );
@@ -233,7 +265,14 @@ async fn operator_retain_policy_keeps_the_topology_after_deletion() {
         vec![(upstream.clone(), "#".to_string())],
         "and its bindings"
     );
+    let control = control_of(&exchange);
+    assert_eq!(
+        exchange_kind(&mgmt, &control).await,
+        ("fanout".to_string(), true),
+        "and its control exchange"
+    );
     upstream_exchange(&exchange, false).await;
+    upstream_exchange(&control, false).await;
     upstream_exchange(&upstream, false).await;
 }
 
@@ -324,5 +363,10 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
         exchange_exists(&mgmt, &exchange).await,
         "skipped cleanup leaves the exchange"
     );
+    assert!(
+        exchange_exists(&mgmt, &control_of(&exchange)).await,
+        "and the control exchange"
+    );
     upstream_exchange(&exchange, false).await;
+    upstream_exchange(&control_of(&exchange), false).await;
 }
