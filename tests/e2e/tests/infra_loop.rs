@@ -265,7 +265,7 @@ fn curl(url: &str) -> anyhow::Result<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_external_metrics() {
+async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_external_metrics() {
     let started = Instant::now();
     let client = kube_client().await.expect("Kubernetes client");
     let binary = event_service_binary();
