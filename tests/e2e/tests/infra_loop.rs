@@ -211,7 +211,11 @@ async fn published_endpoints(
     let mut ports = BTreeSet::new();
     for slice in list.items {
         if slice.address_type != "IPv4" {
-            return Err(format!("slice {} is {}", slice.name_any(), slice.address_type));
+            return Err(format!(
+                "slice {} is {}",
+                slice.name_any(),
+                slice.address_type
+            ));
         }
         for port in slice.ports.iter().flatten() {
             ports.insert((
@@ -239,8 +243,7 @@ async fn wait_for_endpoints(
     slices: &Api<EndpointSlice>,
     pods: &[(String, String)],
 ) -> BTreeSet<String> {
-    let expected: BTreeMap<String, bool> =
-        pods.iter().map(|(_, ip)| (ip.clone(), true)).collect();
+    let expected: BTreeMap<String, bool> = pods.iter().map(|(_, ip)| (ip.clone(), true)).collect();
     let expected_ports: BTreeSet<(String, i32)> =
         [("http".to_owned(), 8080), ("metrics".to_owned(), 9090)].into();
     wait_for(
@@ -426,7 +429,10 @@ async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_externa
     );
     let republished = wait_for_endpoints(&slices, &second).await;
     let endpoints_replaced = deleted.elapsed();
-    assert!(!republished.contains(&victim_ip), "{victim_ip} still published");
+    assert!(
+        !republished.contains(&victim_ip),
+        "{victim_ip} still published"
+    );
     for ip in &republished {
         curl(&format!("http://{ip}:{port}/readyz")).expect("the replacement answers /readyz");
     }

@@ -213,7 +213,9 @@ pub async fn run(
             Some(netns::Bridge::create(netns::RunId::next()).await?)
         }
     };
-    let subnet = bridge.as_ref().map_or(settings.pod_subnet, netns::Bridge::subnet);
+    let subnet = bridge
+        .as_ref()
+        .map_or(settings.pod_subnet, netns::Bridge::subnet);
     node::register(&client, &settings).await?;
     tracing::info!(node = %settings.node_name, %subnet, network = ?settings.network, "node registered");
     let heartbeat = tokio::spawn(node::heartbeat(

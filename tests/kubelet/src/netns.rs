@@ -95,7 +95,10 @@ impl RunId {
         let rest = name.strip_prefix("er")?;
         let id = rest.get(..7)?;
         let tail = &rest[7..];
-        if !id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return None;
         }
         let valid_tail = tail.is_empty()
@@ -319,7 +322,16 @@ impl PodNetwork {
         ])
         .await?;
         ip(&["-n", ns, "link", "set", &pod_side, "name", "eth0"]).await?;
-        ip(&["-n", ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"]).await?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ])
+        .await?;
         ip(&["-n", ns, "link", "set", "eth0", "up"]).await?;
         ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
         let gateway = bridge.gateway().to_string();

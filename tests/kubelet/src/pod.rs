@@ -111,11 +111,7 @@ struct Launch {
 impl Launch {
     fn spawn(&self) -> std::io::Result<Child> {
         // Opened here (with close-on-exec) and kept open until the child has exec'd.
-        let netns = self
-            .netns
-            .as_ref()
-            .map(std::fs::File::open)
-            .transpose()?;
+        let netns = self.netns.as_ref().map(std::fs::File::open).transpose()?;
         let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -36,7 +36,9 @@ fn in_netns<T: Send + 'static>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_namespace_is_reachable_reaches_host_ports_and_is_removed() {
     let id = RunId::next();
-    let bridge = Bridge::create(id).await.expect("creating the bridge (root?)");
+    let bridge = Bridge::create(id)
+        .await
+        .expect("creating the bridge (root?)");
     let subnet = bridge.subnet().network().octets();
     assert_eq!(subnet[..2], [10, 244]);
     let address = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 2);
@@ -65,7 +67,11 @@ async fn a_pod_namespace_is_reachable_reaches_host_ports_and_is_removed() {
     client.read_to_string(&mut reply).expect("read");
     assert_eq!(reply, "pod");
     let peer = accepted.join().expect("accept thread");
-    assert_eq!(peer.ip(), std::net::IpAddr::from(bridge.gateway()), "the host comes from the bridge");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::from(bridge.gateway()),
+        "the host comes from the bridge"
+    );
 
     // The pod's own 127.0.0.1:PORT is the host's 127.0.0.1:PORT.
     let host_service = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("host service");
@@ -101,7 +107,10 @@ async fn a_pod_namespace_is_reachable_reaches_host_ports_and_is_removed() {
     assert!(ip_output(&["netns", "list"]).contains(&name));
     drop(forwarders);
     drop(network);
-    assert!(!ip_output(&["netns", "list"]).contains(&name), "{name} left");
+    assert!(
+        !ip_output(&["netns", "list"]).contains(&name),
+        "{name} left"
+    );
     assert!(
         !ip_output(&["-o", "link", "show"]).contains(&id.veth_host(2)),
         "veth left"
