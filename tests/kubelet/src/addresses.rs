@@ -1,5 +1,6 @@
-//! Loopback addresses for pods: each running pod gets one address of a /24 in 127.0.0.0/8, so
-//! every pod can listen on the same ports as it would in its own network namespace.
+//! Pod addresses: each running pod gets one address of a /24 — in 127.0.0.0/8 when pods share
+//! the host's network (so every pod can listen on the same ports on an address of its own), or
+//! the bridge's `10.244.N.0/24` when each pod has a network namespace.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -7,10 +8,10 @@ use std::str::FromStr;
 
 use crate::SpecError;
 
-/// A /24 inside 127.0.0.0/8 whose hosts .2 to .254 are handed out to pods.
+/// A /24 whose hosts .2 to .254 are handed out to pods.
 ///
 /// Host .1 is left alone (127.0.0.1 is where the control plane and the tests' own services
-/// listen) as is .0. Addresses are handed out round robin, not lowest-free-first: a pod that
+/// listen; in a bridge's subnet it is the bridge) as is .0. Addresses are handed out round robin, not lowest-free-first: a pod that
 /// just ended may leave sockets in TIME_WAIT, and a stale endpoint may still point at it, so a
 /// new pod should not inherit its address at once.
 #[derive(Debug, Clone)]
@@ -63,13 +64,19 @@ impl PodAddresses {
     }
 }
 
-/// A `127.x.y.0/24` network, parsed from that notation.
+/// A /24 network: parsed from `127.x.y.0/24` (only loopback subnets are accepted from the
+/// command line), or a bridge's subnet ([`PodSubnet::from_prefix`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodSubnet {
     prefix: [u8; 3],
 }
 
 impl PodSubnet {
+    /// The /24 whose addresses start with `prefix`.
+    pub fn from_prefix(prefix: [u8; 3]) -> Self {
+        Self { prefix }
+    }
+
     pub fn network(&self) -> Ipv4Addr {
         let [a, b, c] = self.prefix;
         Ipv4Addr::new(a, b, c, 0)

@@ -3,9 +3,10 @@
 //! `envFrom`), its arguments, and the two rewrites that let a Pod written for a container run
 //! as a process on a shared host:
 //!
-//! - **Listen addresses.** A value that is a wildcard socket address (`0.0.0.0:8080`,
-//!   `[::]:8080`, `:8080`) becomes the pod's own loopback address (`127.0.0.5:8080`), so every
-//!   pod binds its ports on its own IP, as it would in its own network namespace.
+//! - **Listen addresses** (only when pods share the host's network). A value that is a wildcard
+//!   socket address (`0.0.0.0:8080`, `[::]:8080`, `:8080`) becomes the pod's own loopback
+//!   address (`127.0.0.5:8080`), so every pod binds its ports on its own IP, as it would in its
+//!   own network namespace.
 //! - **Mount paths.** A value that is a volume's mount path, or a path below it, is pointed at
 //!   the folder the kubelet wrote that volume to (`/etc/app/secret/url` becomes
 //!   `<root>/<namespace>/<pod>/volumes/secret/url`).
@@ -219,25 +220,32 @@ pub fn arguments(container: &Container, env: &[(String, String)]) -> Vec<String>
 /// kubelet's folders.
 #[derive(Debug, Clone)]
 pub struct Rewrites {
-    pod_ip: Ipv4Addr,
+    /// Where wildcard listen addresses move to; `None` leaves them alone (a pod in a network
+    /// namespace of its own).
+    listen_ip: Option<Ipv4Addr>,
     /// (mount path, host folder), longest mount path first so nested mounts win.
     mounts: Vec<(String, PathBuf)>,
 }
 
 impl Rewrites {
-    pub fn new(pod_ip: Ipv4Addr, mounts: impl IntoIterator<Item = (String, PathBuf)>) -> Self {
+    pub fn new(
+        listen_ip: Option<Ipv4Addr>,
+        mounts: impl IntoIterator<Item = (String, PathBuf)>,
+    ) -> Self {
         let mut mounts: Vec<(String, PathBuf)> = mounts
             .into_iter()
             .map(|(path, host)| (path.trim_end_matches('/').to_owned(), host))
             .filter(|(path, _)| !path.is_empty())
             .collect();
         mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-        Self { pod_ip, mounts }
+        Self { listen_ip, mounts }
     }
 
     pub fn apply(&self, value: &str) -> String {
-        if let Some(port) = wildcard_port(value) {
-            return format!("{}:{port}", self.pod_ip);
+        if let Some(ip) = self.listen_ip
+            && let Some(port) = wildcard_port(value)
+        {
+            return format!("{ip}:{port}");
         }
         for (mount, host) in &self.mounts {
             if value == mount {
@@ -500,7 +508,7 @@ mod tests {
     #[test]
     fn wildcard_listen_addresses_move_to_the_pod_ip_and_mount_paths_to_host_folders() {
         let rewrites = Rewrites::new(
-            Ipv4Addr::new(127, 0, 0, 9),
+            Some(Ipv4Addr::new(127, 0, 0, 9)),
             [
                 (
                     "/etc/app".to_owned(),
@@ -532,6 +540,15 @@ mod tests {
             rewrites.host_path("/etc/app/secret"),
             Some(Path::new("/run/pods/p/volumes/secret"))
         );
+    }
+
+    #[test]
+    fn in_a_namespace_of_its_own_a_pod_keeps_its_wildcard_addresses() {
+        let mounts = [("/etc/app".to_owned(), PathBuf::from("/run/pods/p/app"))];
+        let rewrites = Rewrites::new(None, mounts);
+        assert_eq!(rewrites.apply("0.0.0.0:8080"), "0.0.0.0:8080");
+        assert_eq!(rewrites.apply("[::]:9090"), "[::]:9090");
+        assert_eq!(rewrites.apply("/etc/app/url"), "/run/pods/p/app/url");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! A process kubelet for tests: it registers a Node with the API server, keeps it Ready, and
-//! runs every Pod the scheduler binds to it as one local process on a loopback address of its
-//! own, reporting the Pod's IP, container state and readiness (from the Pod's own probes) back,
+//! runs every Pod the scheduler binds to it as one local process — on a loopback address of its
+//! own, or in a network namespace of its own ([`Network`]) — reporting the Pod's IP, container state and readiness (from the Pod's own probes) back,
 //! and stopping it the way a kubelet does (preStop sleep, SIGTERM, grace period, SIGKILL).
 //!
 //! # Layout
-//! - [`addresses`]: the loopback addresses handed to pods.
+//! - [`addresses`]: the addresses handed to pods.
+//! - [`netns`]: the bridge and the per-pod network namespaces, their names and cleanup.
+//! - [`forward`]: host ports served inside a pod's namespace.
 //! - [`env`]: the pure translation of a container spec into a process (environment, arguments,
 //!   listen-address and mount-path rewrites, image → program map).
 //! - [`volumes`]: Secret, ConfigMap and emptyDir volumes written to a per-pod folder.
@@ -16,6 +18,8 @@
 
 pub mod addresses;
 pub mod env;
+pub mod forward;
+pub mod netns;
 pub mod node;
 pub mod pod;
 pub mod probe;
@@ -37,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use addresses::{PodAddresses, PodSubnet};
 pub use env::ImageMap;
+pub use netns::NetError;
 
 /// Taint put on the Node so that only Pods meant for it land there (see [`opt_in_annotations`]).
 pub const TAINT_KEY: &str = "eventrouter.test/kubelet";
@@ -78,6 +83,34 @@ pub enum Error {
     },
     #[error("no free address left in the pod subnet")]
     NoAddress,
+    #[error("pod network: {0}")]
+    Network(#[from] NetError),
+}
+
+/// How pods are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// Pods share the host's network, each on its own address of [`Settings::pod_subnet`]; the
+    /// wildcard listen addresses in their env and args are rewritten to that address.
+    #[default]
+    Loopback,
+    /// Each pod gets a network namespace of its own with an address of a `10.244.N.0/24`
+    /// bridge created for the run (needs `CAP_NET_ADMIN` and iproute2); it listens on its
+    /// wildcard addresses as in a container, and reaches the host's
+    /// [`Settings::host_ports`] on its own `127.0.0.1`.
+    Namespace,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "loopback" => Ok(Self::Loopback),
+            "netns" => Ok(Self::Namespace),
+            other => Err(format!("unknown network mode {other:?}: loopback or netns")),
+        }
+    }
 }
 
 /// How the kubelet runs.
@@ -87,8 +120,13 @@ pub struct Settings {
     pub node_name: String,
     /// Which local program plays which image.
     pub images: ImageMap,
-    /// Where pod addresses come from.
+    /// How pods are networked.
+    pub network: Network,
+    /// Where pod addresses come from with [`Network::Loopback`].
     pub pod_subnet: PodSubnet,
+    /// With [`Network::Namespace`]: ports of the host's `127.0.0.1` that each pod reaches on
+    /// its own `127.0.0.1` (forwarded by the kubelet).
+    pub host_ports: Vec<u16>,
     /// Per-pod folders (volumes, logs, working directory) go under `<root>/<namespace>/<pod>`.
     pub root_dir: PathBuf,
     /// Capacity the Node advertises (also its allocatable).
@@ -113,7 +151,9 @@ impl Settings {
         Self {
             node_name: node_name.into(),
             images,
+            network: Network::default(),
             pod_subnet: PodSubnet::default(),
+            host_ports: Vec::new(),
             root_dir,
             cpu: "16".into(),
             memory: "64Gi".into(),
@@ -150,6 +190,8 @@ pub(crate) struct Shared {
     pub client: Client,
     pub settings: Settings,
     pub addresses: Mutex<PodAddresses>,
+    /// The run's bridge with [`Network::Namespace`].
+    pub bridge: Option<netns::Bridge>,
 }
 
 /// Registers the Node, keeps it Ready, and runs the Pods bound to it until `shutdown` is
@@ -164,8 +206,18 @@ pub async fn run(
         path: settings.root_dir.clone(),
         source,
     })?;
+    let bridge = match settings.network {
+        Network::Loopback => None,
+        Network::Namespace => {
+            netns::remove_stale().await;
+            Some(netns::Bridge::create(netns::RunId::next()).await?)
+        }
+    };
+    let subnet = bridge
+        .as_ref()
+        .map_or(settings.pod_subnet, netns::Bridge::subnet);
     node::register(&client, &settings).await?;
-    tracing::info!(node = %settings.node_name, subnet = %settings.pod_subnet, "node registered");
+    tracing::info!(node = %settings.node_name, %subnet, network = ?settings.network, "node registered");
     let heartbeat = tokio::spawn(node::heartbeat(
         client.clone(),
         settings.clone(),
@@ -173,7 +225,8 @@ pub async fn run(
     ));
     let shared = Arc::new(Shared {
         client: client.clone(),
-        addresses: Mutex::new(PodAddresses::new(settings.pod_subnet)),
+        addresses: Mutex::new(PodAddresses::new(subnet)),
+        bridge,
         settings: settings.clone(),
     });
 
@@ -230,6 +283,9 @@ pub async fn run(
     }
     while tasks.join_next().await.is_some() {}
     heartbeat.abort();
+    // Every pod task has ended, so this is the last reference: the bridge goes with it.
+    drop(events);
+    drop(shared);
     if settings.delete_node_on_exit {
         node::deregister(&client, &settings.node_name).await;
     }

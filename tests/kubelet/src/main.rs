@@ -7,10 +7,11 @@ use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use test_kubelet::{ImageMap, PodSubnet, Settings};
+use test_kubelet::{ImageMap, Network, PodSubnet, Settings};
 use tokio_util::sync::CancellationToken;
 
-/// Registers a Node and runs the Pods bound to it as local processes on loopback addresses.
+/// Registers a Node and runs the Pods bound to it as local processes, on loopback addresses or
+/// in network namespaces of their own.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -24,9 +25,17 @@ struct Args {
     /// for every tag). Repeat for several images.
     #[arg(long = "image-map", value_name = "IMAGE=PROGRAM", required = true)]
     image_map: Vec<String>,
-    /// The /24 in 127.0.0.0/8 whose .2 to .254 are given to pods.
+    /// How pods are networked: `loopback` (an address of --pod-subnet each, the host's network)
+    /// or `netns` (a network namespace each on a 10.244.N.0/24 bridge; needs root and `ip`).
+    #[arg(long, default_value = "loopback")]
+    network: Network,
+    /// With `--network loopback`: the /24 in 127.0.0.0/8 whose .2 to .254 are given to pods.
     #[arg(long, default_value = "127.0.0.0/24")]
     pod_subnet: PodSubnet,
+    /// With `--network netns`: a port of the host's 127.0.0.1 that pods reach on their own
+    /// 127.0.0.1 (forwarded). Repeat for several ports.
+    #[arg(long = "host-port", value_name = "PORT")]
+    host_ports: Vec<u16>,
     /// Folder for the pods' volumes, logs and working directories.
     #[arg(long)]
     root_dir: PathBuf,
@@ -70,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_from(config)?;
 
     let mut settings = Settings::new(args.node_name, ImageMap::new(images), args.root_dir);
+    settings.network = args.network;
     settings.pod_subnet = args.pod_subnet;
+    settings.host_ports = args.host_ports;
     settings.cpu = args.cpu;
     settings.memory = args.memory;
     settings.max_pods = args.max_pods;

@@ -1,5 +1,5 @@
-//! One task per Pod bound to the Node: it prepares the process (address, volumes, environment),
-//! starts it, runs the Pod's probes, restarts it after a crash with backoff (per the restart
+//! One task per Pod bound to the Node: it prepares the process (address, network namespace and
+//! host ports when pods have their own, volumes, environment), starts it, runs the Pod's probes, restarts it after a crash with backoff (per the restart
 //! policy), reports the Pod's status as it changes, and when the Pod is deleted stops it as a
 //! kubelet does — preStop sleep, SIGTERM, the rest of the grace period, SIGKILL — then removes
 //! the Pod object (a delete with grace period 0, which only the kubelet may do).
@@ -19,6 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::env::{PodFacts, Rewrites, Sources, arguments, resolve_env};
+use crate::forward::Forwarders;
+use crate::netns::{self, Bridge, PodNetwork};
 use crate::node::HOST_IP;
 use crate::probe::ProbeRunner;
 use crate::status::{Observed, State};
@@ -68,8 +70,36 @@ impl Drop for AddressLease {
     }
 }
 
+/// A pod's own network: its host-port forwarders, then (dropped after them, so their sockets
+/// are closed first) its namespace and veth pair.
+struct Netns {
+    _forwarders: Forwarders,
+    network: PodNetwork,
+}
+
+async fn create_netns(
+    bridge: &Bridge,
+    ip: std::net::Ipv4Addr,
+    host_ports: &[u16],
+    key: &str,
+) -> Result<Netns, String> {
+    let network = PodNetwork::create(bridge, ip)
+        .await
+        .map_err(|e| e.to_string())?;
+    let forwarders = Forwarders::start(&network.path(), host_ports, key)
+        .await
+        .map_err(|e| format!("host ports {host_ports:?} in {}: {e}", network.name()))?;
+    tracing::info!(pod = %key, %ip, netns = network.name(), ?host_ports, "pod network created");
+    Ok(Netns {
+        _forwarders: forwarders,
+        network,
+    })
+}
+
 /// What one start of the process needs.
 struct Launch {
+    /// The network namespace to start it in (else the kubelet's).
+    netns: Option<PathBuf>,
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -80,6 +110,9 @@ struct Launch {
 
 impl Launch {
     fn spawn(&self) -> std::io::Result<Child> {
+        // Opened here (with close-on-exec) and kept open until the child has exec'd.
+        let netns = self.netns.as_ref().map(std::fs::File::open).transpose()?;
+        let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,18 +135,24 @@ impl Launch {
             // the pods; the kubelet stops them itself.
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe; it allocates nothing and touches no shared state.
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+        // setns(2), which are async-signal-safe; it allocates nothing and touches no shared
+        // state.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // The process dies with the kubelet, even when the kubelet is killed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(fd) = netns_fd {
+                    netns::enter(fd)?;
+                }
                 Ok(())
             });
         }
-        command.spawn()
+        let child = command.spawn();
+        drop(netns);
+        child
     }
 }
 
@@ -222,13 +261,33 @@ pub(crate) async fn supervise(
         ip,
     };
     observed.pod_ip = Some(ip);
+    // Declared after the address lease, so it is dropped (namespace deleted) before the
+    // address is handed out again.
+    let own_network = match &shared.bridge {
+        None => None,
+        Some(bridge) => match create_netns(bridge, ip, &shared.settings.host_ports, &key).await {
+            Ok(network) => Some(network),
+            Err(message) => {
+                tracing::error!(pod = %key, %message, "cannot create the pod's network");
+                observed.state = State::Waiting {
+                    reason: "CreateContainerError".into(),
+                    message,
+                };
+                reporter.report(&observed).await;
+                let reason = next_stop(&mut stop).await;
+                finish(&reporter, &pod, reason).await;
+                return;
+            }
+        },
+    };
+    let netns_path = own_network.as_ref().map(|n| n.network.path());
 
     let launch = loop {
         if let Some(reason) = current(&stop) {
             finish(&reporter, &pod, reason).await;
             return;
         }
-        match prepare(&shared, &pod, &spec, &container, ip).await {
+        match prepare(&shared, &pod, &spec, &container, ip, netns_path.clone()).await {
             Ok(launch) => break launch,
             Err(error) => {
                 tracing::warn!(pod = %key, %error, "cannot start pod yet");
@@ -463,6 +522,7 @@ async fn prepare(
     spec: &PodSpec,
     container: &Container,
     ip: std::net::Ipv4Addr,
+    netns: Option<PathBuf>,
 ) -> Result<Launch, Error> {
     let image = container.image.clone().unwrap_or_default();
     let program = shared
@@ -491,7 +551,9 @@ async fn prepare(
         source,
     })?;
     let mounts = volumes::write(spec, container, &sources, &dir)?;
-    let rewrites = Rewrites::new(ip, mounts);
+    // In a namespace of its own the pod listens on its wildcard addresses as in a container.
+    let listen_ip = netns.is_none().then_some(ip);
+    let rewrites = Rewrites::new(listen_ip, mounts);
     let env: Vec<(String, String)> = resolve_env(container, &facts, &sources)?
         .into_iter()
         .map(|(key, value)| {
@@ -511,6 +573,7 @@ async fn prepare(
         ProbeRunner::new(probe, container, Instant::now(), true)?;
     }
     Ok(Launch {
+        netns,
         program,
         args,
         env,
