@@ -19,9 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use eventrouter_e2e::cluster::{TestNamespace, kube_client};
-use eventrouter_e2e::command::run_ok;
+use eventrouter_e2e::command::{run_ok, workspace_binary};
 use eventrouter_e2e::rabbitmq::amqp_url;
-use eventrouter_e2e::repo_root;
 use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -45,33 +44,7 @@ const GRACE_SECONDS: i64 = 30;
 
 /// Builds the workspace's `event-service` binary (a no-op when it is fresh) and returns its path.
 fn event_service_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run_ok(
-        std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "event-service",
-                "--bin",
-                "event-service",
-            ])
-            .current_dir(repo_root()),
-    )
-    .expect("cargo builds event-service");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| {
-            if t.is_absolute() {
-                t
-            } else {
-                repo_root().join(t)
-            }
-        })
-        .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join("event-service");
-    assert!(path.is_file(), "{} does not exist", path.display());
-    path
+    workspace_binary("event-service", "event-service").expect("cargo builds event-service")
 }
 
 /// The port of the shared RabbitMQ node's AMQP URL (`amqp://user:pass@host:PORT/vhost`).

@@ -169,10 +169,14 @@ impl Prometheus {
             );
             match ready {
                 None => return prometheus,
-                Some(status) => eprintln!(
-                    "Prometheus exited ({status}) on {addr}, retrying on another port:\n{}",
-                    prometheus.log()
-                ),
+                Some(status) => {
+                    eprintln!(
+                        "Prometheus exited ({status}) on {addr}, retrying on another port:\n{}",
+                        prometheus.log()
+                    );
+                    // It has exited; dropping it would delete the directory the next attempt uses.
+                    std::mem::forget(prometheus);
+                }
             }
         }
         panic!("Prometheus did not start in {PROMETHEUS_START_ATTEMPTS} attempts");
