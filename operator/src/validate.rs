@@ -144,12 +144,8 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
             "exchange {exchange:?} is reserved by RabbitMQ (amq.*); set spec.rabbitmq.exchange"
         ));
     }
-    if spec
-        .rabbitmq
-        .upstreams
-        .iter()
-        .any(|u| u.exchange == exchange)
-    {
+    let is_upstream = |name: &str| spec.rabbitmq.upstreams.iter().any(|u| u.exchange == name);
+    if is_upstream(&exchange) {
         problems.push(format!(
             "upstream exchange {exchange:?} is the router's own exchange"
         ));
@@ -160,12 +156,7 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
             "the control exchange {control_exchange:?} would be longer than {MAX_EXCHANGE_NAME_BYTES} bytes; shorten spec.rabbitmq.exchange"
         ));
     }
-    if spec
-        .rabbitmq
-        .upstreams
-        .iter()
-        .any(|u| u.exchange == control_exchange)
-    {
+    if is_upstream(&control_exchange) {
         problems.push(format!(
             "upstream exchange {control_exchange:?} is the router's control exchange (its pods' load heartbeats)"
         ));

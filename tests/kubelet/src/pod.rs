@@ -213,6 +213,24 @@ async fn next_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
     }
 }
 
+/// A Pod that cannot be started: reports `CreateContainerError` with `message`, then waits to be
+/// told to stop and finishes it.
+async fn never_started(
+    reporter: &mut Reporter,
+    pod: &Pod,
+    stop: &mut watch::Receiver<Option<Stop>>,
+    mut observed: Observed,
+    message: String,
+) {
+    observed.state = State::Waiting {
+        reason: "CreateContainerError".into(),
+        message,
+    };
+    reporter.report(&observed).await;
+    let reason = next_stop(stop).await;
+    finish(reporter, pod, reason).await;
+}
+
 /// Runs one Pod until it must stop; see the module documentation.
 pub(crate) async fn supervise(
     shared: Arc<Shared>,
@@ -247,13 +265,7 @@ pub(crate) async fn supervise(
         }
         let message = unsupported.map_or_else(|| Error::NoAddress.to_string(), str::to_owned);
         tracing::error!(pod = %key, %message, "cannot run pod");
-        observed.state = State::Waiting {
-            reason: "CreateContainerError".into(),
-            message,
-        };
-        reporter.report(&observed).await;
-        let reason = next_stop(&mut stop).await;
-        finish(&reporter, &pod, reason).await;
+        never_started(&mut reporter, &pod, &mut stop, observed, message).await;
         return;
     };
     let _address = AddressLease {
@@ -269,13 +281,7 @@ pub(crate) async fn supervise(
             Ok(network) => Some(network),
             Err(message) => {
                 tracing::error!(pod = %key, %message, "cannot create the pod's network");
-                observed.state = State::Waiting {
-                    reason: "CreateContainerError".into(),
-                    message,
-                };
-                reporter.report(&observed).await;
-                let reason = next_stop(&mut stop).await;
-                finish(&reporter, &pod, reason).await;
+                never_started(&mut reporter, &pod, &mut stop, observed, message).await;
                 return;
             }
         },
