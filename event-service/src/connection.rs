@@ -21,7 +21,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::config::SlowConsumerPolicy;
+use crate::{config::SlowConsumerPolicy, rebalance::Candidate};
 
 /// Locks a std mutex, carrying on if a panicking holder poisoned it (the data stays consistent:
 /// every critical section here is a few field updates).
@@ -292,7 +292,7 @@ impl ConnRegistry {
     }
 
     /// What rebalancing decides on: the connections not already asked to close, and the `n` of
-    /// them open longest (oldest first, as `(id, accepted)`). One pass over the registry, keeping
+    /// them open longest (oldest first). One pass over the registry, keeping
     /// a bounded heap of `n`. A connection asked to close stays registered until its close
     /// handshake ends; counting it would make the next decision shed past the target.
     pub fn movable(&self, n: usize) -> Movable {
@@ -312,9 +312,11 @@ impl ConnRegistry {
                 heap.pop();
             }
         }
-        let mut oldest: Vec<(u64, Instant)> =
-            heap.into_iter().map(|(opened, id)| (id, opened)).collect();
-        oldest.sort_by_key(|&(id, opened)| (opened, id));
+        let mut oldest: Vec<Candidate> = heap
+            .into_iter()
+            .map(|(accepted, id)| Candidate { id, accepted })
+            .collect();
+        oldest.sort_by_key(|c| (c.accepted, c.id));
         Movable { open, oldest }
     }
 
@@ -331,8 +333,8 @@ impl ConnRegistry {
 pub struct Movable {
     /// Open connections not asked to close.
     pub open: usize,
-    /// The oldest of them, oldest first: `(id, accepted)`.
-    pub oldest: Vec<(u64, Instant)>,
+    /// The oldest of them, oldest first.
+    pub oldest: Vec<Candidate>,
 }
 
 #[cfg(test)]
@@ -360,7 +362,7 @@ mod tests {
             )));
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        let ids = |m: Movable| m.oldest.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        let ids = |m: Movable| m.oldest.into_iter().map(|c| c.id).collect::<Vec<_>>();
         assert_eq!(ids(registry.movable(3)), [1, 2, 3]);
         assert_eq!(registry.movable(10).oldest.len(), 5);
         assert!(registry.movable(0).oldest.is_empty());

@@ -27,8 +27,7 @@ use crate::{
     config::Config,
     connection::CloseRequest,
     rebalance::{
-        Candidate, FleetSettings, FleetView, Heartbeat, Local, Outcome, Rebalancer, Settings,
-        SettingsError,
+        FleetSettings, FleetView, Heartbeat, Local, Outcome, Rebalancer, Settings, SettingsError,
     },
     source::amqp::AmqpSource,
     state::Shared,
@@ -207,15 +206,10 @@ impl Task {
         self.view.expire(now);
         let burst = usize::try_from(self.rebalancer.settings().burst()).unwrap_or(usize::MAX);
         let movable = self.shared.conns.movable(burst);
-        let candidates: Vec<Candidate> = movable
-            .oldest
-            .into_iter()
-            .map(|(id, accepted)| Candidate { id, accepted })
-            .collect();
         let local = Local {
             connections: movable.open as u64,
             draining: self.shared.readiness.is_draining(),
-            candidates: &candidates,
+            candidates: &movable.oldest,
         };
         let decision = self.rebalancer.plan(now, &local, &self.view);
         let figures = decision.figures;

@@ -11,7 +11,7 @@
 //! A failure here never takes the event path down: the session stays up, the rebalancer stops
 //! hearing its own heartbeat and holds (`not_heard`), and the next session tries again.
 
-use std::sync::OnceLock;
+use std::{convert::Infallible, sync::OnceLock};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -128,7 +128,10 @@ pub(super) async fn publish(
 /// Hands every message of the control queue to `inbox` once it is attached (dropping it when the
 /// inbox is full: the rebalancer is behind and the next heartbeat will do). Never returns: when
 /// the consumer ends, it says so once and waits for the session to be replaced.
-pub(super) async fn forward(consumer: &mut Consumer, inbox: &OnceLock<mpsc::Sender<Vec<u8>>>) {
+pub(super) async fn forward(
+    consumer: &mut Consumer,
+    inbox: &OnceLock<mpsc::Sender<Vec<u8>>>,
+) -> Infallible {
     while let Some(delivery) = consumer.next().await {
         match delivery {
             Ok(delivery) => {
@@ -142,5 +145,5 @@ pub(super) async fn forward(consumer: &mut Consumer, inbox: &OnceLock<mpsc::Send
             }
         }
     }
-    std::future::pending::<()>().await;
+    std::future::pending().await
 }

@@ -386,7 +386,7 @@ async fn live(
     };
     tokio::select! {
         () = shutdown.cancelled() => LinkEnd::Shutdown,
-        () = heartbeats => LinkEnd::Shutdown, // never completes
+        never = heartbeats => match never {},
         reason = consume(source, consumer) => LinkEnd::Lost(reason),
         reason = broker_events => LinkEnd::Lost(reason),
         reason = recycle => LinkEnd::Lost(reason),
