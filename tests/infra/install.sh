@@ -20,6 +20,8 @@
 # - etcd, kube-apiserver, kube-controller-manager, built from the Go module proxy
 #   (build-control-plane.sh; tens of minutes the first time on 2 cores, cached afterwards).
 # - KEDA's operator and external metrics API server, built from the Go module proxy (keda.sh).
+# - Prometheus 3 with Kubernetes service discovery (prometheus-k8s), built from the Go module
+#   proxy for the autoscaling-loop test (prometheus-sd.sh; Debian's lacks that discovery).
 #
 # Put $EVENTROUTER_TOOLS/bin first on PATH afterwards (tests/run does): some machines carry an
 # unrelated, older kubectl in /usr/bin.
@@ -144,4 +146,5 @@ install_browser_test_packages
 check_tools
 "$here/build-control-plane.sh"
 "$here/keda.sh" build
+"$here/prometheus-sd.sh" build
 log "tools ready in $bin: kubectl $("$bin/kubectl" version --client | sed -n 's/^Client Version: //p'), helm $("$bin/helm" version --short), kubernetes-validate $KUBERNETES_VALIDATE_VERSION"

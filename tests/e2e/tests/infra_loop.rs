@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use eventrouter_e2e::cluster::{TestNamespace, kube_client};
 use eventrouter_e2e::command::{run_ok, workspace_binary};
-use eventrouter_e2e::rabbitmq::amqp_url;
+use eventrouter_e2e::rabbitmq::{amqp_port, amqp_url};
 use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -45,21 +45,6 @@ const GRACE_SECONDS: i64 = 30;
 /// Builds the workspace's `event-service` binary (a no-op when it is fresh) and returns its path.
 fn event_service_binary() -> PathBuf {
     workspace_binary("event-service", "event-service").expect("cargo builds event-service")
-}
-
-/// The port of the shared RabbitMQ node's AMQP URL (`amqp://user:pass@host:PORT/vhost`).
-fn amqp_port(url: &str) -> u16 {
-    let authority = url
-        .split_once("://")
-        .map_or(url, |(_, rest)| rest)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or(authority);
-    host_port
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(5672)
 }
 
 fn deployment(exchange: &str) -> Deployment {
@@ -274,7 +259,7 @@ async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_externa
     );
     // A network namespace per pod; RabbitMQ (on the host's loopback) on the pods' own.
     settings.network = Network::Namespace;
-    settings.host_ports = vec![amqp_port(&amqp_url())];
+    settings.host_ports = vec![amqp_port()];
     let stop = CancellationToken::new();
     let kubelet_started = Instant::now();
     let kubelet = tokio::spawn(test_kubelet::run(client.clone(), settings, stop.clone()));

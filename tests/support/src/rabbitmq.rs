@@ -27,6 +27,23 @@ pub fn amqp_url() -> String {
     require_env(vars::AMQP_URL)
 }
 
+/// The port of the shared node's AMQP URL (`amqp://user:pass@host:PORT/vhost`; 5672 when the URL
+/// names none): what a pod in a network namespace of its own gets forwarded to the host.
+pub fn amqp_port() -> u16 {
+    let url = amqp_url();
+    let authority = url
+        .split_once("://")
+        .map_or(url.as_str(), |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(5672)
+}
+
 /// Everything but RFC 3986's unreserved characters is encoded: a vhost `/` must become `%2F`.
 const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')

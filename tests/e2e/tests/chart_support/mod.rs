@@ -119,6 +119,12 @@ impl Prometheus {
     /// Starts Prometheus with `scrape_configs` (YAML, indented as a list under `scrape_configs:`),
     /// scraping and evaluating every second.
     pub fn start(name: &str, scrape_configs: &str) -> Self {
+        Self::start_program(&tool("prometheus"), name, scrape_configs)
+    }
+
+    /// [`Prometheus::start`] with another Prometheus binary (the autoscaling loop's, built with
+    /// Kubernetes discovery).
+    pub fn start_program(program: &Path, name: &str, scrape_configs: &str) -> Self {
         let dir = env::temp_dir().join(format!(
             "eventrouter-{name}-prometheus-{}",
             std::process::id()
@@ -133,7 +139,7 @@ impl Prometheus {
             let port = free_port().expect("a free port");
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let log = std::fs::File::create(dir.join("prometheus.log")).expect("create the log");
-            let child = Command::new(tool("prometheus"))
+            let child = Command::new(program)
                 .arg(format!(
                     "--config.file={}",
                     dir.join("prometheus.yml").display()

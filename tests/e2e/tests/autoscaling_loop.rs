@@ -1,0 +1,503 @@
+//! The autoscaling loop, closed on real components. Nothing in it is simulated but the
+//! container runtime (the process kubelet runs each pod as a process in a network namespace of
+//! its own) and the Service's load balancing (the clients pick Ready endpoints from the
+//! EndpointSlices at random):
+//!
+//! the operator (in this process) renders an EventRouter with `autoscaling.provider: keda` into a
+//! Deployment and a KEDA ScaledObject → kube-scheduler binds the pods to the kubelet's Node → the
+//! pods run, consume from RabbitMQ, and rebalance over its control exchange → a Prometheus built
+//! with Kubernetes discovery finds them through the API server and scrapes them with the chart's
+//! PodMonitor relabelling → KEDA's metrics server runs the operator's PromQL → the API server's
+//! aggregation layer serves it to kube-controller-manager's HPA controller (5 s sync) → the HPA
+//! scales the Deployment → the EndpointSlice controller publishes the Ready pods → the clients.
+//!
+//! Scenario: ramp to 1,400 connections on one pod (target 400 per pod, max 4): the HPA wants 4,
+//! the new pods become Ready, rebalancing (close code 4002, paced) brings every pod within ±20 %
+//! of the mean; then the load drops to 300: the HPA scales in to 1 after its stabilization
+//! window, the removed pods drain (1001, paced), and their clients move to the last pod. Through
+//! all of it a publisher sends a numbered event every 500 ms that every client subscribes to:
+//! no connection breaks without a close frame (no pod is killed), no client gets an event twice,
+//! and every event published while a client was subscribed reaches it; events published during
+//! a client's own reconnect gap are counted apart (missed-event recovery is not part of this).
+//!
+//! Needs root (network namespaces), as `tests/run` has; prints the loop's timings.
+//!
+//! Run with `tests/run --only autoscaling_loop`.
+
+mod chart_support;
+mod loop_support;
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventrouter_e2e::cluster::kubeconfig_path;
+use eventrouter_e2e::command::workspace_binary;
+use eventrouter_e2e::rabbitmq::{amqp_port, amqp_url};
+use eventrouter_e2e::unique_name;
+use eventrouter_e2e::wait::wait_for;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use loop_support::clients::{Connection, Ended, Fleet, Reconnect, Shared, read_endpoints};
+use operator::crd::EventRouterSpec;
+use test_kubelet::{ImageMap, Network, Settings};
+use tokio_util::sync::CancellationToken;
+
+const ROUTER: &str = "loop";
+const IMAGE: &str = "eventrouter/event-service";
+const TARGET_PER_POD: usize = 400;
+const MAX_REPLICAS: usize = 4;
+const PEAK: usize = 1_400;
+const LOW: usize = 300;
+/// New connections per second while ramping up.
+const RAMP_RATE: usize = 70;
+const DRAIN_SECONDS: u64 = 10;
+/// Connections each pod may close per second to rebalance.
+const SHED_RATE: usize = 20;
+const MIN_CONNECTION_AGE_SECONDS: u64 = 20;
+const SCALE_DOWN_WINDOW_SECONDS: u64 = 30;
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// How far from the fleet's mean a pod may be once rebalanced.
+const BALANCED: f64 = 0.20;
+/// A client may be without a subscription this long at most.
+const MAX_GAP: Duration = Duration::from_secs(5);
+/// Events published this long before a connection ended must have reached it.
+const DELIVERY_MARGIN: Duration = Duration::from_secs(1);
+
+fn router_spec(prometheus: &str) -> EventRouterSpec {
+    serde_json::from_value(serde_json::json!({
+        "image": format!("{IMAGE}:test"),
+        "rabbitmq": { "secretRef": { "name": "amqp", "key": "url" } },
+        "websocket": { "drainDuration": format!("{DRAIN_SECONDS}s") },
+        "autoscaling": {
+            "enabled": true,
+            "provider": "keda",
+            "minReplicas": 1,
+            "maxReplicas": MAX_REPLICAS,
+            "targetConnectionsPerPod": TARGET_PER_POD,
+            "prometheusAddress": prometheus,
+            "scaleUp": { "stabilizationWindowSeconds": 0, "podsPerMinute": 4 },
+            "scaleDown": {
+                "stabilizationWindowSeconds": SCALE_DOWN_WINDOW_SECONDS,
+                "podsPerMinute": 4
+            }
+        },
+        "rebalance": {
+            "tolerancePercent": 15,
+            "maxShedRate": SHED_RATE,
+            "minConnectionAge": format!("{MIN_CONNECTION_AGE_SECONDS}s"),
+            "heartbeatInterval": "1s"
+        }
+    }))
+    .expect("a valid EventRouter spec")
+}
+
+/// Waits (polling every 250 ms) until `check` passes; returns when it did.
+async fn until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> (T, Instant) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return (value, Instant::now()),
+            Err(why) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Whether every pod is within ±`BALANCED` of the mean, over `pods` pods.
+fn balanced(open: &BTreeMap<IpAddr, usize>, pods: usize) -> Result<(), String> {
+    let total: usize = open.values().sum();
+    let mean = total as f64 / pods as f64;
+    let off = open
+        .values()
+        .any(|&n| (n as f64 - mean).abs() > mean * BALANCED);
+    if open.len() == pods && !off {
+        Ok(())
+    } else {
+        Err(format!("{open:?} (mean {mean:.0})"))
+    }
+}
+
+/// The most reconnects after a close of kind `after` in any one-second window from `from`.
+fn peak_rate(reconnects: &[Reconnect], after: Ended, from: Instant) -> usize {
+    let mut per_second: BTreeMap<u64, usize> = BTreeMap::new();
+    for r in reconnects
+        .iter()
+        .filter(|r| r.after == after && r.at >= from)
+    {
+        *per_second.entry((r.at - from).as_secs()).or_default() += 1;
+    }
+    per_second.into_values().max().unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct Delivery {
+    received: u64,
+    repeated: u64,
+    skipped: u64,
+    /// Events published after a subscription was live (and well before it ended) that never came.
+    missed_while_subscribed: u64,
+    /// Events published between two of a client's subscriptions.
+    missed_in_reconnect_gaps: u64,
+}
+
+/// Checks every connection against what was published (`sent[seq]` = when).
+fn delivery(connections: &[Connection], sent: &[Instant]) -> Delivery {
+    let mut d = Delivery::default();
+    let first_sent_after = |t: Instant| sent.partition_point(|s| *s <= t) as u64;
+    let mut by_client: BTreeMap<usize, Vec<&Connection>> = BTreeMap::new();
+    for c in connections {
+        d.received += c.received;
+        d.repeated += c.repeated;
+        d.skipped += c.skipped;
+        // Published after the subscription was acknowledged and long enough before the end.
+        let should_first = first_sent_after(c.subscribed_at);
+        let should_last = first_sent_after(c.ended_at - DELIVERY_MARGIN);
+        if should_first < should_last {
+            d.missed_while_subscribed += match (c.first_seq, c.last_seq) {
+                (Some(first), Some(last)) => {
+                    first
+                        .saturating_sub(should_first)
+                        .min(should_last - should_first)
+                        + should_last.saturating_sub((last + 1).max(should_first))
+                }
+                _ => should_last - should_first,
+            };
+        }
+        by_client.entry(c.client).or_default().push(c);
+    }
+    for conns in by_client.values_mut() {
+        conns.sort_by_key(|c| c.subscribed_at);
+        for pair in conns.windows(2) {
+            if let (Some(last), Some(next)) = (pair[0].last_seq, pair[1].first_seq) {
+                d.missed_in_reconnect_gaps += next.saturating_sub(last + 1);
+            }
+        }
+    }
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load() {
+    let started = Instant::now();
+    // 1,400 client sockets in this process.
+    rlimit::increase_nofile_limit(16_384).expect("raising the open-files limit");
+    let binary =
+        workspace_binary("event-service", "event-service").expect("cargo builds event-service");
+    let prometheus_binary = eventrouter_e2e::tool("prometheus-k8s");
+    let (client, namespace) = operator_support::setup("loop").await;
+    let ns = namespace.name().to_owned();
+
+    // The kubelet, its Node, and this namespace's pods sent to it.
+    let node = unique_name("loop-kubelet");
+    let annotations: serde_json::Map<String, serde_json::Value> =
+        test_kubelet::opt_in_annotations(&node)
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "metadata": { "annotations": annotations } })),
+        )
+        .await
+        .expect("annotating the namespace");
+    let root = std::env::temp_dir().join(&node);
+    let mut settings = Settings::new(
+        node.clone(),
+        ImageMap::new([(IMAGE.to_owned(), binary.clone())]),
+        root.clone(),
+    );
+    settings.network = Network::Namespace;
+    settings.host_ports = vec![amqp_port()];
+    let stop_kubelet = CancellationToken::new();
+    let kubelet = tokio::spawn(test_kubelet::run(
+        client.clone(),
+        settings,
+        stop_kubelet.clone(),
+    ));
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for(
+        "the kubelet's Node to be Ready",
+        Duration::from_secs(60),
+        || async {
+            let node = nodes.get(&node).await.map_err(|e| e.to_string())?;
+            let ready = node
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(()).ok_or_else(|| "not Ready".to_owned())
+        },
+    )
+    .await;
+
+    // Prometheus discovering this namespace's router pods as the chart's PodMonitor does.
+    let scrape = loop_support::pod_monitor_scrape_config(&kubeconfig_path(), &ns, "2s");
+    let prometheus = tokio::task::block_in_place(|| {
+        chart_support::Prometheus::start_program(&prometheus_binary, "loop", &scrape)
+    });
+    let prometheus_url = prometheus.url();
+
+    operator_support::put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
+    let operator =
+        operator_support::RunningOperator::start(&client, &ns, "op-loop", "eventrouter-operator")
+            .await;
+    operator_support::apply_router(&client, &ns, ROUTER, &router_spec(&prometheus_url)).await;
+    operator_support::wait_topology_declared(&client, &ns, ROUTER).await;
+    let exchange = operator_support::routers(&client, &ns)
+        .get(ROUTER)
+        .await
+        .expect("the router")
+        .status
+        .and_then(|s| s.topology)
+        .map(|t| t.exchange)
+        .expect("the declared exchange in the status");
+
+    let shared = Arc::new(Shared::default());
+    let stop_reader = CancellationToken::new();
+    let reader = tokio::spawn(read_endpoints(
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns),
+        ROUTER.to_owned(),
+        shared.clone(),
+        stop_reader.clone(),
+    ));
+    let (_, first_ready) = until(
+        "the first pod's endpoint",
+        Duration::from_secs(90),
+        async || {
+            let n = shared.endpoints().len();
+            (n == 1).then_some(()).ok_or(format!("{n} endpoints"))
+        },
+    )
+    .await;
+    let setup_took = first_ready - started;
+    let stop_sampler = CancellationToken::new();
+    let sampler = loop_support::sample_listen_overflows(&binary, stop_sampler.clone());
+    let publisher = loop_support::Publisher::start(&exchange, PUBLISH_EVERY).await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let hpa_name = format!("keda-hpa-{ROUTER}");
+
+    // 1. Ramp up: the HPA wants 4 pods, the Deployment follows, the pods become Ready.
+    let mut fleet = Fleet::new(shared.clone());
+    let ramp_started = Instant::now();
+    fleet.grow_to(PEAK, RAMP_RATE).await;
+    let (_, ramp_ended) = until(
+        "the clients to be subscribed",
+        Duration::from_secs(60),
+        async || {
+            let n = shared.open_count();
+            (n == PEAK).then_some(()).ok_or(format!("{n} subscribed"))
+        },
+    )
+    .await;
+    let (_, wanted) = until(
+        "the HPA to want 4 replicas",
+        Duration::from_secs(90),
+        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
+            Some((desired, metrics)) if desired >= MAX_REPLICAS as i32 => Ok(metrics),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let (_, scaled) = until(
+        "the Deployment to ask for 4 pods",
+        Duration::from_secs(30),
+        async || {
+            let d = deployments.get(ROUTER).await.map_err(|e| e.to_string())?;
+            let replicas = d.spec.and_then(|s| s.replicas);
+            (replicas == Some(MAX_REPLICAS as i32))
+                .then_some(())
+                .ok_or(format!("{replicas:?}"))
+        },
+    )
+    .await;
+    let (_, all_ready) = until("4 Ready endpoints", Duration::from_secs(90), async || {
+        let n = shared.endpoints().len();
+        (n == MAX_REPLICAS)
+            .then_some(())
+            .ok_or(format!("{n} endpoints"))
+    })
+    .await;
+
+    // 2. Rebalancing moves connections onto the new pods, paced.
+    let (_, balanced_at) = until(
+        "the pods to be balanced",
+        Duration::from_secs(120),
+        async || balanced(&shared.open_by_ip(), MAX_REPLICAS),
+    )
+    .await;
+    let balanced_counts = shared.open_by_ip();
+    let scraped = loop_support::query(
+        &prometheus_url,
+        &format!("eventrouter_connections{{namespace=\"{ns}\"}}"),
+    )
+    .await
+    .map(|r| loop_support::by_pod(&r))
+    .unwrap_or_default();
+    // The second signal: the receive-queue metric reaches the HPA through KEDA.
+    let (metrics, _) = until(
+        "the HPA to report both metrics",
+        Duration::from_secs(30),
+        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
+            Some((_, metrics)) if metrics.len() == 2 => Ok(metrics),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    // KEDA names external metrics `s<trigger index>-<scaler>`; the operator's second trigger
+    // is the receive-queue one.
+    assert!(
+        metrics.keys().any(|k| k.starts_with("s1-")),
+        "the receive-queue trigger is in the HPA's status: {metrics:?}"
+    );
+
+    // 3. The load drops: the HPA scales in to 1, the removed pods drain onto the last one.
+    let draining_from = shared.open_count();
+    fleet.shrink_to(LOW, 200).await;
+    let low_at = Instant::now();
+    let before_scale_in = shared.open_by_ip();
+    let (_, scale_in_wanted) = until(
+        "the HPA to want 1 replica",
+        Duration::from_secs(SCALE_DOWN_WINDOW_SECONDS + 60),
+        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
+            Some((1, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let on_survivor_share = shared.open_by_ip();
+    let (_, scaled_in) = until(
+        "every client on the one remaining pod",
+        Duration::from_secs(5 + DRAIN_SECONDS + 60),
+        async || {
+            let open = shared.open_by_ip();
+            let endpoints = shared.endpoints();
+            if endpoints.len() == 1 && open.len() == 1 && open.values().sum::<usize>() == LOW {
+                Ok(())
+            } else {
+                Err(format!("endpoints {endpoints:?}, open {open:?}"))
+            }
+        },
+    )
+    .await;
+
+    // Teardown of the load; then the books.
+    let sent = publisher.stop().await;
+    tokio::time::sleep(DELIVERY_MARGIN).await;
+    fleet.shrink_to(0, 1_000).await;
+    stop_sampler.cancel();
+    let overflows = sampler.await.expect("the sampler does not panic");
+    stop_reader.cancel();
+    reader.await.ok();
+    let connections = shared.connections();
+    let reconnects = shared.reconnects();
+    let d = delivery(&connections, &sent);
+    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &connections {
+        *ended.entry(format!("{:?}", c.ended)).or_default() += 1;
+    }
+    let max_gap = reconnects.iter().map(|r| r.gap).max().unwrap_or_default();
+    let shed_peak = peak_rate(&reconnects, Ended::Rebalance, ramp_started);
+    let drain_peak = peak_rate(&reconnects, Ended::Drain, scale_in_wanted);
+    let drained = reconnects
+        .iter()
+        .filter(|r| r.after == Ended::Drain)
+        .count();
+    let moved = reconnects
+        .iter()
+        .filter(|r| r.after == Ended::Rebalance)
+        .count();
+    // Each draining pod closes its clients evenly over the drain duration.
+    let drain_bound = (drained as f64 / DRAIN_SECONDS as f64 * 1.5).ceil() as usize + 3;
+    let overflow_total: u64 = overflows.values().sum();
+
+    eprintln!(
+        "autoscaling loop (KEDA, target {TARGET_PER_POD}/pod, {PEAK} → {LOW} clients):\n\
+         - setup (kubelet, Prometheus, operator, first pod Ready): {setup_took:.1?}\n\
+         - ramp to {PEAK} subscribed: {:.1?}\n\
+         - ramp end → HPA desired 4: {:.1?}; → Deployment 4: {:.1?}; → 4 pods Ready: {:.1?}\n\
+         - 4 Ready → balanced within ±{:.0}%: {:.1?} ({balanced_counts:?}; Prometheus {scraped:?})\n\
+         - HPA metrics through KEDA: {metrics:?}\n\
+         - load {draining_from} → {LOW} ({before_scale_in:?}) → HPA desired 1: {:.1?}; → all on one pod: {:.1?} (at desired 1: {on_survivor_share:?})\n\
+         - reconnects: {moved} after 4002 (peak {shed_peak}/s, bound {}/s), {drained} after 1001 (peak {drain_peak}/s, bound {drain_bound}/s); longest without a subscription {max_gap:.1?}; failed attempts {}\n\
+         - accept-queue overflows (ListenOverflows, all pods): {overflow_total} {overflows:?}\n\
+         - connections ended: {ended:?}\n\
+         - delivery over {} connections: {d:?}, {} events published\n\
+         - whole test {:.1?}",
+        ramp_ended - ramp_started,
+        wanted - ramp_ended,
+        scaled - ramp_ended,
+        all_ready - ramp_ended,
+        BALANCED * 100.0,
+        balanced_at - all_ready,
+        scale_in_wanted - low_at,
+        scaled_in - scale_in_wanted,
+        MAX_REPLICAS * SHED_RATE,
+        shared.failed_attempts(),
+        connections.len(),
+        sent.len(),
+        started.elapsed(),
+    );
+
+    assert!(
+        wanted - ramp_ended <= Duration::from_secs(90),
+        "desired 4 late"
+    );
+    assert!(
+        balanced_at - all_ready <= Duration::from_secs(120),
+        "balanced late"
+    );
+    assert!(
+        !connections
+            .iter()
+            .any(|c| matches!(c.ended, Ended::Broken | Ended::Other(_))),
+        "connections ended without a drain, rebalance or client close (a pod killed?): {ended:?}"
+    );
+    assert_eq!(d.repeated, 0, "events received twice: {d:?}");
+    assert_eq!(d.skipped, 0, "events skipped inside a connection: {d:?}");
+    assert_eq!(
+        d.missed_while_subscribed, 0,
+        "events missed while subscribed: {d:?}"
+    );
+    assert!(moved > 0, "rebalancing moved no connection");
+    assert!(
+        shed_peak <= MAX_REPLICAS * SHED_RATE * 2,
+        "rebalancing reconnects peaked at {shed_peak}/s"
+    );
+    assert!(drained > 0, "the scale-in drained no connection");
+    assert!(
+        drain_peak <= drain_bound,
+        "drain reconnects peaked at {drain_peak}/s over {drain_bound}/s"
+    );
+    assert!(
+        max_gap <= MAX_GAP,
+        "a client was without a subscription for {max_gap:?}"
+    );
+
+    operator_support::delete_router(&client, &ns, ROUTER).await;
+    operator_support::wait_absent(&operator_support::routers(&client, &ns), ROUTER).await;
+    operator.shutdown().await;
+    stop_kubelet.cancel();
+    kubelet
+        .await
+        .expect("the kubelet task ends")
+        .expect("the kubelet stops cleanly");
+    drop(prometheus);
+    std::fs::remove_dir_all(&root).ok();
+}
