@@ -25,6 +25,7 @@
 //! Run with `tests/run --only autoscaling_loop`.
 
 mod chart_support;
+mod kubelet_support;
 mod loop_support;
 mod operator_support;
 
@@ -35,18 +36,14 @@ use std::time::{Duration, Instant};
 
 use eventrouter_e2e::cluster::kubeconfig_path;
 use eventrouter_e2e::command::workspace_binary;
-use eventrouter_e2e::rabbitmq::{amqp_port, amqp_url};
-use eventrouter_e2e::unique_name;
-use eventrouter_e2e::wait::wait_for;
+use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kubelet_support::NamespaceKubelet;
 use loop_support::clients::{Connection, Ended, Fleet, Reconnect, Shared, read_endpoints};
 use operator::crd::EventRouterSpec;
-use test_kubelet::{ImageMap, Network, Settings};
 use tokio_util::sync::CancellationToken;
 
 const ROUTER: &str = "loop";
@@ -200,51 +197,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (client, namespace) = operator_support::setup("loop").await;
     let ns = namespace.name().to_owned();
 
-    // The kubelet, its Node, and this namespace's pods sent to it.
-    let node = unique_name("loop-kubelet");
-    let annotations: serde_json::Map<String, serde_json::Value> =
-        test_kubelet::opt_in_annotations(&node)
-            .into_iter()
-            .map(|(k, v)| (k, v.into()))
-            .collect();
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "metadata": { "annotations": annotations } })),
-        )
-        .await
-        .expect("annotating the namespace");
-    let root = std::env::temp_dir().join(&node);
-    let mut settings = Settings::new(
-        node.clone(),
-        ImageMap::new([(IMAGE.to_owned(), binary.clone())]),
-        root.clone(),
-    );
-    settings.network = Network::Namespace;
-    settings.host_ports = vec![amqp_port()];
-    let stop_kubelet = CancellationToken::new();
-    let kubelet = tokio::spawn(test_kubelet::run(
-        client.clone(),
-        settings,
-        stop_kubelet.clone(),
-    ));
-    let nodes: Api<Node> = Api::all(client.clone());
-    wait_for(
-        "the kubelet's Node to be Ready",
-        Duration::from_secs(60),
-        || async {
-            let node = nodes.get(&node).await.map_err(|e| e.to_string())?;
-            let ready = node
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(()).ok_or_else(|| "not Ready".to_owned())
-        },
-    )
-    .await;
+    let kubelet = NamespaceKubelet::start(&client, &ns, IMAGE, binary.clone()).await;
 
     // Prometheus discovering this namespace's router pods as the chart's PodMonitor does.
     let scrape = loop_support::pod_monitor_scrape_config(&kubeconfig_path(), &ns, "2s");
@@ -493,11 +446,6 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     operator_support::delete_router(&client, &ns, ROUTER).await;
     operator_support::wait_absent(&operator_support::routers(&client, &ns), ROUTER).await;
     operator.shutdown().await;
-    stop_kubelet.cancel();
-    kubelet
-        .await
-        .expect("the kubelet task ends")
-        .expect("the kubelet stops cleanly");
+    kubelet.stop().await;
     drop(prometheus);
-    std::fs::remove_dir_all(&root).ok();
 }

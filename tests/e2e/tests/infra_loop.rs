@@ -18,22 +18,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod kubelet_support;
+use kubelet_support::NamespaceKubelet;
+
 use eventrouter_e2e::cluster::{TestNamespace, kube_client};
 use eventrouter_e2e::command::{run_ok, workspace_binary};
-use eventrouter_e2e::rabbitmq::{amqp_port, amqp_url};
+use eventrouter_e2e::rabbitmq::amqp_url;
 use eventrouter_e2e::unique_name;
 use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-    PostParams,
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
 };
 use kube::{Api, Client, ResourceExt};
-use test_kubelet::{ImageMap, Network, Settings};
-use tokio_util::sync::CancellationToken;
 
 const APP: &str = "web";
 const IMAGE: &str = "eventrouter/event-service";
@@ -230,56 +230,15 @@ async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_externa
     let started = Instant::now();
     let client = kube_client().await.expect("Kubernetes client");
     let binary = event_service_binary();
-    let node = unique_name("kubelet");
     let namespace = TestNamespace::create(&client, "infra-loop")
         .await
         .expect("a test namespace");
     let ns = namespace.name().to_owned();
 
-    // Only this namespace's pods go to this kubelet's (tainted) Node.
-    let annotations: serde_json::Map<String, serde_json::Value> =
-        test_kubelet::opt_in_annotations(&node)
-            .into_iter()
-            .map(|(k, v)| (k, v.into()))
-            .collect();
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &ns,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "metadata": { "annotations": annotations } })),
-        )
-        .await
-        .expect("annotating the namespace");
-
-    let root = std::env::temp_dir().join(&node);
-    let mut settings = Settings::new(
-        node.clone(),
-        ImageMap::new([(IMAGE.to_owned(), binary)]),
-        root.clone(),
-    );
-    // A network namespace per pod; RabbitMQ (on the host's loopback) on the pods' own.
-    settings.network = Network::Namespace;
-    settings.host_ports = vec![amqp_port()];
-    let stop = CancellationToken::new();
     let kubelet_started = Instant::now();
-    let kubelet = tokio::spawn(test_kubelet::run(client.clone(), settings, stop.clone()));
-
+    let kubelet = NamespaceKubelet::start(&client, &ns, IMAGE, binary).await;
+    let node = kubelet.node.clone();
     let nodes: Api<Node> = Api::all(client.clone());
-    wait_for("the kubelet's Node to be Ready", CONVERGE, || async {
-        let node = nodes.get(&node).await.map_err(|e| e.to_string())?;
-        let ready = node
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        if ready {
-            Ok(())
-        } else {
-            Err("not Ready".to_owned())
-        }
-    })
-    .await;
     let node_ready = kubelet_started.elapsed();
 
     let secret: Secret = serde_json::from_value(serde_json::json!({
@@ -397,11 +356,7 @@ async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_externa
 
     keda_serves_external_metrics(&client, &ns).await;
 
-    stop.cancel();
-    kubelet
-        .await
-        .expect("the kubelet task ends")
-        .expect("the kubelet stops cleanly");
+    kubelet.stop().await;
     for (_, ip) in &second {
         assert!(
             curl(&format!("http://{ip}:8080/readyz")).is_err(),
@@ -426,7 +381,6 @@ async fn infra_loop_pods_run_in_namespaces_are_published_and_keda_serves_externa
         !addresses.contains(&bridge_address),
         "the kubelet's bridge is left: {addresses}"
     );
-    std::fs::remove_dir_all(&root).ok();
     delete_exchange(&exchange).await;
     eprintln!(
         "infra_loop timings: node Ready {node_ready:?}; Deployment → 2 Ready pods {pods_ready:?}, \
