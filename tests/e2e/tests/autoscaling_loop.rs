@@ -3,7 +3,7 @@
 //! its own) and the Service's load balancing (the clients pick Ready endpoints from the
 //! EndpointSlices at random):
 //!
-//! the operator (in this process) renders an EventRouter with `autoscaling.provider: keda` into a
+//! the operator binary renders an EventRouter with `autoscaling.provider: keda` into a
 //! Deployment and a KEDA ScaledObject → kube-scheduler binds the pods to the kubelet's Node → the
 //! pods run, consume from RabbitMQ, and rebalance over its control exchange → a Prometheus built
 //! with Kubernetes discovery finds them through the API server and scrapes them with the chart's
@@ -207,9 +207,22 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let prometheus_url = prometheus.url();
 
     operator_support::put_amqp_secret(&client, &ns, "amqp", &amqp_url()).await;
-    let operator =
-        operator_support::RunningOperator::start(&client, &ns, "op-loop", "eventrouter-operator")
-            .await;
+    // The operator binary, watching this namespace, with its Lease there.
+    let operator_binary =
+        workspace_binary("operator", "operator").expect("cargo builds the operator");
+    let mut operator = chart_support::Proc::spawn(
+        std::process::Command::new(operator_binary)
+            .args(["run", "--namespace", &ns, "--lease-namespace", &ns])
+            .arg(format!(
+                "--admin-listen=127.0.0.1:{}",
+                eventrouter_e2e::free_port().expect("a free port")
+            ))
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("POD_NAME", "operator-loop"),
+    );
+    tokio::task::block_in_place(|| {
+        operator.wait_for_line("operator starting", Duration::from_secs(30))
+    });
     operator_support::apply_router(&client, &ns, ROUTER, &router_spec(&prometheus_url)).await;
     operator_support::wait_topology_declared(&client, &ns, ROUTER).await;
     let exchange = operator_support::routers(&client, &ns)
@@ -445,7 +458,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
 
     operator_support::delete_router(&client, &ns, ROUTER).await;
     operator_support::wait_absent(&operator_support::routers(&client, &ns), ROUTER).await;
-    operator.shutdown().await;
+    operator.stop();
     kubelet.stop().await;
     drop(prometheus);
 }
