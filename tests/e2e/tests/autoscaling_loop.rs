@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use eventrouter_e2e::cluster::kubeconfig_path;
 use eventrouter_e2e::command::workspace_binary;
 use eventrouter_e2e::rabbitmq::amqp_url;
+use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -95,22 +96,13 @@ fn router_spec(prometheus: &str) -> EventRouterSpec {
     .expect("a valid EventRouter spec")
 }
 
-/// Waits (polling every 250 ms) until `check` passes; returns when it did.
-async fn until<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Result<T, String>,
-) -> (T, Instant) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(value) => return (value, Instant::now()),
-            Err(why) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+/// [`wait_for`], and when it succeeded: each step of the loop is timed.
+async fn until<T, Fut>(what: &str, timeout: Duration, probe: impl FnMut() -> Fut) -> (T, Instant)
+where
+    Fut: Future<Output = Result<T, String>>,
+{
+    let value = wait_for(what, timeout, probe).await;
+    (value, Instant::now())
 }
 
 /// Whether every pod is within ±`BALANCED` of the mean, over `pods` pods.
@@ -245,7 +237,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, first_ready) = until(
         "the first pod's endpoint",
         Duration::from_secs(90),
-        async || {
+        || async {
             let n = shared.endpoints().len();
             (n == 1).then_some(()).ok_or(format!("{n} endpoints"))
         },
@@ -266,7 +258,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, ramp_ended) = until(
         "the clients to be subscribed",
         Duration::from_secs(60),
-        async || {
+        || async {
             let n = shared.open_count();
             (n == PEAK).then_some(()).ok_or(format!("{n} subscribed"))
         },
@@ -275,16 +267,18 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, wanted) = until(
         "the HPA to want 4 replicas",
         Duration::from_secs(90),
-        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
-            Some((desired, metrics)) if desired >= MAX_REPLICAS as i32 => Ok(metrics),
-            other => Err(format!("{other:?}")),
+        || async {
+            match loop_support::hpa_status(&hpas, &hpa_name).await {
+                Some((desired, metrics)) if desired >= MAX_REPLICAS as i32 => Ok(metrics),
+                other => Err(format!("{other:?}")),
+            }
         },
     )
     .await;
     let (_, scaled) = until(
         "the Deployment to ask for 4 pods",
         Duration::from_secs(30),
-        async || {
+        || async {
             let d = deployments.get(ROUTER).await.map_err(|e| e.to_string())?;
             let replicas = d.spec.and_then(|s| s.replicas);
             (replicas == Some(MAX_REPLICAS as i32))
@@ -293,7 +287,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
         },
     )
     .await;
-    let (_, all_ready) = until("4 Ready endpoints", Duration::from_secs(90), async || {
+    let (_, all_ready) = until("4 Ready endpoints", Duration::from_secs(90), || async {
         let n = shared.endpoints().len();
         (n == MAX_REPLICAS)
             .then_some(())
@@ -305,7 +299,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, balanced_at) = until(
         "the pods to be balanced",
         Duration::from_secs(120),
-        async || balanced(&shared.open_by_ip(), MAX_REPLICAS),
+        || async { balanced(&shared.open_by_ip(), MAX_REPLICAS) },
     )
     .await;
     let balanced_counts = shared.open_by_ip();
@@ -320,9 +314,11 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (metrics, _) = until(
         "the HPA to report both metrics",
         Duration::from_secs(30),
-        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
-            Some((_, metrics)) if metrics.len() == 2 => Ok(metrics),
-            other => Err(format!("{other:?}")),
+        || async {
+            match loop_support::hpa_status(&hpas, &hpa_name).await {
+                Some((_, metrics)) if metrics.len() == 2 => Ok(metrics),
+                other => Err(format!("{other:?}")),
+            }
         },
     )
     .await;
@@ -341,9 +337,11 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, scale_in_wanted) = until(
         "the HPA to want 1 replica",
         Duration::from_secs(SCALE_DOWN_WINDOW_SECONDS + 60),
-        async || match loop_support::hpa_status(&hpas, &hpa_name).await {
-            Some((1, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
+        || async {
+            match loop_support::hpa_status(&hpas, &hpa_name).await {
+                Some((1, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
         },
     )
     .await;
@@ -351,7 +349,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let (_, scaled_in) = until(
         "every client on the one remaining pod",
         Duration::from_secs(5 + DRAIN_SECONDS + 60),
-        async || {
+        || async {
             let open = shared.open_by_ip();
             let endpoints = shared.endpoints();
             if endpoints.len() == 1 && open.len() == 1 && open.values().sum::<usize>() == LOW {
