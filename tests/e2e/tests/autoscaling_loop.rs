@@ -19,6 +19,8 @@
 //! no connection breaks without a close frame (no pod is killed), no client gets an event twice,
 //! and every event published while a client was subscribed reaches it; events published during
 //! a client's own reconnect gap are counted apart (missed-event recovery is not part of this).
+//! The routers dashboard's *Replicas* panel (the operator's gauges, scraped by the same
+//! Prometheus) shows 4 current and desired pods after the scale-out and 1 after the scale-in.
 //!
 //! Needs root (network namespaces), as `tests/run` has; prints the loop's timings.
 //!
@@ -103,6 +105,43 @@ where
 {
     let value = wait_for(what, timeout, probe).await;
     (value, Instant::now())
+}
+
+/// The routers dashboard's *Replicas* panel (the operator's gauges, through Prometheus):
+/// `(current, desired)` for this router.
+async fn replicas_panel(prometheus: &str, ns: &str) -> Result<(f64, f64), String> {
+    let vars = [("namespace", ns), ("router", ROUTER), ("pod", ".*")];
+    let (mut current, mut desired) = (None, None);
+    for q in chart_support::routers_queries_on_operator_metrics() {
+        let expr = chart_support::substitute(&q.expr, &vars);
+        let value = loop_support::query(prometheus, &expr)
+            .await?
+            .first()
+            .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok());
+        if expr.contains(r#"state="current""#) {
+            current = value;
+        } else if expr.contains(r#"state="desired""#) {
+            desired = value;
+        }
+    }
+    current
+        .zip(desired)
+        .ok_or_else(|| format!("current {current:?}, desired {desired:?}"))
+}
+
+/// Waits until the Replicas panel shows `replicas` current and desired.
+async fn panel_shows(prometheus: &str, ns: &str, replicas: f64) {
+    until(
+        &format!("the routers dashboard's Replicas panel to show {replicas} current and desired"),
+        Duration::from_secs(30),
+        || async {
+            match replicas_panel(prometheus, ns).await? {
+                (current, desired) if current == replicas && desired == replicas => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 /// Whether every pod is within ±`BALANCED` of the mean, over `pods` pods.
@@ -192,7 +231,13 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let kubelet = NamespaceKubelet::start(&client, &ns, IMAGE, binary.clone()).await;
 
     // Prometheus discovering this namespace's router pods as the chart's PodMonitor does.
-    let scrape = loop_support::pod_monitor_scrape_config(&kubeconfig_path(), &ns, "2s");
+    // And the operator's admin port, for the routers dashboard's Replicas panel.
+    let operator_port = eventrouter_e2e::free_port().expect("a free port");
+    let scrape = format!(
+        "{}  - {{\"job_name\": \"operator\", \"scrape_interval\": \"2s\", \"scrape_timeout\": \"2s\", \
+         \"static_configs\": [{{\"targets\": [\"127.0.0.1:{operator_port}\"]}}]}}\n",
+        loop_support::pod_monitor_scrape_config(&kubeconfig_path(), &ns, "2s")
+    );
     let prometheus = tokio::task::block_in_place(|| {
         chart_support::Prometheus::start_program(&prometheus_binary, "loop", &scrape)
     });
@@ -205,10 +250,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     let mut operator = chart_support::Proc::spawn(
         std::process::Command::new(operator_binary)
             .args(["run", "--namespace", &ns, "--lease-namespace", &ns])
-            .arg(format!(
-                "--admin-listen=127.0.0.1:{}",
-                eventrouter_e2e::free_port().expect("a free port")
-            ))
+            .arg(format!("--admin-listen=127.0.0.1:{operator_port}"))
             .env("KUBECONFIG", kubeconfig_path())
             .env("POD_NAME", "operator-loop"),
     );
@@ -303,6 +345,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     )
     .await;
     let balanced_counts = shared.open_by_ip();
+    panel_shows(&prometheus_url, &ns, MAX_REPLICAS as f64).await;
     let scraped = loop_support::query(
         &prometheus_url,
         &format!("eventrouter_connections{{namespace=\"{ns}\"}}"),
@@ -360,6 +403,8 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
         },
     )
     .await;
+
+    panel_shows(&prometheus_url, &ns, 1.0).await;
 
     // Teardown of the load; then the books.
     let sent = publisher.stop().await;
