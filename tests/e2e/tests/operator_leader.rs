@@ -95,7 +95,13 @@ async fn operator_only_the_leader_reconciles_and_the_standby_takes_over() {
         }
     })
     .await;
-    assert!(reconciles(&second) > 0, "the new leader reconciled");
+    // The Deployment is applied inside the reconcile; the counter moves when it ends.
+    wait_until(
+        "the new leader to count a finished reconcile",
+        CONVERGE,
+        || async { reconciles(&second) > 0 },
+    )
+    .await;
     let holder = leases
         .get("eventrouter-operator")
         .await
