@@ -114,7 +114,7 @@ async fn replicas_panel(prometheus: &str, ns: &str) -> Result<(f64, f64), String
     let (mut current, mut desired) = (None, None);
     for q in chart_support::routers_queries_on_operator_metrics() {
         let expr = chart_support::substitute(&q.expr, &vars);
-        let value = loop_support::query(prometheus, &expr)
+        let value = chart_support::instant_query(prometheus, &expr)
             .await?
             .first()
             .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok());
@@ -346,7 +346,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     .await;
     let balanced_counts = shared.open_by_ip();
     panel_shows(&prometheus_url, &ns, MAX_REPLICAS as f64).await;
-    let scraped = loop_support::query(
+    let scraped = chart_support::instant_query(
         &prometheus_url,
         &format!("eventrouter_connections{{namespace=\"{ns}\"}}"),
     )

@@ -104,6 +104,24 @@ pub fn kind_of(doc: &serde_yaml::Value) -> &str {
     doc["kind"].as_str().unwrap_or_default()
 }
 
+/// An instant query against the Prometheus at `url` (`http://host:port`): the `data.result`
+/// array, or why Prometheus could not answer or refused.
+pub async fn instant_query(url: &str, expr: &str) -> Result<Vec<Json>, String> {
+    let response = http::get(&format!(
+        "{url}/api/v1/query?query={}",
+        encode_segment(expr)
+    ))
+    .await
+    .map_err(|error| format!("querying Prometheus: {error:#}"))?;
+    let v = response
+        .json()
+        .map_err(|error| format!("bad JSON from Prometheus: {error:#}"))?;
+    if response.status != 200 || v["status"] != "success" {
+        return Err(response.text());
+    }
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
 /// A Prometheus server started by a test, on a free loopback port, with its own TSDB directory.
 pub struct Prometheus {
     child: Child,
@@ -199,18 +217,8 @@ impl Prometheus {
 
     /// An instant query; returns the `data.result` array. Panics when Prometheus rejects it.
     pub fn query(&self, expr: &str) -> Vec<Json> {
-        let url = format!("{}/api/v1/query?query={}", self.url(), encode_segment(expr));
-        let response = http::blocking_get(&url)
-            .unwrap_or_else(|error| panic!("querying Prometheus: {error:#}"));
-        let v: Json = response
-            .json()
-            .unwrap_or_else(|error| panic!("bad JSON from Prometheus: {error:#}"));
-        assert!(
-            response.status == 200 && v["status"] == "success",
-            "Prometheus rejected `{expr}`: {}",
-            response.text()
-        );
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
+        http::block_on(instant_query(&self.url(), expr))
+            .unwrap_or_else(|error| panic!("Prometheus rejected `{expr}`: {error}"))
     }
 
     /// Runs `expr` until it returns data (rates need a few scrapes after the first sample) and

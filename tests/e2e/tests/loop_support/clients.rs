@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ pub struct Shared {
     open: Mutex<HashMap<usize, SocketAddr>>,
     connections: Mutex<Vec<Connection>>,
     reconnects: Mutex<Vec<Reconnect>>,
-    failed_attempts: Mutex<u64>,
+    failed_attempts: AtomicU64,
 }
 
 impl Shared {
@@ -113,7 +114,7 @@ impl Shared {
     }
 
     pub fn failed_attempts(&self) -> u64 {
-        self.failed_attempts.lock().map(|f| *f).unwrap_or(0)
+        self.failed_attempts.load(Ordering::Relaxed)
     }
 
     fn set_open(&self, client: usize, endpoint: Option<SocketAddr>) {
@@ -266,9 +267,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
         .flatten();
         let Some(mut socket) = attempt else {
             failures += 1;
-            if let Ok(mut f) = shared.failed_attempts.lock() {
-                *f += 1;
-            }
+            shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
             let base = Duration::from_millis(100) * 2u32.pow(failures.min(5));
             tokio::time::sleep(base.mul_f64(rng.random_range(0.5..1.5))).await;
             continue;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventrouter_e2e::rabbitmq::{amqp_url, encode_segment};
+use eventrouter_e2e::rabbitmq::amqp_url;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::Api;
 use lapin::options::BasicPublishOptions;
@@ -129,24 +129,6 @@ fn sanitize(label: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
-}
-
-/// An instant query against Prometheus at `url`; the `data.result` array.
-pub async fn query(url: &str, expr: &str) -> Result<Vec<Json>, String> {
-    let response = eventrouter_e2e::http::get(&format!(
-        "{url}/api/v1/query?query={}",
-        encode_segment(expr)
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    let body = response.json().map_err(|e| e.to_string())?;
-    if body["status"] != "success" {
-        return Err(body.to_string());
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
 }
 
 /// `{pod: value}` of a query's result.
