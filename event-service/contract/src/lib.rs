@@ -54,6 +54,49 @@ pub mod env {
     pub const REBALANCE_RATE: &str = "EVENTROUTER_REBALANCE_RATE";
     /// A connection younger than this is never shed.
     pub const REBALANCE_MIN_AGE: &str = "EVENTROUTER_REBALANCE_MIN_AGE";
+
+    // Authentication (see the event service's README, "Security"). Auth is on when at least one
+    // key file is set; every `*_FILE` is a path (a mounted Secret) re-read when it changes.
+    /// File holding the shared secret for HS256/HS384/HS512 connection tokens.
+    pub const AUTH_HMAC_SECRET_FILE: &str = "EVENTROUTER_AUTH_HMAC_SECRET_FILE";
+    /// PEM file of one or more public keys (RSA, EC P-256/P-384, Ed25519) for RS*/PS*/ES*/EdDSA tokens.
+    pub const AUTH_PUBLIC_KEYS_FILE: &str = "EVENTROUTER_AUTH_PUBLIC_KEYS_FILE";
+    /// JWKS (JSON Web Key Set) file of public keys, selected by the token's `kid`.
+    pub const AUTH_JWKS_FILE: &str = "EVENTROUTER_AUTH_JWKS_FILE";
+    /// Required `iss` of connection tokens (unset: not checked).
+    pub const AUTH_ISSUER: &str = "EVENTROUTER_AUTH_ISSUER";
+    /// Required `aud` of connection tokens (unset: not checked).
+    pub const AUTH_AUDIENCE: &str = "EVENTROUTER_AUTH_AUDIENCE";
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub const AUTH_LEEWAY: &str = "EVENTROUTER_AUTH_LEEWAY";
+    /// The claim listing the patterns a token grants (default `subscribe`).
+    pub const AUTH_SUBSCRIBE_CLAIM: &str = "EVENTROUTER_AUTH_SUBSCRIBE_CLAIM";
+    /// Comma-separated patterns granted to every authenticated client; `{sub}` is the token's subject.
+    pub const AUTH_GRANT_TEMPLATES: &str = "EVENTROUTER_AUTH_GRANT_TEMPLATES";
+    /// Comma-separated patterns clients without a token may subscribe to (empty: none).
+    pub const AUTH_ANONYMOUS_PATTERNS: &str = "EVENTROUTER_AUTH_ANONYMOUS_PATTERNS";
+    /// Largest token accepted, in bytes.
+    pub const AUTH_MAX_TOKEN_BYTES: &str = "EVENTROUTER_AUTH_MAX_TOKEN_BYTES";
+    /// How often the key files are checked for changes.
+    pub const AUTH_RELOAD_INTERVAL: &str = "EVENTROUTER_AUTH_RELOAD_INTERVAL";
+    /// JSON file of publish keys (`[{"name","key","events"}]`); when set `POST /publish` needs one.
+    pub const PUBLISH_KEYS_FILE: &str = "EVENTROUTER_PUBLISH_KEYS_FILE";
+    /// Comma-separated `Origin` values allowed to upgrade (browsers); empty: any origin.
+    pub const ALLOWED_ORIGINS: &str = "EVENTROUTER_ALLOWED_ORIGINS";
+
+    // Per-client limits.
+    /// Most open connections from one source IP (0: no limit).
+    pub const MAX_CONNECTIONS_PER_IP: &str = "EVENTROUTER_MAX_CONNECTIONS_PER_IP";
+    /// New connections per second from one source IP (0: no limit); bursts up to the burst below.
+    pub const CONNECT_RATE_PER_IP: &str = "EVENTROUTER_CONNECT_RATE_PER_IP";
+    /// Burst of new connections from one source IP above the rate.
+    pub const CONNECT_BURST_PER_IP: &str = "EVENTROUTER_CONNECT_BURST_PER_IP";
+    /// Header holding the client address set by a trusted proxy (e.g. `X-Forwarded-For`); unset: the peer address.
+    pub const TRUSTED_PROXY_HEADER: &str = "EVENTROUTER_TRUSTED_PROXY_HEADER";
+    /// Frames per second one connection may send (token bucket refill; 0: no limit).
+    pub const CLIENT_FRAME_RATE: &str = "EVENTROUTER_CLIENT_FRAME_RATE";
+    /// Burst of frames one connection may send above the rate.
+    pub const CLIENT_FRAME_BURST: &str = "EVENTROUTER_CLIENT_FRAME_BURST";
 }
 
 /// The router's control exchange: where instances publish their load heartbeats.
@@ -106,6 +149,17 @@ pub mod close {
     pub const IDLE_TIMEOUT: u16 = 4001;
     /// The server asks the client to reconnect so load spreads over new instances.
     pub const REBALANCE: u16 = 4002;
+    /// The connection's token expired and no `refresh` replaced it.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The `auth` message was refused (bad, expired or malformed token), or another op came
+    /// first while anonymous access is off.
+    pub const UNAUTHORIZED: u16 = 4004;
+    /// Authentication is required and no `auth` message arrived within `--handshake-timeout`.
+    pub const AUTH_TIMEOUT: u16 = 4005;
+    /// A protocol violation: unmasked client frame, reserved bits, bad control frame, unknown opcode.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
 }
 
 /// Metric names exported on the admin port. No metric carries a per-connection label.
@@ -161,6 +215,14 @@ pub mod metrics {
     /// Counter: heartbeats received and refused (malformed, oversized, unknown version).
     pub const REBALANCE_HEARTBEATS_REJECTED: &str =
         "eventrouter_rebalance_heartbeats_rejected_total";
+    /// Counter, label `result`: connection-token checks (`ok`, `expired`, `bad_signature`, ...).
+    pub const AUTH_CHECKS: &str = "eventrouter_auth_checks_total";
+    /// Counter, label `reason`: publish requests refused by the key check (`missing_key`, `bad_key`, `forbidden`).
+    pub const PUBLISH_REJECTED: &str = "eventrouter_publish_rejected_total";
+    /// Counter, label `kind`: failed `accept` calls (`no_fd` when out of file descriptors, `other`).
+    pub const ACCEPT_ERRORS: &str = "eventrouter_accept_errors_total";
+    /// Counter: connections answered 503 and closed because the process was out of file descriptors.
+    pub const ACCEPT_SHED: &str = "eventrouter_accept_shed_total";
 
     /// Every metric above, for checks that must cover them all.
     pub const ALL: &[&str] = &[
@@ -198,6 +260,10 @@ pub mod metrics {
         REBALANCE_SHED,
         REBALANCE_HEARTBEATS_RECEIVED,
         REBALANCE_HEARTBEATS_REJECTED,
+        AUTH_CHECKS,
+        PUBLISH_REJECTED,
+        ACCEPT_ERRORS,
+        ACCEPT_SHED,
     ];
 }
 
@@ -357,7 +423,14 @@ mod tests {
 
     #[test]
     fn project_close_codes_are_in_the_private_range() {
-        for code in [close::SLOW_CONSUMER, close::IDLE_TIMEOUT, close::REBALANCE] {
+        for code in [
+            close::SLOW_CONSUMER,
+            close::IDLE_TIMEOUT,
+            close::REBALANCE,
+            close::TOKEN_EXPIRED,
+            close::UNAUTHORIZED,
+            close::AUTH_TIMEOUT,
+        ] {
             assert!((4000..5000).contains(&code));
         }
     }
