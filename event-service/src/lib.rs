@@ -51,6 +51,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub(crate) mod admin_port;
+pub mod auth;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;

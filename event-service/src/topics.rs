@@ -57,8 +57,8 @@ pub fn validate_pattern(pattern: &str, max: usize) -> Result<(), PatternError> {
 
 /// True when `pattern` matches `name` (the straightforward recursive definition).
 ///
-/// The reference the trie is tested against; routing uses [`TopicTrie::for_each_match`].
-#[cfg(test)]
+/// The reference the trie is tested against, and the check of one name against a few patterns
+/// (publish-key scopes); routing uses [`TopicTrie::for_each_match`].
 pub fn matches(pattern: &str, name: &str) -> bool {
     let p: Vec<&str> = pattern.split('.').collect();
     let n: Vec<&str> = name.split('.').collect();
