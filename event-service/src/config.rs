@@ -157,6 +157,83 @@ pub struct Config {
     #[arg(long, env = env::REBALANCE_MIN_AGE, default_value = "60s", value_parser = humantime::parse_duration)]
     pub rebalance_min_age: Duration,
 
+    /// File with the shared secret for HS256/HS384/HS512 connection tokens (at least 32 bytes).
+    /// Setting any of the three key files turns authentication on. Re-read when it changes.
+    #[arg(long, env = env::AUTH_HMAC_SECRET_FILE, help_heading = "Authentication")]
+    pub auth_hmac_secret_file: Option<PathBuf>,
+
+    /// PEM file of public keys (RSA, EC P-256/P-384, Ed25519) for RS*/PS*/ES*/EdDSA tokens.
+    #[arg(long, env = env::AUTH_PUBLIC_KEYS_FILE, help_heading = "Authentication")]
+    pub auth_public_keys_file: Option<PathBuf>,
+
+    /// JWKS file (JSON Web Key Set) of public keys, chosen by the token's `kid`.
+    #[arg(long, env = env::AUTH_JWKS_FILE, help_heading = "Authentication")]
+    pub auth_jwks_file: Option<PathBuf>,
+
+    /// Required `iss` of connection tokens (unset: not checked).
+    #[arg(long, env = env::AUTH_ISSUER, help_heading = "Authentication")]
+    pub auth_issuer: Option<String>,
+
+    /// Required `aud` of connection tokens (unset: not checked).
+    #[arg(long, env = env::AUTH_AUDIENCE, help_heading = "Authentication")]
+    pub auth_audience: Option<String>,
+
+    /// Clock skew allowed on a token's `exp` and `nbf`.
+    #[arg(long, env = env::AUTH_LEEWAY, default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Authentication")]
+    pub auth_leeway: Duration,
+
+    /// The token claim listing the patterns the client may subscribe to.
+    #[arg(long, env = env::AUTH_SUBSCRIBE_CLAIM, default_value = "subscribe", help_heading = "Authentication")]
+    pub auth_subscribe_claim: String,
+
+    /// Patterns granted to every authenticated client, comma-separated; `{sub}` is the token's subject (e.g. `user.{sub}.#`).
+    #[arg(long, env = env::AUTH_GRANT_TEMPLATES, value_delimiter = ',', help_heading = "Authentication")]
+    pub auth_grant_templates: Vec<String>,
+
+    /// Patterns clients without a token may subscribe to, comma-separated (empty: a token is required).
+    #[arg(long, env = env::AUTH_ANONYMOUS_PATTERNS, value_delimiter = ',', help_heading = "Authentication")]
+    pub auth_anonymous_patterns: Vec<String>,
+
+    /// Largest token accepted, in bytes.
+    #[arg(long, env = env::AUTH_MAX_TOKEN_BYTES, default_value_t = 8192, help_heading = "Authentication")]
+    pub auth_max_token_bytes: usize,
+
+    /// How often the key files and the publish-keys file are checked for changes.
+    #[arg(long, env = env::AUTH_RELOAD_INTERVAL, default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Authentication")]
+    pub auth_reload_interval: Duration,
+
+    /// JSON file of publish keys (`[{"name","key","events"}]`); when set, `POST /publish` needs `Authorization: Bearer <key>`.
+    #[arg(long, env = env::PUBLISH_KEYS_FILE, help_heading = "Authentication")]
+    pub publish_keys_file: Option<PathBuf>,
+
+    /// `Origin` values allowed to open WebSockets, comma-separated (e.g. `https://app.example.com`); others get 403. Empty: any.
+    #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',', help_heading = "Authentication")]
+    pub allowed_origins: Vec<String>,
+
+    /// Most open connections from one client address (IPv6: per /64); over it the upgrade gets 429. 0: no limit.
+    #[arg(long, env = env::MAX_CONNECTIONS_PER_IP, default_value_t = 0, help_heading = "Per-client limits")]
+    pub max_connections_per_ip: u32,
+
+    /// New connections per second from one client address; over it the upgrade gets 429. 0: no limit.
+    #[arg(long, env = env::CONNECT_RATE_PER_IP, default_value_t = 0.0, value_parser = non_negative_rate, help_heading = "Per-client limits")]
+    pub connect_rate_per_ip: f64,
+
+    /// Burst of new connections one client address may open above `--connect-rate-per-ip`.
+    #[arg(long, env = env::CONNECT_BURST_PER_IP, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Per-client limits")]
+    pub connect_burst_per_ip: u32,
+
+    /// Header a trusted proxy puts the client address in (e.g. `X-Forwarded-For`; its last entry is used). Unset: the TCP peer address.
+    #[arg(long, env = env::TRUSTED_PROXY_HEADER, help_heading = "Per-client limits")]
+    pub trusted_proxy_header: Option<String>,
+
+    /// Text frames per second one connection may send; over it a frame is refused (`rate_limited`), and 10 in a row close with 1008. 0: no limit.
+    #[arg(long, env = env::CLIENT_FRAME_RATE, default_value_t = 50.0, value_parser = non_negative_rate, help_heading = "Per-client limits")]
+    pub client_frame_rate: f64,
+
+    /// Burst of text frames one connection may send above `--client-frame-rate`.
+    #[arg(long, env = env::CLIENT_FRAME_BURST, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Per-client limits")]
+    pub client_frame_burst: u32,
+
     /// How often each connection samples its kernel socket queues (SIOCINQ/SIOCOUTQ).
     #[arg(long, env = env::SOCKET_SAMPLE_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
     pub socket_sample_interval: Duration,
@@ -198,6 +275,16 @@ fn positive_rate(value: &str) -> Result<f64, String> {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
         _ => Err(format!(
             "expected a positive number of connections per second, got '{value}'"
+        )),
+    }
+}
+
+/// A rate that may be 0 (no limit): a finite number ≥ 0.
+fn non_negative_rate(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "expected a number per second, 0 or more (0: no limit), got '{value}'"
         )),
     }
 }

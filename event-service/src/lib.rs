@@ -15,6 +15,11 @@
 //! - [`state`] — what every task of one server shares (configuration, metrics, hub, connection
 //!   registry and slots, readiness); built by `server`, read by the listeners.
 //! - [`main_port`] — the main listener: `/ws` upgrades, `POST /publish`, `/healthz`, `/readyz`.
+//! - [`access`] — who may use the main port: connection tokens, publish keys, allowed origins,
+//!   per-address limits (built from the configuration; re-reads the key files).
+//! - [`auth`] — JWT verification, what a token grants (pattern containment), publish keys. Pure
+//!   but for reading the key files.
+//! - [`client_limits`] — per-address connection caps and rates, per-connection frame rate.
 //! - [`console`] — the live page on the main port (`/`, `/console/*`), when `--console` is on.
 //! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
 //! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
@@ -50,8 +55,10 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub(crate) mod access;
 pub(crate) mod admin_port;
 pub mod auth;
+pub(crate) mod client_limits;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;

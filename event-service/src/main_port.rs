@@ -27,6 +27,11 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::{
+        Verified,
+        publish::{PublishAuthError, bearer},
+    },
+    client_limits::IpRefusal,
     connection::ConnShared,
     event::{Event, EventNameError, validate_event_name},
     service_metrics::RejectReason,
@@ -84,6 +89,53 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
     })
 }
 
+/// 401 for a refused `Authorization` header at the upgrade.
+fn unauthorized(shared: &Shared, label: &str, message: &str) -> Response<Body> {
+    let metrics = &shared.metrics;
+    metrics.auth_checks.with_label_values(&[label]).inc();
+    metrics
+        .connections_rejected
+        .with_label_values(&[RejectReason::Unauthorized.as_str()])
+        .inc();
+    let mut r = json_error(StatusCode::UNAUTHORIZED, format!("unauthorized: {message}"));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    r
+}
+
+/// 429 (or 503 when the address table is full) for a client address over its limits.
+fn refuse_address(shared: &Shared, refusal: IpRefusal) -> Response<Body> {
+    let (reason, status, message) = match refusal {
+        IpRefusal::TooMany(max) => (
+            RejectReason::IpLimit,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this address holds {max} connections already (--max-connections-per-ip)\n"),
+        ),
+        IpRefusal::TooFast => (
+            RejectReason::IpRate,
+            StatusCode::TOO_MANY_REQUESTS,
+            "this address opens connections too fast (--connect-rate-per-ip); retry later\n"
+                .to_owned(),
+        ),
+        IpRefusal::Busy => (
+            RejectReason::IpLimit,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many client addresses tracked; retry\n".to_owned(),
+        ),
+    };
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    let mut r = text(status, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Response<Body> {
     let metrics = &shared.metrics;
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -113,6 +165,52 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
             "draining; connect elsewhere\n",
         );
     }
+    if !shared
+        .access
+        .origin_allowed(req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes))
+    {
+        metrics
+            .connections_rejected
+            .with_label_values(&[RejectReason::Origin.as_str()])
+            .inc();
+        return text(
+            StatusCode::FORBIDDEN,
+            "this origin may not open a WebSocket here (--allowed-origins)\n",
+        );
+    }
+    let ip_slot = match &shared.access.ip_limits {
+        None => None,
+        Some(limits) => {
+            let ip = shared.access.client_ip(peer.ip(), req.headers());
+            match limits.admit(ip) {
+                Ok(slot) => Some(slot),
+                Err(refusal) => return refuse_address(&shared, refusal),
+            }
+        }
+    };
+    let token = match (
+        &shared.access.auth,
+        req.headers().get(header::AUTHORIZATION),
+    ) {
+        (Some(auth), Some(value)) => {
+            let Some(token) = bearer(value.as_bytes()).and_then(|t| std::str::from_utf8(t).ok())
+            else {
+                return unauthorized(
+                    &shared,
+                    "malformed",
+                    "expected \"Authorization: Bearer <token>\"",
+                );
+            };
+            match auth.verify(token) {
+                Ok(verified) => {
+                    metrics.auth_checks.with_label_values(&["ok"]).inc();
+                    Some(verified)
+                }
+                Err(error) => return unauthorized(&shared, error.label(), &error.to_string()),
+            }
+        }
+        _ => None,
+    };
     let Ok(permit) = shared.connection_slots.clone().try_acquire_owned() else {
         metrics
             .connections_rejected
@@ -130,6 +228,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
     let shared2 = shared.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        let _ip_slot = ip_slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(error) => {
@@ -158,7 +257,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
             Some(shared2.ws_config),
         )
         .await;
-        run_session(ws, fd, peer, shared2).await;
+        run_session(ws, fd, peer, shared2, token).await;
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -176,6 +275,7 @@ async fn run_session(
     fd: std::os::fd::RawFd,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    token: Option<Verified>,
 ) {
     let id = shared.next_conn_id();
     let conn = Arc::new(ConnShared::new(id, peer));
@@ -190,6 +290,7 @@ async fn run_session(
         shared.hub.clone(),
         shared.metrics.clone(),
         shared.session.clone(),
+        token,
     )
     .await;
     shared.conns.remove(id);
@@ -269,8 +370,36 @@ pub(crate) fn parse_publish(body: &[u8], max_name: usize) -> Result<Vec<Event>, 
         .collect()
 }
 
+/// 401 (no or unknown key) or 403 (an event outside the key's patterns) for a publish.
+fn publish_refused(shared: &Shared, error: &PublishAuthError) -> Response<Body> {
+    shared
+        .metrics
+        .publish_rejected
+        .with_label_values(&[error.label()])
+        .inc();
+    match error {
+        PublishAuthError::Forbidden { .. } => json_error(StatusCode::FORBIDDEN, error.to_string()),
+        _ => {
+            let mut r = json_error(StatusCode::UNAUTHORIZED, error.to_string());
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
 async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     let max = shared.config.max_publish_bytes;
+    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
+    // A request without a valid key is refused before its body is read.
+    if let Some(keys) = &shared.access.publish_keys
+        && let Err(error) = keys.check(
+            authorization.as_ref().map(HeaderValue::as_bytes),
+            std::iter::empty(),
+        )
+    {
+        return publish_refused(shared, &error);
+    }
     let too_big = || {
         json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -304,6 +433,14 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         Ok(events) => events,
         Err(error) => return json_error(StatusCode::BAD_REQUEST, error.to_string()),
     };
+    if let Some(keys) = &shared.access.publish_keys
+        && let Err(error) = keys.check(
+            authorization.as_ref().map(HeaderValue::as_bytes),
+            events.iter().map(|e| e.name.as_str()),
+        )
+    {
+        return publish_refused(shared, &error);
+    }
     let Some(source) = shared.hub.source() else {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,

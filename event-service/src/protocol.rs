@@ -1,8 +1,9 @@
 //! The client wire protocol: JSON text frames, parsed with hard limits, and the server's replies.
 //!
-//! Client → server: `subscribe` / `unsubscribe` (with `events`, a list of patterns) and `ping`,
-//! each with an optional `id` echoed in the reply. Server → client: `subscribed`, `unsubscribed`,
-//! `pong`, `error` (with a [`ErrorCode`]) and `event`.
+//! Client → server: `subscribe` / `unsubscribe` (with `events`, a list of patterns), `ping`, and
+//! with authentication on `auth` / `refresh` (with `token`), each with an optional `id` echoed in
+//! the reply. Server → client: `subscribed`, `unsubscribed`, `pong`, `authenticated`,
+//! `refreshed`, `error` (with a [`ErrorCode`]) and `event`.
 //!
 //! Pure: no I/O. The frame size limit is enforced before this module sees a frame (by the
 //! WebSocket codec, `--max-frame-bytes`); this module bounds everything inside a frame.
@@ -37,6 +38,16 @@ pub enum ClientOp {
     Ping {
         id: Option<RequestId>,
     },
+    /// The connection token, as the first message (browsers cannot set headers on a WebSocket).
+    Auth {
+        id: Option<RequestId>,
+        token: String,
+    },
+    /// A new token before the current one expires.
+    Refresh {
+        id: Option<RequestId>,
+        token: String,
+    },
 }
 
 impl ClientOp {
@@ -44,7 +55,9 @@ impl ClientOp {
         match self {
             ClientOp::Subscribe { id, .. }
             | ClientOp::Unsubscribe { id, .. }
-            | ClientOp::Ping { id } => id.as_ref(),
+            | ClientOp::Ping { id }
+            | ClientOp::Auth { id, .. }
+            | ClientOp::Refresh { id, .. } => id.as_ref(),
         }
     }
 }
@@ -70,6 +83,12 @@ pub enum ErrorCode {
     Unavailable,
     /// Too many requests are still being processed on this connection; slow down.
     Busy,
+    /// The token was refused (bad signature, expired, wrong issuer, ...); the message says why.
+    Unauthorized,
+    /// A requested pattern is not covered by what the token (or anonymous access) grants.
+    Forbidden,
+    /// The connection sends frames faster than `--client-frame-rate`; the frame was ignored.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -97,6 +116,8 @@ struct Envelope<'a> {
     id: Option<serde_json::Value>,
     #[serde(default)]
     events: Option<serde_json::Value>,
+    #[serde(default)]
+    token: Option<serde_json::Value>,
 }
 
 /// Parses one client text frame. `max_events` bounds the `events` list (the subscription limit),
@@ -167,11 +188,26 @@ pub fn parse_client_frame(text: &str, max_events: usize) -> Result<ClientOp, Par
             id,
         }),
         "ping" => Ok(ClientOp::Ping { id }),
+        "auth" | "refresh" => {
+            let Some(serde_json::Value::String(token)) = env.token else {
+                return Err(fail(
+                    ErrorCode::InvalidRequest,
+                    "\"token\" must be a string (the JWT)".into(),
+                ));
+            };
+            Ok(if op == "auth" {
+                ClientOp::Auth { id, token }
+            } else {
+                ClientOp::Refresh { id, token }
+            })
+        }
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(fail(
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?}; expected subscribe, unsubscribe or ping"),
+                format!(
+                    "unknown op {shown:?}; expected subscribe, unsubscribe, ping, auth or refresh"
+                ),
             ))
         }
     }
@@ -216,6 +252,20 @@ enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
     },
+    Authenticated {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sub: Option<&'a str>,
+        exp: u64,
+    },
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        exp: u64,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        removed: &'a [String],
+    },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
@@ -241,6 +291,17 @@ pub fn unsubscribed(id: Option<&RequestId>, events: &[String]) -> String {
 
 pub fn pong(id: Option<&RequestId>) -> String {
     encode(&Reply::Pong { id })
+}
+
+/// The answer to a successful `auth`: the token's subject and expiry (seconds since the epoch).
+pub fn authenticated(id: Option<&RequestId>, sub: Option<&str>, exp: u64) -> String {
+    encode(&Reply::Authenticated { id, sub, exp })
+}
+
+/// The answer to a successful `refresh`; `removed` lists the subscriptions the new token no
+/// longer allows (they were unsubscribed).
+pub fn refreshed(id: Option<&RequestId>, exp: u64, removed: &[String]) -> String {
+    encode(&Reply::Refreshed { id, exp, removed })
 }
 
 /// An `error` op; `events` names the patterns concerned (may be empty).
@@ -342,6 +403,38 @@ mod tests {
         );
         let long = format!(r#"{{"op":"ping","id":"{}"}}"#, "x".repeat(65));
         assert_eq!(code(&long), Err(ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn auth_ops_need_a_string_token() {
+        assert_eq!(
+            parse_client_frame(r#"{"op":"auth","id":1,"token":"a.b.c"}"#, 3),
+            Ok(ClientOp::Auth {
+                id: Some(RequestId::Number(1)),
+                token: "a.b.c".into()
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"refresh","token":"x"}"#, 3),
+            Ok(ClientOp::Refresh {
+                id: None,
+                token: "x".into()
+            })
+        );
+        for bad in [r#"{"op":"auth"}"#, r#"{"op":"refresh","token":5}"#] {
+            assert_eq!(
+                parse_client_frame(bad, 3).map_err(|e| e.code),
+                Err(ErrorCode::InvalidRequest)
+            );
+        }
+        assert_eq!(
+            authenticated(None, Some("42"), 7),
+            r#"{"op":"authenticated","sub":"42","exp":7}"#
+        );
+        assert_eq!(
+            refreshed(Some(&RequestId::Number(2)), 9, &["a.#".into()]),
+            r#"{"op":"refreshed","id":2,"exp":9,"removed":["a.#"]}"#
+        );
     }
 
     #[test]

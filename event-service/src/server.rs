@@ -20,6 +20,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    access::Access,
     admin_port,
     config::{Config, SourceKind},
     connection::{CloseRequest, QueueLimits},
@@ -49,6 +50,8 @@ pub enum ServeError {
     Amqp(#[from] amqp::AmqpStartError),
     #[error("invalid rebalancing settings: {0}")]
     Rebalance(#[from] crate::rebalance::SettingsError),
+    #[error("invalid authentication settings: {0}")]
+    Access(String),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -90,6 +93,7 @@ pub(crate) async fn serve_observed(
     shutdown: impl Future<Output = ()> + Send,
     observe: impl FnOnce(Weak<Hub>),
 ) -> Result<(), ServeError> {
+    let access = Arc::new(Access::from_config(&config).map_err(ServeError::Access)?);
     let registry = Registry::new();
     let metrics = ServiceMetrics::register(&registry)?;
     metrics
@@ -115,7 +119,8 @@ pub(crate) async fn serve_observed(
     };
     hub.set_source(source.clone());
     let rebalance_metrics = RebalanceMetrics::register(&registry)?;
-    let shared = Arc::new(Shared::new(config, registry, metrics, hub));
+    access.spawn_maintenance(config.auth_reload_interval, background.clone());
+    let shared = Arc::new(Shared::new(config, registry, metrics, hub, access));
     if let Source::Amqp(amqp) = &source {
         rebalancer::spawn(shared.clone(), amqp, rebalance_metrics, background.clone())?;
     }

@@ -25,6 +25,14 @@ pub enum RejectReason {
     MaxConnections,
     Draining,
     BadHandshake,
+    /// The `Origin` header is not in `--allowed-origins` (403).
+    Origin,
+    /// The source address holds `--max-connections-per-ip` connections already (429).
+    IpLimit,
+    /// The source address opens connections faster than `--connect-rate-per-ip` (429).
+    IpRate,
+    /// The `Authorization: Bearer` token of the upgrade request was refused (401).
+    Unauthorized,
 }
 
 impl RejectReason {
@@ -48,6 +56,14 @@ pub enum DisconnectReason {
     TooBig,
     Binary,
     Abuse,
+    /// The `auth` message was refused, or another op came first with anonymous access off (4004).
+    Unauthorized,
+    /// No `auth` message within `--handshake-timeout` (4005).
+    AuthTimeout,
+    /// The token expired without a `refresh` (4003).
+    TokenExpired,
+    /// The client kept sending over `--client-frame-rate` (1008).
+    RateLimited,
     /// A transport or WebSocket protocol error.
     Error,
 }
@@ -66,7 +82,11 @@ pub enum FrameKind {
     Subscribe,
     Unsubscribe,
     Ping,
+    Auth,
+    Refresh,
     Invalid,
+    /// A frame over `--client-frame-rate`, refused unread.
+    RateLimited,
     WsPing,
     WsPong,
     Binary,
@@ -123,6 +143,8 @@ pub struct ServiceMetrics {
     pub kernel_buffered_bytes: IntGauge,
     pub draining: IntGauge,
     pub max_connections: IntGauge,
+    pub auth_checks: IntCounterVec,
+    pub publish_rejected: IntCounterVec,
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -234,6 +256,16 @@ impl ServiceMetrics {
                 names::MAX_CONNECTIONS,
                 "The configured --max-connections.",
             )?,
+            auth_checks: counter_vec(
+                names::AUTH_CHECKS,
+                "Connection-token checks (upgrade header, auth and refresh), by result.",
+                "result",
+            )?,
+            publish_rejected: counter_vec(
+                names::PUBLISH_REJECTED,
+                "POST /publish requests refused by the publish-key check, by reason.",
+                "reason",
+            )?,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.connections.clone()),
@@ -259,6 +291,8 @@ impl ServiceMetrics {
             Box::new(m.kernel_buffered_bytes.clone()),
             Box::new(m.draining.clone()),
             Box::new(m.max_connections.clone()),
+            Box::new(m.auth_checks.clone()),
+            Box::new(m.publish_rejected.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -275,6 +309,10 @@ impl ServiceMetrics {
         }
         for r in DropReason::iter() {
             m.drops.with_label_values(&[r.as_str()]);
+        }
+        m.auth_checks.with_label_values(&["ok"]);
+        for r in ["missing_key", "bad_key", "forbidden"] {
+            m.publish_rejected.with_label_values(&[r]);
         }
         // Process metrics (RSS, CPU, open fds) explain memory next to the socket queues.
         #[cfg(target_os = "linux")]
@@ -338,7 +376,7 @@ mod tests {
         let labels = |values: Vec<&'static str>| values.join(",");
         assert_eq!(
             labels(RejectReason::iter().map(RejectReason::as_str).collect()),
-            "max_connections,draining,bad_handshake"
+            "max_connections,draining,bad_handshake,origin,ip_limit,ip_rate,unauthorized"
         );
         assert_eq!(
             labels(
@@ -346,11 +384,11 @@ mod tests {
                     .map(DisconnectReason::as_str)
                     .collect()
             ),
-            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,error"
+            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,unauthorized,auth_timeout,token_expired,rate_limited,error"
         );
         assert_eq!(
             labels(FrameKind::iter().map(FrameKind::as_str).collect()),
-            "subscribe,unsubscribe,ping,invalid,ws_ping,ws_pong,binary,close"
+            "subscribe,unsubscribe,ping,auth,refresh,invalid,rate_limited,ws_ping,ws_pong,binary,close"
         );
         assert_eq!(
             labels(DropReason::iter().map(DropReason::as_str).collect()),

@@ -35,6 +35,8 @@ use tokio_tungstenite::{
 };
 
 use crate::{
+    auth::{Auth, Verified},
+    client_limits::TokenBucket,
     connection::{CloseRequest, ConnShared, Outgoing},
     hub::Hub,
     protocol::{self, ClientOp, ErrorCode, RequestId},
@@ -63,6 +65,47 @@ pub struct SessionSettings {
     pub socket_sample_interval: Duration,
     pub max_subscriptions: usize,
     pub max_pattern_length: usize,
+    /// Connection tokens; `None` when authentication is off.
+    pub auth: Option<Arc<Auth>>,
+    /// Canonical patterns clients without a token may subscribe to.
+    pub anonymous: Arc<[String]>,
+    /// How long a client has to send `auth` when a token is required.
+    pub auth_timeout: Duration,
+    /// Text frames per second per connection (0: no limit) and the burst above it.
+    pub frame_rate: f64,
+    pub frame_burst: u32,
+}
+
+/// Where a connection stands with authentication.
+enum AuthState {
+    /// Authentication is off: every valid pattern may be subscribed to.
+    Open,
+    /// On, and no token yet: the first message may be `auth`. With anonymous access off the
+    /// client must send it before the deadline.
+    Awaiting { deadline: Option<Instant> },
+    /// On, and the client chose not to authenticate: the anonymous patterns apply.
+    Anonymous,
+    /// A verified token (boxed: most connections of a server without auth never hold one).
+    Token(Box<TokenState>),
+}
+
+struct TokenState {
+    verified: Verified,
+    /// When the connection is closed with 4003 unless a `refresh` comes first.
+    expires_at: Instant,
+}
+
+impl TokenState {
+    fn new(verified: Verified) -> Box<Self> {
+        let left = verified
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Box::new(Self {
+            expires_at: Instant::now() + left,
+            verified,
+        })
+    }
 }
 
 enum Step {
@@ -73,7 +116,8 @@ enum Step {
     WriteFailed(WsError),
 }
 
-/// Drives one upgraded connection until it ends; returns why it ended.
+/// Drives one upgraded connection until it ends; returns why it ended. `token` is the token the
+/// upgrade request's `Authorization` header carried, already verified.
 pub async fn run(
     ws: WebSocketStream<TcpStream>,
     fd: RawFd,
@@ -81,9 +125,23 @@ pub async fn run(
     hub: Arc<Hub>,
     metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
+    token: Option<Verified>,
 ) -> DisconnectReason {
     let now = Instant::now();
+    let auth = match (&settings.auth, token) {
+        (None, _) => AuthState::Open,
+        (Some(_), Some(verified)) => AuthState::Token(TokenState::new(verified)),
+        (Some(_), None) => AuthState::Awaiting {
+            deadline: settings
+                .anonymous
+                .is_empty()
+                .then(|| now + settings.auth_timeout),
+        },
+    };
     let mut session = Session {
+        auth,
+        frames: TokenBucket::full(settings.frame_burst, now.into_std()),
+        rate_limited_in_row: 0,
         next_ping: now + settings.ping_interval,
         next_sample: now,
         last_rx: now,
@@ -124,6 +182,10 @@ pub async fn run(
 }
 
 struct Session {
+    auth: AuthState,
+    /// The text-frame rate limit.
+    frames: TokenBucket,
+    rate_limited_in_row: u32,
     ws: WebSocketStream<TcpStream>,
     fd: RawFd,
     conn: Arc<ConnShared>,
@@ -327,6 +389,20 @@ impl Session {
             if now >= deadline {
                 return Some(why);
             }
+        } else if self.auth_deadline().is_some_and(|d| now >= d) {
+            if matches!(self.auth, AuthState::Token(_)) {
+                self.start_close(
+                    close::TOKEN_EXPIRED,
+                    "token expired",
+                    DisconnectReason::TokenExpired,
+                );
+            } else {
+                self.start_close(
+                    close::AUTH_TIMEOUT,
+                    "authentication timeout: send {\"op\":\"auth\"} first",
+                    DisconnectReason::AuthTimeout,
+                );
+            }
         } else if now >= self.last_rx + self.settings.idle_timeout {
             self.start_close(
                 close::IDLE_TIMEOUT,
@@ -353,9 +429,193 @@ impl Session {
                 next = next
                     .min(self.next_ping)
                     .min(self.last_rx + self.settings.idle_timeout);
+                if let Some(d) = self.auth_deadline() {
+                    next = next.min(d);
+                }
             }
         }
         self.timer.as_mut().reset(next);
+    }
+
+    /// When the connection must be closed for authentication: the `auth` deadline or the
+    /// token's expiry.
+    fn auth_deadline(&self) -> Option<Instant> {
+        match &self.auth {
+            AuthState::Awaiting { deadline } => *deadline,
+            AuthState::Token(t) => Some(t.expires_at),
+            AuthState::Open | AuthState::Anonymous => None,
+        }
+    }
+
+    /// The patterns this connection may subscribe to now; `None` when anything goes.
+    fn grant(&self) -> Option<Arc<[String]>> {
+        match &self.auth {
+            AuthState::Open => None,
+            AuthState::Awaiting { .. } | AuthState::Anonymous => {
+                Some(self.settings.anonymous.clone())
+            }
+            AuthState::Token(t) => Some(t.verified.grant.clone()),
+        }
+    }
+
+    /// Takes a token of the frame rate; refuses the frame (an error op, then 1008 after
+    /// [`MAX_INVALID_IN_ROW`] in a row) when there is none.
+    fn take_frame_token(&mut self) -> bool {
+        let rate = self.settings.frame_rate;
+        if rate <= 0.0
+            || self
+                .frames
+                .take(std::time::Instant::now(), rate, self.settings.frame_burst)
+        {
+            self.rate_limited_in_row = 0;
+            return true;
+        }
+        self.metrics.frame(FrameKind::RateLimited);
+        self.rate_limited_in_row += 1;
+        if self.rate_limited_in_row >= MAX_INVALID_IN_ROW {
+            self.start_close(
+                close::POLICY,
+                "frame rate limit exceeded",
+                DisconnectReason::RateLimited,
+            );
+        } else {
+            self.hub.reply(
+                &self.conn,
+                protocol::error(
+                    None,
+                    ErrorCode::RateLimited,
+                    &format!(
+                        "more than {rate} frames per second; this frame was ignored, slow down"
+                    ),
+                    &[],
+                ),
+            );
+        }
+        false
+    }
+
+    /// Sends an error op and a close frame at once (the queue is discarded by the close).
+    fn refuse_and_close(
+        &mut self,
+        error: String,
+        code: u16,
+        reason: &'static str,
+        why: DisconnectReason,
+    ) {
+        self.send_now(Message::Text(error.into()));
+        self.start_close(code, reason, why);
+    }
+
+    /// The first message was `auth`: verify, then authenticated or closed with 4004.
+    fn authenticate(&mut self, id: Option<RequestId>, token: &str) {
+        let Some(auth) = self.settings.auth.clone() else {
+            return;
+        };
+        match auth.verify(token) {
+            Ok(verified) => {
+                self.metrics.auth_checks.with_label_values(&["ok"]).inc();
+                self.hub.reply(
+                    &self.conn,
+                    protocol::authenticated(id.as_ref(), verified.subject.as_deref(), verified.exp),
+                );
+                self.auth = AuthState::Token(TokenState::new(verified));
+                self.reset_timer();
+            }
+            Err(error) => {
+                self.metrics
+                    .auth_checks
+                    .with_label_values(&[error.label()])
+                    .inc();
+                let reply = protocol::error(
+                    id.as_ref(),
+                    ErrorCode::Unauthorized,
+                    &error.to_string(),
+                    &[],
+                );
+                self.refuse_and_close(
+                    reply,
+                    close::UNAUTHORIZED,
+                    "unauthorized",
+                    DisconnectReason::Unauthorized,
+                );
+            }
+        }
+    }
+
+    /// `refresh`: a new token for the same subject. A failed one leaves the current token in
+    /// place (it still expires when it would have). Subscriptions the new grant no longer covers
+    /// are removed, and the reply lists them.
+    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
+        let (Some(auth), AuthState::Token(current)) = (self.settings.auth.clone(), &self.auth)
+        else {
+            let message = match self.auth {
+                AuthState::Open => "authentication is off on this server",
+                _ => {
+                    "no token to refresh: authenticate with {\"op\":\"auth\"} as the first message"
+                }
+            };
+            self.hub.reply(
+                &self.conn,
+                protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
+            );
+            return;
+        };
+        let verified = match auth.verify(token) {
+            Ok(v) if v.subject == current.verified.subject => v,
+            Ok(_) => {
+                self.metrics
+                    .auth_checks
+                    .with_label_values(&["other_subject"])
+                    .inc();
+                self.hub.reply(
+                    &self.conn,
+                    protocol::error(
+                        id.as_ref(),
+                        ErrorCode::Unauthorized,
+                        "the new token is for another subject; reconnect to change identity",
+                        &[],
+                    ),
+                );
+                return;
+            }
+            Err(error) => {
+                self.metrics
+                    .auth_checks
+                    .with_label_values(&[error.label()])
+                    .inc();
+                self.hub.reply(
+                    &self.conn,
+                    protocol::error(
+                        id.as_ref(),
+                        ErrorCode::Unauthorized,
+                        &error.to_string(),
+                        &[],
+                    ),
+                );
+                return;
+            }
+        };
+        self.metrics.auth_checks.with_label_values(&["ok"]).inc();
+        let removed: Vec<String> = crate::connection::lock(&self.conn.patterns)
+            .iter()
+            .filter(|p| !verified.allows(p))
+            .map(|p| p.to_string())
+            .collect();
+        let exp = verified.exp;
+        self.auth = AuthState::Token(TokenState::new(verified));
+        self.reset_timer();
+        if removed.is_empty() {
+            self.hub
+                .reply(&self.conn, protocol::refreshed(id.as_ref(), exp, &[]));
+            return;
+        }
+        let (hub, conn) = (self.hub.clone(), self.conn.clone());
+        self.inflight = Some(tokio::spawn(async move {
+            for pattern in &removed {
+                hub.unsubscribe(&conn, pattern).await;
+            }
+            hub.reply(&conn, protocol::refreshed(id.as_ref(), exp, &removed));
+        }));
     }
 
     fn sample_socket(&self) {
@@ -373,7 +633,11 @@ impl Session {
             return;
         }
         match message {
-            Message::Text(text) => self.on_text(text.as_str()),
+            Message::Text(text) => {
+                if self.take_frame_token() {
+                    self.on_text(text.as_str());
+                }
+            }
             Message::Binary(_) => {
                 self.metrics.frame(FrameKind::Binary);
                 self.start_close(
@@ -401,21 +665,51 @@ impl Session {
                     ClientOp::Subscribe { .. } => FrameKind::Subscribe,
                     ClientOp::Unsubscribe { .. } => FrameKind::Unsubscribe,
                     ClientOp::Ping { .. } => FrameKind::Ping,
+                    ClientOp::Auth { .. } => FrameKind::Auth,
+                    ClientOp::Refresh { .. } => FrameKind::Refresh,
                 });
-                if self.pending.len() >= MAX_PENDING_REQUESTS {
-                    self.hub.reply(
-                        &self.conn,
-                        protocol::error(
+                match (&self.auth, op) {
+                    (AuthState::Awaiting { .. }, ClientOp::Auth { id, token }) => {
+                        self.authenticate(id, &token);
+                        return;
+                    }
+                    (state, ClientOp::Auth { id, .. }) => {
+                        let message = match state {
+                            AuthState::Open => "authentication is off on this server",
+                            _ => "auth must be the first message; send refresh to replace a token",
+                        };
+                        self.hub.reply(
+                            &self.conn,
+                            protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
+                        );
+                        return;
+                    }
+                    (AuthState::Awaiting { .. }, op) if self.settings.anonymous.is_empty() => {
+                        let reply = protocol::error(
                             op.id(),
-                            ErrorCode::Busy,
-                            "too many requests in progress on this connection; wait for replies",
+                            ErrorCode::Unauthorized,
+                            "authentication required: send {\"op\":\"auth\",\"token\":\"…\"} first",
                             &[],
-                        ),
-                    );
-                    return;
+                        );
+                        self.metrics
+                            .auth_checks
+                            .with_label_values(&["missing"])
+                            .inc();
+                        self.refuse_and_close(
+                            reply,
+                            close::UNAUTHORIZED,
+                            "authentication required",
+                            DisconnectReason::Unauthorized,
+                        );
+                        return;
+                    }
+                    (state, op) => {
+                        if matches!(state, AuthState::Awaiting { .. }) {
+                            self.auth = AuthState::Anonymous;
+                        }
+                        self.queue_op(op);
+                    }
                 }
-                self.pending.push_back(op);
-                self.start_next_op();
             }
             Err(error) => {
                 self.metrics.frame(FrameKind::Invalid);
@@ -436,6 +730,23 @@ impl Session {
         }
     }
 
+    fn queue_op(&mut self, op: ClientOp) {
+        if self.pending.len() >= MAX_PENDING_REQUESTS {
+            self.hub.reply(
+                &self.conn,
+                protocol::error(
+                    op.id(),
+                    ErrorCode::Busy,
+                    "too many requests in progress on this connection; wait for replies",
+                    &[],
+                ),
+            );
+            return;
+        }
+        self.pending.push_back(op);
+        self.start_next_op();
+    }
+
     /// Starts queued requests in order: pings are answered at once (in their turn), subscribe
     /// and unsubscribe run one at a time in a task.
     fn start_next_op(&mut self) {
@@ -445,11 +756,15 @@ impl Session {
             };
             match op {
                 ClientOp::Ping { id } => self.hub.reply(&self.conn, protocol::pong(id.as_ref())),
+                ClientOp::Refresh { id, token } => self.refresh(id, &token),
+                // Answered as it arrives (see `on_text`), never queued.
+                ClientOp::Auth { .. } => {}
                 op => {
                     let (hub, conn, settings) =
                         (self.hub.clone(), self.conn.clone(), self.settings.clone());
+                    let grant = self.grant();
                     self.inflight = Some(tokio::spawn(async move {
-                        run_op(&hub, &conn, &settings, op).await;
+                        run_op(&hub, &conn, &settings, grant, op).await;
                     }));
                 }
             }
@@ -479,7 +794,13 @@ fn check_patterns(
         .collect()
 }
 
-async fn run_op(hub: &Hub, conn: &Arc<ConnShared>, settings: &SessionSettings, op: ClientOp) {
+async fn run_op(
+    hub: &Hub,
+    conn: &Arc<ConnShared>,
+    settings: &SessionSettings,
+    grant: Option<Arc<[String]>>,
+    op: ClientOp,
+) {
     let (id, events, subscribe) = match op {
         ClientOp::Subscribe { id, events } => (id, events, true),
         ClientOp::Unsubscribe { id, events } => (id, events, false),
@@ -487,14 +808,32 @@ async fn run_op(hub: &Hub, conn: &Arc<ConnShared>, settings: &SessionSettings, o
             hub.reply(conn, protocol::pong(id.as_ref()));
             return;
         }
+        ClientOp::Auth { .. } | ClientOp::Refresh { .. } => return,
     };
-    let patterns = match check_patterns(events, settings.max_pattern_length) {
+    let mut patterns = match check_patterns(events, settings.max_pattern_length) {
         Ok(p) => p,
         Err((code, message)) => {
             hub.reply(conn, protocol::error(id.as_ref(), code, &message, &[]));
             return;
         }
     };
+    if subscribe && let Some(grant) = grant {
+        let (allowed, forbidden): (Vec<_>, Vec<_>) = patterns
+            .into_iter()
+            .partition(|(_, canon)| crate::auth::containment::allowed(&grant, canon));
+        if !forbidden.is_empty() {
+            let sent: Vec<String> = forbidden.into_iter().map(|(p, _)| p).collect();
+            let message = format!("not granted to this connection: {}", sent.join(", "));
+            hub.reply(
+                conn,
+                protocol::error(id.as_ref(), ErrorCode::Forbidden, &message, &sent),
+            );
+        }
+        if allowed.is_empty() {
+            return;
+        }
+        patterns = allowed;
+    }
     if subscribe {
         subscribe_all(hub, conn, settings, id.as_ref(), patterns).await;
     } else {

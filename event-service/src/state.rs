@@ -14,8 +14,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{
-    config::Config, connection::ConnRegistry, hub::Hub, service_metrics::ServiceMetrics,
-    session::SessionSettings,
+    access::Access, config::Config, connection::ConnRegistry, hub::Hub,
+    service_metrics::ServiceMetrics, session::SessionSettings,
 };
 
 /// Per-connection read buffer. tokio-tungstenite's default (128 KiB) would dominate the memory
@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub readiness: ServiceReadiness,
     pub ws_config: WebSocketConfig,
     pub session: Arc<SessionSettings>,
+    /// Tokens, publish keys, origins and per-address limits.
+    pub access: Arc<Access>,
     /// Notified each time a connection ends (the drain waits on it).
     pub conn_closed: Notify,
     next_id: AtomicU64,
@@ -85,7 +87,14 @@ impl Shared {
         registry: Registry,
         metrics: ServiceMetrics,
         hub: Arc<Hub>,
+        access: Arc<Access>,
     ) -> Self {
+        let anonymous: Arc<[String]> = access
+            .auth
+            .as_ref()
+            .map(|a| a.anonymous())
+            .unwrap_or_default()
+            .into();
         Self {
             registry,
             metrics,
@@ -100,7 +109,13 @@ impl Shared {
                 socket_sample_interval: config.socket_sample_interval,
                 max_subscriptions: config.max_subscriptions,
                 max_pattern_length: config.max_pattern_length,
+                auth: access.auth.clone(),
+                anonymous,
+                auth_timeout: config.handshake_timeout,
+                frame_rate: config.client_frame_rate,
+                frame_burst: config.client_frame_burst,
             }),
+            access,
             conn_closed: Notify::new(),
             next_id: AtomicU64::new(1),
             config,

@@ -32,6 +32,9 @@ async fn ping_only_clients_leave_no_bytes_in_server_recv_queues() {
     let server = start(|c| {
         c.socket_sample_interval = Duration::from_millis(100);
         c.idle_timeout = Duration::from_secs(60);
+        // This test floods on purpose (hundreds of frames a second per client) to prove every
+        // byte is read; the per-connection frame rate limit would cut it short.
+        c.client_frame_rate = 0.0;
     })
     .await;
     let server_port = server.addr.port();

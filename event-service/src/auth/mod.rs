@@ -96,6 +96,8 @@ impl AuthError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     pub subject: Option<String>,
+    /// The token's `exp` (seconds since the epoch).
+    pub exp: u64,
     /// `exp` plus the leeway: when the connection must be closed without a refresh.
     pub expires: SystemTime,
     pub grant: Arc<[String]>,
@@ -309,6 +311,7 @@ impl Auth {
                 .unwrap_or(Duration::MAX / 2);
         Ok(Verified {
             subject,
+            exp,
             expires,
             grant: grant.into(),
         })
