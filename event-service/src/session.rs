@@ -668,47 +668,8 @@ impl Session {
                     ClientOp::Auth { .. } => FrameKind::Auth,
                     ClientOp::Refresh { .. } => FrameKind::Refresh,
                 });
-                match (&self.auth, op) {
-                    (AuthState::Awaiting { .. }, ClientOp::Auth { id, token }) => {
-                        self.authenticate(id, &token);
-                        return;
-                    }
-                    (state, ClientOp::Auth { id, .. }) => {
-                        let message = match state {
-                            AuthState::Open => "authentication is off on this server",
-                            _ => "auth must be the first message; send refresh to replace a token",
-                        };
-                        self.hub.reply(
-                            &self.conn,
-                            protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
-                        );
-                        return;
-                    }
-                    (AuthState::Awaiting { .. }, op) if self.settings.anonymous.is_empty() => {
-                        let reply = protocol::error(
-                            op.id(),
-                            ErrorCode::Unauthorized,
-                            "authentication required: send {\"op\":\"auth\",\"token\":\"…\"} first",
-                            &[],
-                        );
-                        self.metrics
-                            .auth_checks
-                            .with_label_values(&["missing"])
-                            .inc();
-                        self.refuse_and_close(
-                            reply,
-                            close::UNAUTHORIZED,
-                            "authentication required",
-                            DisconnectReason::Unauthorized,
-                        );
-                        return;
-                    }
-                    (state, op) => {
-                        if matches!(state, AuthState::Awaiting { .. }) {
-                            self.auth = AuthState::Anonymous;
-                        }
-                        self.queue_op(op);
-                    }
+                if let Some(op) = self.auth_gate(op) {
+                    self.queue_op(op);
                 }
             }
             Err(error) => {
@@ -726,6 +687,54 @@ impl Session {
                     &self.conn,
                     protocol::error(error.id.as_ref(), error.code, &error.message, &[]),
                 );
+            }
+        }
+    }
+
+    /// Applies the authentication rules to a request: answers `auth` (only as the first
+    /// message), refuses anything else before it when a token is required, and makes a client
+    /// that starts without `auth` anonymous. Returns the request when it goes on to the queue.
+    fn auth_gate(&mut self, op: ClientOp) -> Option<ClientOp> {
+        match (&self.auth, op) {
+            (AuthState::Awaiting { .. }, ClientOp::Auth { id, token }) => {
+                self.authenticate(id, &token);
+                None
+            }
+            (state, ClientOp::Auth { id, .. }) => {
+                let message = match state {
+                    AuthState::Open => "authentication is off on this server",
+                    _ => "auth must be the first message; send refresh to replace a token",
+                };
+                self.hub.reply(
+                    &self.conn,
+                    protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
+                );
+                None
+            }
+            (AuthState::Awaiting { .. }, op) if self.settings.anonymous.is_empty() => {
+                let reply = protocol::error(
+                    op.id(),
+                    ErrorCode::Unauthorized,
+                    "authentication required: send {\"op\":\"auth\",\"token\":\"…\"} first",
+                    &[],
+                );
+                self.metrics
+                    .auth_checks
+                    .with_label_values(&["missing"])
+                    .inc();
+                self.refuse_and_close(
+                    reply,
+                    close::UNAUTHORIZED,
+                    "authentication required",
+                    DisconnectReason::Unauthorized,
+                );
+                None
+            }
+            (state, op) => {
+                if matches!(state, AuthState::Awaiting { .. }) {
+                    self.auth = AuthState::Anonymous;
+                }
+                Some(op)
             }
         }
     }
