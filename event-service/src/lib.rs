@@ -19,6 +19,8 @@
 //! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
 //! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
 //!   timeout, socket sampling, subscribe/unsubscribe requests.
+//! - [`ws_close`] — how a session ends: close codes for read errors (1009, 1007, 1002) and the
+//!   lingering close that lets the client read the close frame.
 //! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
 //!   socket samples, close requests; the registry of open connections.
 //! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
@@ -67,3 +69,4 @@ pub(crate) mod sockq;
 pub mod source;
 pub(crate) mod state;
 pub(crate) mod topics;
+pub(crate) mod ws_close;

@@ -48,7 +48,12 @@ pub enum DisconnectReason {
     TooBig,
     Binary,
     Abuse,
-    /// A transport or WebSocket protocol error.
+    /// Closed with 1007: a text frame that is not valid UTF-8.
+    InvalidUtf8,
+    /// Closed with 1002: a frame that breaks RFC 6455 (unmasked, reserved bits, bad control
+    /// frame, unknown opcode).
+    ProtocolError,
+    /// A transport error, or the connection ended without a close handshake.
     Error,
 }
 
@@ -346,7 +351,7 @@ mod tests {
                     .map(DisconnectReason::as_str)
                     .collect()
             ),
-            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,error"
+            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,invalid_utf8,protocol_error,error"
         );
         assert_eq!(
             labels(FrameKind::iter().map(FrameKind::as_str).collect()),
