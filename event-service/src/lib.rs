@@ -37,6 +37,8 @@
 //!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`rebalancer`] — the task that runs it: publishes this instance's heartbeat, reads the
 //!   others' (from the AMQP source's control channel), closes the chosen connections.
+//! - [`fd_budget`] — how many connections the open-files limit holds (`--max-connections` is
+//!   clamped to it).
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
 //!
 //! Process plumbing shared with the operator (logging set-up, signals, the HTTP accept loop,
@@ -57,6 +59,7 @@ pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;
 pub mod event;
+pub mod fd_budget;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;

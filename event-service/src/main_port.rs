@@ -48,6 +48,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         header_read_timeout: shared.config.handshake_timeout,
         // Batching already coalesces writes; Nagle would only add delay to a batch's last frame.
         nodelay: true,
+        accept_metrics: Some(shared.metrics.accept_metrics()),
     };
     serving::serve(listener, options, stop, |peer| {
         let shared = shared.clone();

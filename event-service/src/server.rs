@@ -51,6 +51,8 @@ pub enum ServeError {
     Rebalance(#[from] crate::rebalance::SettingsError),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    OpenFiles(#[from] crate::fd_budget::NoRoom),
 }
 
 /// Binds the main port with `--listen-backlog` as the accept queue (tokio's `bind` uses 128,
@@ -90,6 +92,9 @@ pub(crate) async fn serve_observed(
     shutdown: impl Future<Output = ()> + Send,
     observe: impl FnOnce(Weak<Hub>),
 ) -> Result<(), ServeError> {
+    let mut config = config;
+    // Every connection is a descriptor: serve no more than the open-files limit holds.
+    config.max_connections = crate::fd_budget::effective_max_connections(config.max_connections)?;
     let registry = Registry::new();
     let metrics = ServiceMetrics::register(&registry)?;
     metrics

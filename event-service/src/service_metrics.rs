@@ -11,6 +11,7 @@
 //! which registers them on the same registry.
 
 use eventrouter_contract::metrics as names;
+use eventrouter_runtime::http::AcceptMetrics;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
 };
@@ -85,6 +86,22 @@ impl FrameKind {
     }
 }
 
+/// Why `accept` failed (`kind` label of the accept-errors counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum AcceptErrorKind {
+    /// EMFILE or ENFILE: out of file descriptors (waiting clients are answered 503).
+    NoFd,
+    Other,
+}
+
+impl AcceptErrorKind {
+    /// The label value (the variant in snake_case).
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// Why an event was not delivered to a connection (`reason` label of the drops counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[strum(serialize_all = "snake_case")]
@@ -128,6 +145,8 @@ pub struct ServiceMetrics {
     pub kernel_buffered_bytes: IntGauge,
     pub draining: IntGauge,
     pub max_connections: IntGauge,
+    pub accept_errors: IntCounterVec,
+    pub accept_shed: IntCounter,
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -237,7 +256,16 @@ impl ServiceMetrics {
             draining: gauge(names::DRAINING, "1 while the instance is draining.")?,
             max_connections: gauge(
                 names::MAX_CONNECTIONS,
-                "The configured --max-connections.",
+                "The effective --max-connections (at most what the open-files limit holds).",
+            )?,
+            accept_errors: counter_vec(
+                names::ACCEPT_ERRORS,
+                "Failed accept calls on the main and admin ports, by kind.",
+                "kind",
+            )?,
+            accept_shed: IntCounter::new(
+                names::ACCEPT_SHED,
+                "Clients answered 503 and closed because the process was out of file descriptors.",
             )?,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -264,6 +292,8 @@ impl ServiceMetrics {
             Box::new(m.kernel_buffered_bytes.clone()),
             Box::new(m.draining.clone()),
             Box::new(m.max_connections.clone()),
+            Box::new(m.accept_errors.clone()),
+            Box::new(m.accept_shed.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -281,12 +311,25 @@ impl ServiceMetrics {
         for r in DropReason::iter() {
             m.drops.with_label_values(&[r.as_str()]);
         }
+        for k in AcceptErrorKind::iter() {
+            m.accept_errors.with_label_values(&[k.as_str()]);
+        }
         // Process metrics (RSS, CPU, open fds) explain memory next to the socket queues.
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(m)
+    }
+
+    /// The accept loops' counters (both ports count into the same series).
+    pub fn accept_metrics(&self) -> AcceptMetrics {
+        let kind = |k: AcceptErrorKind| self.accept_errors.with_label_values(&[k.as_str()]);
+        AcceptMetrics {
+            errors_no_fd: kind(AcceptErrorKind::NoFd),
+            errors_other: kind(AcceptErrorKind::Other),
+            shed: self.accept_shed.clone(),
+        }
     }
 
     pub fn disconnect(&self, reason: DisconnectReason) {
@@ -360,6 +403,14 @@ mod tests {
         assert_eq!(
             labels(DropReason::iter().map(DropReason::as_str).collect()),
             "drop_oldest,slow_consumer"
+        );
+        assert_eq!(
+            labels(
+                AcceptErrorKind::iter()
+                    .map(AcceptErrorKind::as_str)
+                    .collect()
+            ),
+            "no_fd,other"
         );
     }
 }
