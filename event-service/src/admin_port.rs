@@ -23,7 +23,9 @@ use crate::state::Shared;
 
 /// Serves the admin port until `stop` fires.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    serving::serve(listener, ServeOptions::internal("admin"), stop, |_peer| {
+    let options =
+        ServeOptions::internal("admin").with_accept_metrics(shared.metrics.accept_metrics());
+    serving::serve(listener, options, stop, |_peer| {
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();

@@ -24,6 +24,8 @@
 //! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
 //! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
 //!   timeout, socket sampling, subscribe/unsubscribe requests.
+//! - [`ws_close`] — how a session ends: close codes for read errors (1009, 1007, 1002) and the
+//!   lingering close that lets the client read the close frame.
 //! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
 //!   socket samples, close requests; the registry of open connections.
 //! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
@@ -40,6 +42,8 @@
 //!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`rebalancer`] — the task that runs it: publishes this instance's heartbeat, reads the
 //!   others' (from the AMQP source's control channel), closes the chosen connections.
+//! - [`fd_budget`] — how many connections the open-files limit holds (`--max-connections` is
+//!   clamped to it).
 //! - [`config`] — every setting; [`event`] — the in-process event and event-name rules.
 //!
 //! Process plumbing shared with the operator (logging set-up, signals, the HTTP accept loop,
@@ -63,6 +67,7 @@ pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;
 pub mod event;
+pub mod fd_budget;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;
@@ -75,3 +80,4 @@ pub(crate) mod sockq;
 pub mod source;
 pub(crate) mod state;
 pub(crate) mod topics;
+pub(crate) mod ws_close;

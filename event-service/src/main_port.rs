@@ -13,8 +13,11 @@ use std::{convert::Infallible, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
 use bytes::Bytes;
 use eventrouter_contract::http as paths;
 use eventrouter_runtime::http::{self as serving, Body, ServeOptions, json, text};
+use eventrouter_runtime::linger::{
+    BodyLimitError, LINGER_MAX_BYTES, discard_body, read_body_limited,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -50,6 +53,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         header_read_timeout: shared.config.handshake_timeout,
         // Batching already coalesces writes; Nagle would only add delay to a batch's last frame.
         nodelay: true,
+        accept_metrics: Some(shared.metrics.accept_metrics()),
     };
     serving::serve(listener, options, stop, |peer| {
         let shared = shared.clone();
@@ -389,7 +393,6 @@ fn publish_refused(shared: &Shared, error: &PublishAuthError) -> Response<Body> 
 }
 
 async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
-    let max = shared.config.max_publish_bytes;
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
     // A request without a valid key is refused before its body is read.
     if let Some(keys) = &shared.access.publish_keys
@@ -400,34 +403,9 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     {
         return publish_refused(shared, &error);
     }
-    let too_big = || {
-        json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than the limit of {max} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return too_big();
-    }
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            if error
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return too_big();
-            }
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the body: {error}"),
-            );
-        }
+    let body = match read_publish_body(req, shared.config.max_publish_bytes).await {
+        Ok(body) => body,
+        Err(answer) => return answer,
     };
     let events = match parse_publish(&body, shared.config.max_event_name_length) {
         Ok(events) => events,
@@ -450,6 +428,50 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     match source.publish(events).await {
         Ok(n) => json(StatusCode::ACCEPTED, &serde_json::json!({ "accepted": n })),
         Err(error) => json_error(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    }
+}
+
+/// Reads a publish body of at most `max` bytes; else the answer: 400 (unreadable) or 413.
+///
+/// A 413 closes the connection (`Connection: close`) and is given only once the rest of the body
+/// was read and discarded, at most `LINGER_MAX_BYTES` over the limit and for `LINGER_TIMEOUT`:
+/// closing with the body unread would reset the connection, and a client still sending would
+/// see the reset instead of the 413. A client that waits for `100 Continue` has sent nothing and
+/// is answered at once, and so is one declaring a body too long to drain.
+async fn read_publish_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
+    let too_big = || {
+        let mut answer = json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than the limit of {max} bytes"),
+        );
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        answer
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared.filter(|&n| n > max as u64) {
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let drainable = (max as u64).saturating_add(LINGER_MAX_BYTES as u64);
+        if !expects_continue && declared <= drainable {
+            let mut body = req.into_body();
+            discard_body(&mut body, max.saturating_add(LINGER_MAX_BYTES)).await;
+        }
+        return Err(too_big());
+    }
+    match read_body_limited(req.into_body(), max).await {
+        Ok(body) => Ok(body),
+        Err(BodyLimitError::TooLarge { .. }) => Err(too_big()),
+        Err(error @ BodyLimitError::Read(_)) => {
+            Err(json_error(StatusCode::BAD_REQUEST, error.to_string()))
+        }
     }
 }
 

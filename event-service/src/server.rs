@@ -54,6 +54,8 @@ pub enum ServeError {
     Access(String),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    OpenFiles(#[from] crate::fd_budget::NoRoom),
 }
 
 /// Binds the main port with `--listen-backlog` as the accept queue (tokio's `bind` uses 128,
@@ -93,6 +95,9 @@ pub(crate) async fn serve_observed(
     shutdown: impl Future<Output = ()> + Send,
     observe: impl FnOnce(Weak<Hub>),
 ) -> Result<(), ServeError> {
+    let mut config = config;
+    // Every connection is a descriptor: serve no more than the open-files limit holds.
+    config.max_connections = crate::fd_budget::effective_max_connections(config.max_connections)?;
     let access = Arc::new(Access::from_config(&config).map_err(ServeError::Access)?);
     let registry = Registry::new();
     let metrics = ServiceMetrics::register(&registry)?;

@@ -11,6 +11,7 @@
 //! which registers them on the same registry.
 
 use eventrouter_contract::metrics as names;
+use eventrouter_runtime::http::AcceptMetrics;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
 };
@@ -64,7 +65,12 @@ pub enum DisconnectReason {
     TokenExpired,
     /// The client kept sending over `--client-frame-rate` (1008).
     RateLimited,
-    /// A transport or WebSocket protocol error.
+    /// Closed with 1007: a text frame that is not valid UTF-8.
+    InvalidUtf8,
+    /// Closed with 1002: a frame that breaks RFC 6455 (unmasked, reserved bits, bad control
+    /// frame, unknown opcode).
+    ProtocolError,
+    /// A transport error, or the connection ended without a close handshake.
     Error,
 }
 
@@ -94,6 +100,22 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// The label value (the variant in snake_case).
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// Why `accept` failed (`kind` label of the accept-errors counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum AcceptErrorKind {
+    /// EMFILE or ENFILE: out of file descriptors (waiting clients are answered 503).
+    NoFd,
+    Other,
+}
+
+impl AcceptErrorKind {
     /// The label value (the variant in snake_case).
     pub fn as_str(self) -> &'static str {
         self.into()
@@ -145,6 +167,8 @@ pub struct ServiceMetrics {
     pub max_connections: IntGauge,
     pub auth_checks: IntCounterVec,
     pub publish_rejected: IntCounterVec,
+    pub accept_errors: IntCounterVec,
+    pub accept_shed: IntCounter,
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -254,7 +278,16 @@ impl ServiceMetrics {
             draining: gauge(names::DRAINING, "1 while the instance is draining.")?,
             max_connections: gauge(
                 names::MAX_CONNECTIONS,
-                "The configured --max-connections.",
+                "The effective --max-connections (at most what the open-files limit holds).",
+            )?,
+            accept_errors: counter_vec(
+                names::ACCEPT_ERRORS,
+                "Failed accept calls on the main and admin ports, by kind.",
+                "kind",
+            )?,
+            accept_shed: IntCounter::new(
+                names::ACCEPT_SHED,
+                "Clients answered 503 and closed because the process was out of file descriptors.",
             )?,
             auth_checks: counter_vec(
                 names::AUTH_CHECKS,
@@ -293,6 +326,8 @@ impl ServiceMetrics {
             Box::new(m.max_connections.clone()),
             Box::new(m.auth_checks.clone()),
             Box::new(m.publish_rejected.clone()),
+            Box::new(m.accept_errors.clone()),
+            Box::new(m.accept_shed.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -314,12 +349,25 @@ impl ServiceMetrics {
         for r in ["missing_key", "bad_key", "forbidden"] {
             m.publish_rejected.with_label_values(&[r]);
         }
+        for k in AcceptErrorKind::iter() {
+            m.accept_errors.with_label_values(&[k.as_str()]);
+        }
         // Process metrics (RSS, CPU, open fds) explain memory next to the socket queues.
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(m)
+    }
+
+    /// The accept loops' counters (both ports count into the same series).
+    pub fn accept_metrics(&self) -> AcceptMetrics {
+        let kind = |k: AcceptErrorKind| self.accept_errors.with_label_values(&[k.as_str()]);
+        AcceptMetrics {
+            errors_no_fd: kind(AcceptErrorKind::NoFd),
+            errors_other: kind(AcceptErrorKind::Other),
+            shed: self.accept_shed.clone(),
+        }
     }
 
     pub fn disconnect(&self, reason: DisconnectReason) {
@@ -384,7 +432,7 @@ mod tests {
                     .map(DisconnectReason::as_str)
                     .collect()
             ),
-            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,unauthorized,auth_timeout,token_expired,rate_limited,error"
+            "client_closed,slow_consumer,idle_timeout,drain,rebalance,too_big,binary,abuse,unauthorized,auth_timeout,token_expired,rate_limited,invalid_utf8,protocol_error,error"
         );
         assert_eq!(
             labels(FrameKind::iter().map(FrameKind::as_str).collect()),
@@ -393,6 +441,14 @@ mod tests {
         assert_eq!(
             labels(DropReason::iter().map(DropReason::as_str).collect()),
             "drop_oldest,slow_consumer"
+        );
+        assert_eq!(
+            labels(
+                AcceptErrorKind::iter()
+                    .map(AcceptErrorKind::as_str)
+                    .collect()
+            ),
+            "no_fd,other"
         );
     }
 }

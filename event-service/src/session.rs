@@ -43,6 +43,7 @@ use crate::{
     service_metrics::{DisconnectReason, FrameKind, ServiceMetrics},
     sockq,
     topics::{self, PatternError},
+    ws_close,
 };
 use eventrouter_contract::close;
 
@@ -161,23 +162,30 @@ pub async fn run(
         closing: None,
         peer_closed: false,
         sample_due: false,
+        unsent_close: None,
     };
     let reason = session.drive().await;
     // Subscriptions are removed by a task of their own: it waits for an in-flight subscribe to
     // finish first, so nothing it binds is left behind.
     let Session {
+        mut ws,
         inflight,
         conn,
         hub,
+        unsent_close,
         ..
     } = session;
     conn.close_queue();
+    let id = conn.id;
     tokio::spawn(async move {
         if let Some(op) = inflight {
             let _ = op.await;
         }
         hub.remove_connection(&conn).await;
     });
+    // The client reads the close frame before the socket closes (no reset while it still
+    // sends). The session is over: that bounded linger runs on its own and is not waited for.
+    tokio::spawn(async move { ws_close::finish(&mut ws, unsent_close, id).await });
     reason
 }
 
@@ -208,6 +216,8 @@ struct Session {
     peer_closed: bool,
     /// The sample interval elapsed; sample once the reader has drained the socket.
     sample_due: bool,
+    /// A close frame the full write buffer refused; written to the socket at the end.
+    unsent_close: Option<(u16, &'static str)>,
 }
 
 impl Session {
@@ -245,19 +255,14 @@ impl Session {
                     if self.closing.is_some() {
                         return self.end_reason(DisconnectReason::Error);
                     }
-                    match error {
-                        WsError::Capacity(_) => self.start_close(
-                            close::TOO_BIG,
-                            "frame too big",
-                            DisconnectReason::TooBig,
-                        ),
-                        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-                            return self.end_reason(DisconnectReason::ClientClosed);
-                        }
-                        other => {
-                            tracing::debug!(conn = self.conn.id, error = %other, "read failed");
-                            return self.end_reason(DisconnectReason::Error);
-                        }
+                    if let WsError::ConnectionClosed | WsError::AlreadyClosed = error {
+                        return self.end_reason(DisconnectReason::ClientClosed);
+                    }
+                    tracing::debug!(conn = self.conn.id, %error, "read failed");
+                    // 1009 too big, 1007 not UTF-8, 1002 protocol violation; else nobody to tell.
+                    match ws_close::for_read_error(&error) {
+                        Some(c) => self.start_close(c.code, c.reason, c.why),
+                        None => return self.end_reason(DisconnectReason::Error),
                     }
                 }
                 Step::Incoming(Some(Ok(message))) => {
@@ -375,10 +380,16 @@ impl Session {
         self.conn.close_queue();
         self.batch = VecDeque::new();
         self.pending.clear();
-        self.send_now(Message::Close(Some(CloseFrame {
+        let frame = Message::Close(Some(CloseFrame {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
-        })));
+        }));
+        match self.ws.start_send_unpin(frame) {
+            Ok(()) => self.unflushed = true,
+            // Written straight to the socket once the buffer ahead of it is flushed (`run`).
+            Err(WsError::WriteBufferFull(_)) => self.unsent_close = Some((code, reason)),
+            Err(error) => tracing::debug!(conn = self.conn.id, %error, "close frame not sent"),
+        }
         self.reset_timer();
     }
 

@@ -7,9 +7,11 @@
 //!   graceful shutdown), the plain-text/JSON response helpers and the `/metrics` encoder.
 //! - [`amqp`] — reading a `lapin` error (the broker's "not found" reply).
 //! - [`limits`] — raising the open-files soft limit (every connection is a file descriptor).
+//! - [`linger`] — closing a connection so the peer reads the last answer before any reset.
 
 pub mod amqp;
 pub mod http;
 pub mod limits;
+pub mod linger;
 pub mod logging;
 pub mod signal;

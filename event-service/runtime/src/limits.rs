@@ -8,6 +8,11 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
+/// The current soft `RLIMIT_NOFILE`: how many file descriptors this process may hold.
+pub fn open_files_limit() -> std::io::Result<u64> {
+    rlimit::Resource::NOFILE.get().map(|(soft, _hard)| soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -18,5 +23,6 @@ mod tests {
         let (soft, hard) = rlimit::Resource::NOFILE.get().expect("read the limit");
         assert_eq!(raised, soft);
         assert_eq!(soft, hard, "the soft limit was raised to the hard limit");
+        assert_eq!(open_files_limit().expect("read the limit"), soft);
     }
 }
