@@ -140,15 +140,24 @@ impl Auth {
     /// Loads the keys; fails (naming the file) when one cannot be read or parsed, and checks the
     /// settings' patterns.
     pub fn new(settings: AuthSettings, files: KeyFiles) -> Result<Self, String> {
-        for (what, list) in [
-            ("an anonymous pattern", &settings.anonymous),
-            ("a grant template", &settings.grant_templates),
-        ] {
-            for p in list {
-                let check = p.replace("{sub}", "sub");
-                topics::validate_pattern(&check, settings.max_pattern_length)
-                    .map_err(|e| format!("{what} {p:?}: {e}"))?;
+        for p in &settings.anonymous {
+            if p.contains(['{', '}']) {
+                return Err(format!(
+                    "an anonymous pattern {p:?}: placeholders like {{sub}} belong in grant templates"
+                ));
             }
+            topics::validate_pattern(p, settings.max_pattern_length)
+                .map_err(|e| format!("an anonymous pattern {p:?}: {e}"))?;
+        }
+        for p in &settings.grant_templates {
+            let check = p.replace("{sub}", "sub");
+            if check.contains(['{', '}']) {
+                return Err(format!(
+                    "a grant template {p:?}: the only placeholder is {{sub}}"
+                ));
+            }
+            topics::validate_pattern(&check, settings.max_pattern_length)
+                .map_err(|e| format!("a grant template {p:?}: {e}"))?;
         }
         if settings.subscribe_claim.trim().is_empty() {
             return Err("the subscribe claim's name is empty".into());

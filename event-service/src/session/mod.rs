@@ -11,6 +11,12 @@
 //! a bind at the broker can take a round trip, and the connection keeps reading meanwhile. A
 //! spawned operation also cannot be cancelled half-way by the client leaving.
 
+mod auth;
+mod ops;
+
+use auth::{AuthState, TokenState};
+use ops::run_op;
+
 use std::{
     collections::VecDeque,
     os::fd::RawFd,
@@ -39,11 +45,9 @@ use crate::{
     client_limits::TokenBucket,
     connection::{CloseRequest, ConnShared, Outgoing},
     hub::Hub,
-    protocol::{self, ClientOp, ErrorCode, RequestId},
+    protocol::{self, ClientOp, ErrorCode},
     service_metrics::{DisconnectReason, FrameKind, ServiceMetrics},
-    sockq,
-    topics::{self, PatternError},
-    ws_close,
+    sockq, ws_close,
 };
 use eventrouter_contract::close;
 
@@ -75,38 +79,6 @@ pub struct SessionSettings {
     /// Text frames per second per connection (0: no limit) and the burst above it.
     pub frame_rate: f64,
     pub frame_burst: u32,
-}
-
-/// Where a connection stands with authentication.
-enum AuthState {
-    /// Authentication is off: every valid pattern may be subscribed to.
-    Open,
-    /// On, and no token yet: the first message may be `auth`. With anonymous access off the
-    /// client must send it before the deadline.
-    Awaiting { deadline: Option<Instant> },
-    /// On, and the client chose not to authenticate: the anonymous patterns apply.
-    Anonymous,
-    /// A verified token (boxed: most connections of a server without auth never hold one).
-    Token(Box<TokenState>),
-}
-
-struct TokenState {
-    verified: Verified,
-    /// When the connection is closed with 4003 unless a `refresh` comes first.
-    expires_at: Instant,
-}
-
-impl TokenState {
-    fn new(verified: Verified) -> Box<Self> {
-        let left = verified
-            .expires
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        Box::new(Self {
-            expires_at: Instant::now() + left,
-            verified,
-        })
-    }
 }
 
 enum Step {
@@ -448,187 +420,6 @@ impl Session {
         self.timer.as_mut().reset(next);
     }
 
-    /// When the connection must be closed for authentication: the `auth` deadline or the
-    /// token's expiry.
-    fn auth_deadline(&self) -> Option<Instant> {
-        match &self.auth {
-            AuthState::Awaiting { deadline } => *deadline,
-            AuthState::Token(t) => Some(t.expires_at),
-            AuthState::Open | AuthState::Anonymous => None,
-        }
-    }
-
-    /// The patterns this connection may subscribe to now; `None` when anything goes.
-    fn grant(&self) -> Option<Arc<[String]>> {
-        match &self.auth {
-            AuthState::Open => None,
-            AuthState::Awaiting { .. } | AuthState::Anonymous => {
-                Some(self.settings.anonymous.clone())
-            }
-            AuthState::Token(t) => Some(t.verified.grant.clone()),
-        }
-    }
-
-    /// Takes a token of the frame rate; refuses the frame (an error op, then 1008 after
-    /// [`MAX_INVALID_IN_ROW`] in a row) when there is none.
-    fn take_frame_token(&mut self) -> bool {
-        let rate = self.settings.frame_rate;
-        if rate <= 0.0
-            || self
-                .frames
-                .take(std::time::Instant::now(), rate, self.settings.frame_burst)
-        {
-            self.rate_limited_in_row = 0;
-            return true;
-        }
-        self.metrics.frame(FrameKind::RateLimited);
-        self.rate_limited_in_row += 1;
-        if self.rate_limited_in_row >= MAX_INVALID_IN_ROW {
-            self.start_close(
-                close::POLICY,
-                "frame rate limit exceeded",
-                DisconnectReason::RateLimited,
-            );
-        } else {
-            self.hub.reply(
-                &self.conn,
-                protocol::error(
-                    None,
-                    ErrorCode::RateLimited,
-                    &format!(
-                        "more than {rate} frames per second; this frame was ignored, slow down"
-                    ),
-                    &[],
-                ),
-            );
-        }
-        false
-    }
-
-    /// Sends an error op and a close frame at once (the queue is discarded by the close).
-    fn refuse_and_close(
-        &mut self,
-        error: String,
-        code: u16,
-        reason: &'static str,
-        why: DisconnectReason,
-    ) {
-        self.send_now(Message::Text(error.into()));
-        self.start_close(code, reason, why);
-    }
-
-    /// The first message was `auth`: verify, then authenticated or closed with 4004.
-    fn authenticate(&mut self, id: Option<RequestId>, token: &str) {
-        let Some(auth) = self.settings.auth.clone() else {
-            return;
-        };
-        match auth.verify(token) {
-            Ok(verified) => {
-                self.metrics.auth_checks.with_label_values(&["ok"]).inc();
-                self.hub.reply(
-                    &self.conn,
-                    protocol::authenticated(id.as_ref(), verified.subject.as_deref(), verified.exp),
-                );
-                self.auth = AuthState::Token(TokenState::new(verified));
-                self.reset_timer();
-            }
-            Err(error) => {
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&[error.label()])
-                    .inc();
-                let reply = protocol::error(
-                    id.as_ref(),
-                    ErrorCode::Unauthorized,
-                    &error.to_string(),
-                    &[],
-                );
-                self.refuse_and_close(
-                    reply,
-                    close::UNAUTHORIZED,
-                    "unauthorized",
-                    DisconnectReason::Unauthorized,
-                );
-            }
-        }
-    }
-
-    /// `refresh`: a new token for the same subject. A failed one leaves the current token in
-    /// place (it still expires when it would have). Subscriptions the new grant no longer covers
-    /// are removed, and the reply lists them.
-    fn refresh(&mut self, id: Option<RequestId>, token: &str) {
-        let (Some(auth), AuthState::Token(current)) = (self.settings.auth.clone(), &self.auth)
-        else {
-            let message = match self.auth {
-                AuthState::Open => "authentication is off on this server",
-                _ => {
-                    "no token to refresh: authenticate with {\"op\":\"auth\"} as the first message"
-                }
-            };
-            self.hub.reply(
-                &self.conn,
-                protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
-            );
-            return;
-        };
-        let verified = match auth.verify(token) {
-            Ok(v) if v.subject == current.verified.subject => v,
-            Ok(_) => {
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&["other_subject"])
-                    .inc();
-                self.hub.reply(
-                    &self.conn,
-                    protocol::error(
-                        id.as_ref(),
-                        ErrorCode::Unauthorized,
-                        "the new token is for another subject; reconnect to change identity",
-                        &[],
-                    ),
-                );
-                return;
-            }
-            Err(error) => {
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&[error.label()])
-                    .inc();
-                self.hub.reply(
-                    &self.conn,
-                    protocol::error(
-                        id.as_ref(),
-                        ErrorCode::Unauthorized,
-                        &error.to_string(),
-                        &[],
-                    ),
-                );
-                return;
-            }
-        };
-        self.metrics.auth_checks.with_label_values(&["ok"]).inc();
-        let removed: Vec<String> = crate::connection::lock(&self.conn.patterns)
-            .iter()
-            .filter(|p| !verified.allows(p))
-            .map(|p| p.to_string())
-            .collect();
-        let exp = verified.exp;
-        self.auth = AuthState::Token(TokenState::new(verified));
-        self.reset_timer();
-        if removed.is_empty() {
-            self.hub
-                .reply(&self.conn, protocol::refreshed(id.as_ref(), exp, &[]));
-            return;
-        }
-        let (hub, conn) = (self.hub.clone(), self.conn.clone());
-        self.inflight = Some(tokio::spawn(async move {
-            for pattern in &removed {
-                hub.unsubscribe(&conn, pattern).await;
-            }
-            hub.reply(&conn, protocol::refreshed(id.as_ref(), exp, &removed));
-        }));
-    }
-
     fn sample_socket(&self) {
         match sockq::sample(self.fd) {
             Ok(depth) => self.conn.store_socket_sample(depth.recv_q, depth.send_q),
@@ -702,54 +493,6 @@ impl Session {
         }
     }
 
-    /// Applies the authentication rules to a request: answers `auth` (only as the first
-    /// message), refuses anything else before it when a token is required, and makes a client
-    /// that starts without `auth` anonymous. Returns the request when it goes on to the queue.
-    fn auth_gate(&mut self, op: ClientOp) -> Option<ClientOp> {
-        match (&self.auth, op) {
-            (AuthState::Awaiting { .. }, ClientOp::Auth { id, token }) => {
-                self.authenticate(id, &token);
-                None
-            }
-            (state, ClientOp::Auth { id, .. }) => {
-                let message = match state {
-                    AuthState::Open => "authentication is off on this server",
-                    _ => "auth must be the first message; send refresh to replace a token",
-                };
-                self.hub.reply(
-                    &self.conn,
-                    protocol::error(id.as_ref(), ErrorCode::InvalidRequest, message, &[]),
-                );
-                None
-            }
-            (AuthState::Awaiting { .. }, op) if self.settings.anonymous.is_empty() => {
-                let reply = protocol::error(
-                    op.id(),
-                    ErrorCode::Unauthorized,
-                    "authentication required: send {\"op\":\"auth\",\"token\":\"…\"} first",
-                    &[],
-                );
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&["missing"])
-                    .inc();
-                self.refuse_and_close(
-                    reply,
-                    close::UNAUTHORIZED,
-                    "authentication required",
-                    DisconnectReason::Unauthorized,
-                );
-                None
-            }
-            (state, op) => {
-                if matches!(state, AuthState::Awaiting { .. }) {
-                    self.auth = AuthState::Anonymous;
-                }
-                Some(op)
-            }
-        }
-    }
-
     fn queue_op(&mut self, op: ClientOp) {
         if self.pending.len() >= MAX_PENDING_REQUESTS {
             self.hub.reply(
@@ -789,152 +532,5 @@ impl Session {
                 }
             }
         }
-    }
-}
-
-/// Validates a request's patterns; returns `(as sent, canonical)` pairs or the error reply.
-fn check_patterns(
-    events: Vec<String>,
-    max_len: usize,
-) -> Result<Vec<(String, String)>, (ErrorCode, String)> {
-    events
-        .into_iter()
-        .map(|p| match topics::validate_pattern(&p, max_len) {
-            Ok(()) => {
-                let canon = topics::canonical(&p);
-                Ok((p, canon))
-            }
-            Err(e @ PatternError::TooLong { .. }) => {
-                Err((ErrorCode::PatternTooLong, format!("{e}")))
-            }
-            // The pattern as the client sent it (the JSON encoder escapes what needs escaping),
-            // not Rust's `Debug` rendering, which is no part of the protocol.
-            Err(e) => Err((ErrorCode::InvalidPattern, format!("pattern '{p}': {e}"))),
-        })
-        .collect()
-}
-
-async fn run_op(
-    hub: &Hub,
-    conn: &Arc<ConnShared>,
-    settings: &SessionSettings,
-    grant: Option<Arc<[String]>>,
-    op: ClientOp,
-) {
-    let (id, events, subscribe) = match op {
-        ClientOp::Subscribe { id, events } => (id, events, true),
-        ClientOp::Unsubscribe { id, events } => (id, events, false),
-        ClientOp::Ping { id } => {
-            hub.reply(conn, protocol::pong(id.as_ref()));
-            return;
-        }
-        ClientOp::Auth { .. } | ClientOp::Refresh { .. } => return,
-    };
-    let mut patterns = match check_patterns(events, settings.max_pattern_length) {
-        Ok(p) => p,
-        Err((code, message)) => {
-            hub.reply(conn, protocol::error(id.as_ref(), code, &message, &[]));
-            return;
-        }
-    };
-    if subscribe && let Some(grant) = grant {
-        let (allowed, forbidden): (Vec<_>, Vec<_>) = patterns
-            .into_iter()
-            .partition(|(_, canon)| crate::auth::containment::allowed(&grant, canon));
-        if !forbidden.is_empty() {
-            let sent: Vec<String> = forbidden.into_iter().map(|(p, _)| p).collect();
-            let message = format!("not granted to this connection: {}", sent.join(", "));
-            hub.reply(
-                conn,
-                protocol::error(id.as_ref(), ErrorCode::Forbidden, &message, &sent),
-            );
-        }
-        if allowed.is_empty() {
-            return;
-        }
-        patterns = allowed;
-    }
-    if subscribe {
-        subscribe_all(hub, conn, settings, id.as_ref(), patterns).await;
-    } else {
-        for (_, canon) in &patterns {
-            hub.unsubscribe(conn, canon).await;
-        }
-        let sent: Vec<String> = patterns.into_iter().map(|(p, _)| p).collect();
-        hub.reply(conn, protocol::unsubscribed(id.as_ref(), &sent));
-    }
-}
-
-async fn subscribe_all(
-    hub: &Hub,
-    conn: &Arc<ConnShared>,
-    settings: &SessionSettings,
-    id: Option<&RequestId>,
-    patterns: Vec<(String, String)>,
-) {
-    let new: usize = {
-        let held = crate::connection::lock(&conn.patterns);
-        let mut fresh: Vec<&str> = patterns
-            .iter()
-            .map(|(_, c)| c.as_str())
-            .filter(|c| !held.iter().any(|h| &**h == *c))
-            .collect();
-        fresh.sort_unstable();
-        fresh.dedup();
-        if held.len() + fresh.len() > settings.max_subscriptions {
-            let message = format!(
-                "this connection holds {} patterns; {} more would exceed the limit of {}",
-                held.len(),
-                fresh.len(),
-                settings.max_subscriptions
-            );
-            drop(held);
-            hub.reply(
-                conn,
-                protocol::error(id, ErrorCode::TooManySubscriptions, &message, &[]),
-            );
-            return;
-        }
-        fresh.len()
-    };
-    tracing::trace!(conn = conn.id, new, "subscribing");
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    let mut last_error = None;
-    for (sent, canon) in patterns {
-        match hub.subscribe(conn, &canon).await {
-            Ok(()) => ok.push(sent),
-            Err(error) => {
-                tracing::warn!(conn = conn.id, pattern = %canon, %error, "bind failed");
-                last_error = Some(error);
-                failed.push(sent);
-            }
-        }
-    }
-    if !ok.is_empty() {
-        hub.reply(conn, protocol::subscribed(id, &ok));
-    }
-    if let Some(error) = last_error {
-        hub.reply(
-            conn,
-            protocol::error(id, ErrorCode::Unavailable, &error.to_string(), &failed),
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn invalid_pattern_message_quotes_the_pattern_as_sent() {
-        let Err((code, message)) = check_patterns(vec!["order*".to_owned()], 64) else {
-            panic!("'order*' is not a valid pattern");
-        };
-        assert_eq!(code, ErrorCode::InvalidPattern);
-        assert!(
-            message.starts_with("pattern 'order*': "),
-            "unexpected message: {message}"
-        );
     }
 }
