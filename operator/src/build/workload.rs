@@ -26,6 +26,7 @@ use crate::validate::Plan;
 /// Where the pods find the AMQP URL (the Secret is mounted here).
 const AMQP_SECRET_DIR: &str = "/etc/eventrouter/amqp";
 const AMQP_SECRET_FILE: &str = "url";
+
 /// Where the pods find a key file of `spec.auth`.
 struct KeyFileMount {
     volume: &'static str,
