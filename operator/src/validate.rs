@@ -4,14 +4,19 @@
 //! needs facts from the cluster (does the Secret exist? is KEDA installed?) or parses values
 //! (durations). `validate` takes those facts as plain data, never a client, and returns either a
 //! `Plan` for `build` or every problem at once, so one status update tells the user everything.
+//! `access` checks `spec.auth` and `spec.limits`.
 
-use std::collections::BTreeSet;
+mod access;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use lapin::uri::AMQPUri;
 
-use crate::crd::{AutoscalingProvider, EventRouter, RecordedBinding};
+use crate::crd::{AutoscalingProvider, EventRouter, KeyFile, RecordedBinding};
 use crate::topology::DesiredTopology;
+
+pub use self::access::KeyPresence;
 
 /// The longest drain the operator accepts; the pod's grace period is derived from it.
 pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
@@ -28,6 +33,8 @@ pub struct ClusterFacts {
     pub keda_installed: bool,
     /// The `monitoring.coreos.com/v1` ServiceMonitor API is served.
     pub service_monitor_installed: bool,
+    /// Whether each Secret key `spec.auth` references exists (a key file not listed is unchecked).
+    pub key_files: BTreeMap<KeyFile, KeyPresence>,
 }
 
 /// The AMQP URL as found in the referenced Secret.
@@ -235,6 +242,8 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
         ));
     }
 
+    access::check(&mut problems, spec, &facts.key_files);
+
     let autoscaling = &spec.autoscaling;
     if autoscaling.enabled {
         if autoscaling.min_replicas > autoscaling.max_replicas {
@@ -299,6 +308,7 @@ pub(crate) mod tests {
             amqp_url: SecretLookup::Found("amqp://guest:guest@rabbitmq:5672/%2f".into()),
             keda_installed: false,
             service_monitor_installed: false,
+            key_files: BTreeMap::new(),
         }
     }
 

@@ -114,7 +114,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# The RabbitMQ URL comes from the Secret the EventRouter names; read only.
+# The RabbitMQ URL comes from the Secret the EventRouter names, and the Secrets its spec.auth
+# names are checked for their key (never kept); read only.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]

@@ -20,12 +20,64 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{labels, metadata, selector_labels};
-use crate::crd::EventRouter;
+use crate::crd::{EventRouter, EventRouterSpec, KeyFile};
 use crate::validate::Plan;
 
 /// Where the pods find the AMQP URL (the Secret is mounted here).
 const AMQP_SECRET_DIR: &str = "/etc/eventrouter/amqp";
 const AMQP_SECRET_FILE: &str = "url";
+
+/// Where the pods find a key file of `spec.auth`.
+struct KeyFileMount {
+    volume: &'static str,
+    dir: &'static str,
+    file: &'static str,
+    env: &'static str,
+}
+
+impl KeyFileMount {
+    /// Each key file gets its own directory: a Secret volume is mounted whole (never with
+    /// `subPath`), which is what lets the kubelet swap in a rotated key that the service re-reads.
+    fn of(file: KeyFile) -> Self {
+        let (volume, dir, name, env) = match file {
+            KeyFile::HmacSecret => (
+                "auth-hmac",
+                "/etc/eventrouter/auth/hmac",
+                "secret",
+                env::AUTH_HMAC_SECRET_FILE,
+            ),
+            KeyFile::PublicKeys => (
+                "auth-public-keys",
+                "/etc/eventrouter/auth/public-keys",
+                "keys.pem",
+                env::AUTH_PUBLIC_KEYS_FILE,
+            ),
+            KeyFile::Jwks => (
+                "auth-jwks",
+                "/etc/eventrouter/auth/jwks",
+                "jwks.json",
+                env::AUTH_JWKS_FILE,
+            ),
+            KeyFile::PublishKeys => (
+                "publish-keys",
+                "/etc/eventrouter/publish-keys",
+                "keys.json",
+                env::PUBLISH_KEYS_FILE,
+            ),
+        };
+        Self {
+            volume,
+            dir,
+            file: name,
+            env,
+        }
+    }
+
+    fn path(&self) -> String {
+        format!("{}/{}", self.dir, self.file)
+    }
+}
+
 /// Seconds the pod sleeps in preStop so load balancers stop sending new connections first.
 const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 /// Slack on top of preStop + drain before the kubelet kills the container.
@@ -60,7 +112,7 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
     let ws = &spec.websocket;
     let mq = &spec.rabbitmq;
     let rebalance = &spec.rebalance;
-    vec![
+    let mut vars = vec![
         env_var(env::LISTEN, format!("0.0.0.0:{}", http::DEFAULT_PORT)),
         env_var(
             env::ADMIN_LISTEN,
@@ -106,18 +158,103 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
         env_var(env::REBALANCE_MIN_AGE, rebalance.min_connection_age.clone()),
         env_var(env::LOG, spec.log_level.clone()),
         env_var(env::LOG_FORMAT, "json"),
-        EnvVar {
-            name: env::POD_NAME.into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
+    ];
+    vars.extend(access_env(spec));
+    vars.push(EnvVar {
+        name: env::POD_NAME.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..ObjectFieldSelector::default()
             }),
-            ..EnvVar::default()
-        },
-    ]
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    });
+    vars
+}
+
+/// The service's auth and limit settings the spec sets; nothing for an unset field, so the
+/// service's own default applies. Key files are paths of the mounted Secrets, never contents.
+fn access_env(spec: &EventRouterSpec) -> Vec<EnvVar> {
+    let mut vars: Vec<EnvVar> = spec
+        .key_files()
+        .map(|(file, _)| {
+            let mount = KeyFileMount::of(file);
+            env_var(mount.env, mount.path())
+        })
+        .collect();
+    let mut set = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            vars.push(env_var(name, value));
+        }
+    };
+    let list = |items: &[String]| (!items.is_empty()).then(|| items.join(","));
+    if let Some(auth) = &spec.auth {
+        set(env::AUTH_ISSUER, auth.issuer.clone());
+        set(env::AUTH_AUDIENCE, auth.audience.clone());
+        set(env::AUTH_LEEWAY, auth.leeway.clone());
+        set(env::AUTH_SUBSCRIBE_CLAIM, auth.subscribe_claim.clone());
+        set(env::AUTH_GRANT_TEMPLATES, list(&auth.grant_templates));
+        set(env::AUTH_ANONYMOUS_PATTERNS, list(&auth.anonymous_patterns));
+        set(env::ALLOWED_ORIGINS, list(&auth.allowed_origins));
+        set(
+            env::AUTH_MAX_TOKEN_BYTES,
+            auth.max_token_bytes.map(|n| n.to_string()),
+        );
+        set(env::AUTH_RELOAD_INTERVAL, auth.reload_interval.clone());
+    }
+    if let Some(limits) = &spec.limits {
+        set(
+            env::MAX_CONNECTIONS_PER_IP,
+            limits.max_connections_per_ip.map(|n| n.to_string()),
+        );
+        set(env::CONNECT_RATE_PER_IP, limits.connect_rate_per_ip.clone());
+        set(
+            env::CONNECT_BURST_PER_IP,
+            limits.connect_burst_per_ip.map(|n| n.to_string()),
+        );
+        set(
+            env::TRUSTED_PROXY_HEADER,
+            limits.trusted_proxy_header.clone(),
+        );
+        set(env::CLIENT_FRAME_RATE, limits.frame_rate.clone());
+        set(
+            env::CLIENT_FRAME_BURST,
+            limits.frame_burst.map(|n| n.to_string()),
+        );
+    }
+    vars
+}
+
+/// One read-only Secret volume and its mount per key file `spec.auth` references.
+fn key_file_volumes(spec: &EventRouterSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
+    spec.key_files()
+        .map(|(file, secret_ref)| {
+            let mount = KeyFileMount::of(file);
+            let volume = Volume {
+                name: mount.volume.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret_ref.name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: secret_ref.key.clone(),
+                        path: mount.file.into(),
+                        ..KeyToPath::default()
+                    }]),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            };
+            let volume_mount = VolumeMount {
+                name: mount.volume.into(),
+                mount_path: mount.dir.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            };
+            (volume, volume_mount)
+        })
+        .unzip()
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -155,6 +292,46 @@ pub(super) fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
             http::METRICS_PATH.to_string(),
         );
     }
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "amqp".into(),
+            mount_path: AMQP_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "amqp".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(spec.rabbitmq.secret_ref.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: spec.rabbitmq.secret_ref.key.clone(),
+                    path: AMQP_SECRET_FILE.into(),
+                    ..KeyToPath::default()
+                }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("16Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let (key_volumes, key_mounts) = key_file_volumes(spec);
+    volumes.extend(key_volumes);
+    volume_mounts.extend(key_mounts);
     let container = Container {
         name: names::CONTAINER_NAME.into(),
         image: Some(spec.image.clone()),
@@ -201,19 +378,7 @@ pub(super) fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "amqp".into(),
-                mount_path: AMQP_SECRET_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -241,30 +406,7 @@ pub(super) fn deployment(router: &EventRouter, plan: &Plan) -> Deployment {
             }),
             ..TopologySpreadConstraint::default()
         }]),
-        volumes: Some(vec![
-            Volume {
-                name: "amqp".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(spec.rabbitmq.secret_ref.name.clone()),
-                    items: Some(vec![KeyToPath {
-                        key: spec.rabbitmq.secret_ref.key.clone(),
-                        path: AMQP_SECRET_FILE.into(),
-                        ..KeyToPath::default()
-                    }]),
-                    default_mode: Some(0o440),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: Some(Quantity("16Mi".into())),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     Deployment {
@@ -343,7 +485,7 @@ pub(super) fn disruption_budget(router: &EventRouter, plan: &Plan) -> PodDisrupt
 mod tests {
     use super::*;
     use crate::build::tests::desired;
-    use crate::crd::SlowConsumerPolicy;
+    use crate::crd::{AuthSpec, LimitsSpec, SecretFileRef, SlowConsumerPolicy};
     use crate::validate::tests::{a_cluster_with_the_secret, a_router_named};
 
     fn env_of(deployment: &Deployment) -> BTreeMap<String, String> {
@@ -608,5 +750,254 @@ mod tests {
             svc.metadata.annotations.expect("annotations")["lb.example/idle"],
             "3600"
         );
+    }
+
+    fn pod_of(deployment: &Deployment) -> &PodSpec {
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    /// Every env var name the access settings can set.
+    const ACCESS_ENV: [&str; 19] = [
+        env::AUTH_HMAC_SECRET_FILE,
+        env::AUTH_PUBLIC_KEYS_FILE,
+        env::AUTH_JWKS_FILE,
+        env::AUTH_ISSUER,
+        env::AUTH_AUDIENCE,
+        env::AUTH_LEEWAY,
+        env::AUTH_SUBSCRIBE_CLAIM,
+        env::AUTH_GRANT_TEMPLATES,
+        env::AUTH_ANONYMOUS_PATTERNS,
+        env::AUTH_MAX_TOKEN_BYTES,
+        env::AUTH_RELOAD_INTERVAL,
+        env::PUBLISH_KEYS_FILE,
+        env::ALLOWED_ORIGINS,
+        env::MAX_CONNECTIONS_PER_IP,
+        env::CONNECT_RATE_PER_IP,
+        env::CONNECT_BURST_PER_IP,
+        env::TRUSTED_PROXY_HEADER,
+        env::CLIENT_FRAME_RATE,
+        env::CLIENT_FRAME_BURST,
+    ];
+
+    fn a_router_with_every_key_file() -> EventRouter {
+        let mut router = a_router_named("chat");
+        router.spec.auth = Some(AuthSpec {
+            hmac_secret_ref: Some(SecretFileRef::new("tokens", "hs256")),
+            public_keys_ref: Some(SecretFileRef::new("tokens", "public.pem")),
+            jwks_ref: Some(SecretFileRef::new("idp-jwks", "jwks.json")),
+            publish_keys_ref: Some(SecretFileRef::new("publishers", "keys")),
+            ..AuthSpec::default()
+        });
+        router
+    }
+
+    #[test]
+    fn without_auth_or_limits_nothing_is_rendered_and_the_service_defaults_apply() {
+        for (auth, limits) in [
+            (None, None),
+            (Some(AuthSpec::default()), Some(LimitsSpec::default())),
+        ] {
+            let mut router = a_router_named("chat");
+            router.spec.auth = auth;
+            router.spec.limits = limits;
+            let d = desired(&router, &a_cluster_with_the_secret());
+            let env = env_of(&d.deployment);
+            for name in ACCESS_ENV {
+                assert!(!env.contains_key(name), "{name} must not be set: {env:?}");
+            }
+            let pod = pod_of(&d.deployment);
+            let volumes: Vec<_> = pod
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.as_str())
+                .collect();
+            assert_eq!(volumes, ["amqp", "tmp"]);
+            let mounts: Vec<_> = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect();
+            assert_eq!(mounts, ["/etc/eventrouter/amqp", "/tmp"]);
+        }
+    }
+
+    #[test]
+    fn each_key_file_is_a_whole_read_only_secret_volume_and_its_path_is_the_env_var() {
+        let d = desired(
+            &a_router_with_every_key_file(),
+            &a_cluster_with_the_secret(),
+        );
+        let env = env_of(&d.deployment);
+        let pod = pod_of(&d.deployment);
+        let expected = [
+            (
+                env::AUTH_HMAC_SECRET_FILE,
+                "auth-hmac",
+                "tokens",
+                "hs256",
+                "/etc/eventrouter/auth/hmac",
+                "secret",
+            ),
+            (
+                env::AUTH_PUBLIC_KEYS_FILE,
+                "auth-public-keys",
+                "tokens",
+                "public.pem",
+                "/etc/eventrouter/auth/public-keys",
+                "keys.pem",
+            ),
+            (
+                env::AUTH_JWKS_FILE,
+                "auth-jwks",
+                "idp-jwks",
+                "jwks.json",
+                "/etc/eventrouter/auth/jwks",
+                "jwks.json",
+            ),
+            (
+                env::PUBLISH_KEYS_FILE,
+                "publish-keys",
+                "publishers",
+                "keys",
+                "/etc/eventrouter/publish-keys",
+                "keys.json",
+            ),
+        ];
+        for (env_name, volume_name, secret, key, dir, file) in expected {
+            assert_eq!(env[env_name], format!("{dir}/{file}"), "{env_name}");
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume_name)
+                .unwrap_or_else(|| panic!("volume {volume_name}"));
+            let source = volume.secret.as_ref().expect("a Secret volume");
+            assert_eq!(source.secret_name.as_deref(), Some(secret));
+            let items = source.items.as_ref().expect("items select the key");
+            assert_eq!(items.len(), 1);
+            assert_eq!((items[0].key.as_str(), items[0].path.as_str()), (key, file));
+            assert_eq!(
+                source.optional, None,
+                "a missing Secret keeps the pod from starting"
+            );
+            let mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volume_name)
+                .unwrap_or_else(|| panic!("mount of {volume_name}"));
+            assert_eq!(mount.mount_path, dir);
+            assert_eq!(mount.read_only, Some(true));
+            // A subPath mount is never updated by the kubelet: rotated keys would not arrive.
+            assert_eq!(mount.sub_path, None);
+            assert_eq!(mount.sub_path_expr, None);
+        }
+        // Nothing about the Secrets' content reaches the pod template, so rotating a key (a new
+        // Secret value) changes no template and restarts no pod.
+        let template = &d.deployment.spec.as_ref().expect("spec").template;
+        let annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        assert!(
+            annotations.keys().all(|k| k.starts_with("prometheus.io/")),
+            "{annotations:?}"
+        );
+        let values_from_secrets = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| {
+                e.value_from
+                    .as_ref()
+                    .is_some_and(|v| v.secret_key_ref.is_some())
+            })
+            .count();
+        assert_eq!(values_from_secrets, 0, "keys are files, never env values");
+    }
+
+    #[test]
+    fn only_the_key_files_set_are_mounted() {
+        let mut router = a_router_named("chat");
+        router.spec.auth = Some(AuthSpec {
+            jwks_ref: Some(SecretFileRef::new("idp", "jwks")),
+            ..AuthSpec::default()
+        });
+        let d = desired(&router, &a_cluster_with_the_secret());
+        let env = env_of(&d.deployment);
+        assert_eq!(
+            env[env::AUTH_JWKS_FILE],
+            "/etc/eventrouter/auth/jwks/jwks.json"
+        );
+        for name in ACCESS_ENV.iter().filter(|n| **n != env::AUTH_JWKS_FILE) {
+            assert!(!env.contains_key(*name), "{name}");
+        }
+        let volumes: Vec<_> = pod_of(&d.deployment)
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["amqp", "tmp", "auth-jwks"]);
+    }
+
+    #[test]
+    fn auth_and_limit_settings_become_the_service_env_verbatim() {
+        let mut router = a_router_with_every_key_file();
+        if let Some(auth) = router.spec.auth.as_mut() {
+            auth.issuer = Some("https://idp.example.com/".into());
+            auth.audience = Some("events".into());
+            auth.leeway = Some("30s".into());
+            auth.subscribe_claim = Some("topics".into());
+            auth.grant_templates = vec!["user.{sub}.#".into(), "broadcast.*".into()];
+            auth.anonymous_patterns = vec!["public.#".into()];
+            auth.allowed_origins = vec![
+                "https://app.example.com".into(),
+                "http://localhost:3000".into(),
+            ];
+            auth.max_token_bytes = Some(4096);
+            auth.reload_interval = Some("1m".into());
+        }
+        router.spec.limits = Some(LimitsSpec {
+            max_connections_per_ip: Some(0),
+            connect_rate_per_ip: Some("0.5".into()),
+            connect_burst_per_ip: Some(5),
+            trusted_proxy_header: Some("X-Forwarded-For".into()),
+            frame_rate: Some("20".into()),
+            frame_burst: Some(40),
+        });
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        for (name, value) in [
+            (env::AUTH_ISSUER, "https://idp.example.com/"),
+            (env::AUTH_AUDIENCE, "events"),
+            (env::AUTH_LEEWAY, "30s"),
+            (env::AUTH_SUBSCRIBE_CLAIM, "topics"),
+            (env::AUTH_GRANT_TEMPLATES, "user.{sub}.#,broadcast.*"),
+            (env::AUTH_ANONYMOUS_PATTERNS, "public.#"),
+            (
+                env::ALLOWED_ORIGINS,
+                "https://app.example.com,http://localhost:3000",
+            ),
+            (env::AUTH_MAX_TOKEN_BYTES, "4096"),
+            (env::AUTH_RELOAD_INTERVAL, "1m"),
+            (env::MAX_CONNECTIONS_PER_IP, "0"),
+            (env::CONNECT_RATE_PER_IP, "0.5"),
+            (env::CONNECT_BURST_PER_IP, "5"),
+            (env::TRUSTED_PROXY_HEADER, "X-Forwarded-For"),
+            (env::CLIENT_FRAME_RATE, "20"),
+            (env::CLIENT_FRAME_BURST, "40"),
+        ] {
+            assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
+        }
+        for name in ACCESS_ENV {
+            assert!(env.contains_key(name), "{name} is set");
+        }
     }
 }

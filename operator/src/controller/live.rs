@@ -2,6 +2,7 @@
 //! stop early when paused or invalid, apply the children, declare the broker topology, write the
 //! status, record the Events the outcome owes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,13 +24,13 @@ use crate::apply::{apply_children, current_deployment};
 use crate::broker::{Broker, BrokerError};
 use crate::build::{build, selector_string};
 use crate::crd::{
-    AutoscalingProvider, DeletionPolicy, EventRouter, EventRouterStatus, RecordedTopology,
+    AutoscalingProvider, DeletionPolicy, EventRouter, EventRouterStatus, KeyFile, RecordedTopology,
 };
 use crate::error::Error;
 use crate::metrics::RouterReplicas;
 use crate::status::{BrokerOutcome, ConditionType, Observed, Phase, conditions, is_true};
 use crate::topology::DesiredTopology;
-use crate::validate::{ClusterFacts, Plan, SecretLookup, validate};
+use crate::validate::{ClusterFacts, KeyPresence, Plan, SecretLookup, validate};
 
 /// The AMQP URL from the router's Secret (`data` first, then `stringData`), trimmed.
 pub(super) async fn read_amqp_url(
@@ -60,6 +61,43 @@ pub(super) async fn read_amqp_url(
         Some(url) => SecretLookup::Found(url.trim().to_string()),
         None => SecretLookup::KeyMissing,
     })
+}
+
+/// Whether each Secret key `spec.auth` references exists. Only presence is checked: the pods
+/// read the content (and re-read it when it changes), the operator never keeps it.
+async fn look_up_key_files(
+    client: &Client,
+    namespace: &str,
+    router: &EventRouter,
+) -> Result<BTreeMap<KeyFile, KeyPresence>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut found = BTreeMap::new();
+    for (file, secret_ref) in router.spec.key_files() {
+        let presence = match secrets
+            .get_opt(&secret_ref.name)
+            .await
+            .map_err(Error::kube("reading a Secret spec.auth references"))?
+        {
+            None => KeyPresence::SecretMissing,
+            Some(secret) => {
+                let in_data = secret
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(&secret_ref.key));
+                let in_string_data = secret
+                    .string_data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(&secret_ref.key));
+                if in_data || in_string_data {
+                    KeyPresence::Present
+                } else {
+                    KeyPresence::KeyMissing
+                }
+            }
+        };
+        found.insert(file, presence);
+    }
+    Ok(found)
 }
 
 /// Server-side apply of the status subresource.
@@ -219,11 +257,13 @@ async fn declare_topology(
 async fn gather_facts(ctx: &Context, router: &EventRouter) -> Result<ClusterFacts, Error> {
     let namespace = router.namespace().ok_or(Error::MissingField("namespace"))?;
     let amqp_url = read_amqp_url(&ctx.client, &namespace, router).await?;
+    let key_files = look_up_key_files(&ctx.client, &namespace, router).await?;
     let apis = ctx.optional_apis().await?;
     Ok(ClusterFacts {
         amqp_url,
         keda_installed: apis.keda,
         service_monitor_installed: apis.service_monitor,
+        key_files,
     })
 }
 

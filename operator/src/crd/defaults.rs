@@ -220,6 +220,8 @@ impl EventRouterSpec {
             service: ServiceSpec::default(),
             disruption_budget: DisruptionBudgetSpec::default(),
             monitoring: MonitoringSpec::default(),
+            auth: None,
+            limits: None,
             deletion_policy: DeletionPolicy::default(),
             log_level: default_log_level(),
             paused: false,

@@ -10,7 +10,9 @@
 //! | this one | the spec types and the generated CRD |
 //! | `status` | `EventRouterStatus` and the recorded broker topology |
 //! | `defaults` | every default value of the spec |
+//! | `access` | `spec.auth` (client and publisher authentication) and `spec.limits` (per-client limits) |
 
+mod access;
 mod defaults;
 mod status;
 
@@ -22,6 +24,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use self::access::{AuthSpec, KeyFile, LimitsSpec, SecretFileRef};
 use self::defaults::*;
 pub use self::status::{EventRouterStatus, RecordedBinding, RecordedTopology};
 
@@ -137,6 +140,28 @@ pub struct EventRouterSpec {
     /// Prometheus scraping of the pods' admin port.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// Authentication of WebSocket clients (JWT connection tokens) and of publishers
+    /// (`POST /publish`), and the browser origins allowed to connect. Unset: anyone reaching the
+    /// Service may subscribe to any event and publish.
+    ///
+    /// Token authentication is on when at least one of `hmacSecretRef`, `publicKeysRef` and
+    /// `jwksRef` is set: a client then presents a token whose claim (`subscribeClaim`) lists the
+    /// patterns it may subscribe to, and clients without a token may subscribe only to
+    /// `anonymousPatterns`. Each `*Ref` names a key of a Secret in this namespace; the pods mount
+    /// it as a file and re-read it when it changes, so rotating a key is updating its Secret, with
+    /// no restart. Only the main port is authenticated: the admin port (metrics, debug endpoints)
+    /// never is and must stay unreachable from outside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+
+    /// Per-client limits: connections and new connections per client IP address, and frames per
+    /// connection. Unset: the event service's defaults (only the frame rate is limited). Each pod
+    /// enforces them on its own, so a client spread over several pods gets each pod's allowance.
+    /// Rates are decimal strings (quote them in YAML, e.g. `"0.5"`): what you write is exactly
+    /// what is stored and passed to the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
 
     /// What happens to the RabbitMQ exchange and bindings when this EventRouter is deleted:
     /// `delete` removes exactly what the operator declared; `retain` leaves the broker untouched.
@@ -570,6 +595,81 @@ mod tests {
         assert!(yaml.contains("- er"));
         assert!(yaml.contains("labelSelectorPath: .status.selector"));
         assert!(yaml.contains("name: Ready"));
+    }
+
+    #[test]
+    fn auth_and_limits_use_the_documented_field_names_and_round_trip() {
+        let json = serde_json::json!({
+            "rabbitmq": {"secretRef": {"name": "amqp"}},
+            "auth": {
+                "hmacSecretRef": {"name": "tokens", "key": "secret"},
+                "publicKeysRef": {"name": "tokens", "key": "public.pem"},
+                "jwksRef": {"name": "idp", "key": "jwks.json"},
+                "publishKeysRef": {"name": "publishers", "key": "keys.json"},
+                "issuer": "https://idp.example.com/",
+                "audience": "events",
+                "leeway": "30s",
+                "subscribeClaim": "topics",
+                "grantTemplates": ["user.{sub}.#"],
+                "anonymousPatterns": ["public.#"],
+                "allowedOrigins": ["https://app.example.com"],
+                "maxTokenBytes": 4096,
+                "reloadInterval": "1m"
+            },
+            "limits": {
+                "maxConnectionsPerIP": 10,
+                "connectRatePerIP": "0.5",
+                "connectBurstPerIP": 5,
+                "trustedProxyHeader": "X-Forwarded-For",
+                "frameRate": "20",
+                "frameBurst": 40
+            }
+        });
+        let spec: EventRouterSpec = serde_json::from_value(json.clone()).expect("parses");
+        let key_files: Vec<_> = spec
+            .key_files()
+            .map(|(file, r)| (file, r.name.as_str()))
+            .collect();
+        assert_eq!(
+            key_files,
+            [
+                (KeyFile::HmacSecret, "tokens"),
+                (KeyFile::PublicKeys, "tokens"),
+                (KeyFile::Jwks, "idp"),
+                (KeyFile::PublishKeys, "publishers"),
+            ]
+        );
+        let back = serde_json::to_value(&spec).expect("serializes");
+        assert_eq!(back["auth"], json["auth"]);
+        assert_eq!(back["limits"], json["limits"]);
+        // Unset sections stay absent rather than becoming empty objects.
+        let plain = serde_json::to_value(EventRouterSpec::with_secret("amqp")).expect("serializes");
+        assert!(
+            plain.get("auth").is_none() && plain.get("limits").is_none(),
+            "{plain}"
+        );
+    }
+
+    #[test]
+    fn the_auth_durations_carry_the_duration_pattern_and_key_refs_need_a_key() {
+        let crd = serde_json::to_value(EventRouter::crd()).expect("crd serializes");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let auth = &spec["properties"]["auth"]["properties"];
+        for field in ["leeway", "reloadInterval"] {
+            assert_eq!(auth[field]["pattern"], DURATION_PATTERN, "{field}");
+        }
+        for field in [
+            "hmacSecretRef",
+            "publicKeysRef",
+            "jwksRef",
+            "publishKeysRef",
+        ] {
+            assert_eq!(
+                auth[field]["required"],
+                serde_json::json!(["key", "name"]),
+                "{field}"
+            );
+        }
     }
 
     #[test]

@@ -199,6 +199,18 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
             invalid,
         ),
         ("eventRouter.spec.websocket.listenBacklog=0", invalid),
+        ("eventRouter.spec.auth.hmacSecret.name=tokens", unknown),
+        ("eventRouter.spec.auth.hmacSecretRef.name=tokens", invalid),
+        ("eventRouter.spec.auth.hmacSecretRef.bogus=1", unknown),
+        (
+            "eventRouter.spec.auth.allowedOrigins={https://app.example.com/}",
+            invalid,
+        ),
+        ("eventRouter.spec.auth.anonymousPatterns={order*}", invalid),
+        ("eventRouter.spec.limits.maxConnectionsPerIp=5", unknown),
+        // A rate is a string: --set makes 2 a number, --set-string is the way.
+        ("eventRouter.spec.limits.connectRatePerIP=2", invalid),
+        ("eventRouter.spec.limits.frameBurst=0", invalid),
     ] {
         let mut cmd = Command::new(tool("helm"));
         cmd.args(["template", "events"])
@@ -207,6 +219,32 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
         let (_, text) = run_failing(&mut cmd);
         assert!(text.contains(expected), "--set {set}: {text}");
     }
+}
+
+/// The documented ways to set `spec.auth` and `spec.limits` pass the values schema.
+#[test]
+fn values_schema_accepts_auth_and_limits_as_documented() {
+    let mut cmd = Command::new(tool("helm"));
+    cmd.args(["template", "events"])
+        .arg(chart_dir())
+        .args(["--set", "eventRouter.spec.auth.hmacSecretRef.name=tokens"])
+        .args(["--set", "eventRouter.spec.auth.hmacSecretRef.key=secret"])
+        .args([
+            "--set-json",
+            r#"eventRouter.spec.auth.grantTemplates=["user.{sub}.#"]"#,
+        ])
+        .args([
+            "--set",
+            "eventRouter.spec.auth.allowedOrigins={https://app.example.com}",
+        ])
+        .args(["--set-string", "eventRouter.spec.limits.connectRatePerIP=2"])
+        .args(["--set", "eventRouter.spec.limits.connectBurstPerIP=5"]);
+    let out = cmd.output().expect("helm runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The values schema repeats a few EventRouter spec fields (so a typo fails `helm install`, not

@@ -5,9 +5,10 @@
 mod operator_support;
 
 use eventrouter_e2e::rabbitmq::amqp_url;
+use eventrouter_e2e::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
-use operator::crd::EventRouterSpec;
+use operator::crd::{AuthSpec, EventRouterSpec, SecretFileRef};
 use operator_support::*;
 use serde_json::json;
 
@@ -91,6 +92,152 @@ async fn operator_crd_rejects_impossible_specs_with_clear_messages() {
     assert!(message.contains("spec.rabbitmq"), "{message}");
 }
 
+/// `spec.auth` and `spec.limits` as the API server judges them: well-formed objects are stored
+/// exactly as written (rates stay strings), malformed ones are refused with the CEL rule's or the
+/// schema's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_crd_checks_auth_and_limits() {
+    let (client, ns) = setup("op-crd-auth").await;
+    let ns = ns.name();
+    let secret = json!({"secretRef": {"name": "amqp"}});
+    let hmac = json!({"name": "tokens", "key": "secret"});
+
+    let accepted = [
+        json!({
+            "hmacSecretRef": hmac,
+            "publicKeysRef": {"name": "tokens", "key": "public.pem"},
+            "jwksRef": {"name": "idp", "key": "jwks.json"},
+            "publishKeysRef": {"name": "publishers", "key": "keys.json"},
+            "issuer": "https://idp.example.com/",
+            "audience": "events",
+            "leeway": "30s",
+            "subscribeClaim": "topics",
+            "grantTemplates": ["user.{sub}.#", "tenant-{sub}.*", "#"],
+            "anonymousPatterns": ["public.#", "news.*.headline"],
+            "allowedOrigins": ["https://app.example.com", "http://localhost:3000", "http://[::1]:8080"],
+            "maxTokenBytes": 4096,
+            "reloadInterval": "1m"
+        }),
+        // Publish keys and origins need no token authentication.
+        json!({"publishKeysRef": {"name": "publishers", "key": "keys.json"}, "reloadInterval": "5s"}),
+        json!({"allowedOrigins": ["https://app.example.com"]}),
+        json!({}),
+    ];
+    let limits = [
+        json!({
+            "maxConnectionsPerIP": 100,
+            "connectRatePerIP": "0.5",
+            "connectBurstPerIP": 10,
+            "trustedProxyHeader": "X-Forwarded-For",
+            "frameRate": "20",
+            "frameBurst": 40
+        }),
+        json!({"maxConnectionsPerIP": 0, "frameRate": "0"}),
+        json!({"frameBurst": 200}),
+        json!({}),
+    ];
+    for (index, (auth, limits)) in accepted.iter().zip(&limits).enumerate() {
+        let name = format!("good-{index}");
+        let spec = json!({"rabbitmq": secret, "auth": auth, "limits": limits});
+        let stored = create_router(&client, ns, &a_router(&name, spec.clone()))
+            .await
+            .unwrap_or_else(|error| panic!("the API server refused {spec}: {error}"));
+        assert_eq!(stored.data["spec"]["auth"], *auth, "{name}");
+        assert_eq!(stored.data["spec"]["limits"], *limits, "{name}");
+        // And the operator's types read it back.
+        let router = routers(&client, ns).get(&name).await.expect("typed get");
+        assert!(router.spec.auth.is_some() && router.spec.limits.is_some());
+    }
+
+    let refused = [
+        (
+            json!({"auth": {"issuer": "https://idp.example.com/"}}),
+            "only apply to token authentication",
+        ),
+        (
+            json!({"auth": {"anonymousPatterns": ["public.#"]}}),
+            "only apply to token authentication",
+        ),
+        (
+            json!({"auth": {"reloadInterval": "10s"}}),
+            "reloadInterval needs a key file",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": {"name": "tokens"}}}),
+            "spec.auth.hmacSecretRef.key",
+        ),
+        (
+            json!({"auth": {"jwksRef": {"name": "", "key": "jwks.json"}}}),
+            "spec.auth.jwksRef.name",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "grantTemplates": ["user*.#"]}}),
+            "'*' and '#' are whole words",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "grantTemplates": ["a..b"]}}),
+            "'*' and '#' are whole words",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "anonymousPatterns": ["a,b"]}}),
+            "no ',' or whitespace",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "anonymousPatterns": ["user.{sub}"]}}),
+            "anonymous clients have no subject",
+        ),
+        (
+            json!({"auth": {"allowedOrigins": ["*"]}}),
+            "leave allowedOrigins empty to allow any origin",
+        ),
+        (
+            json!({"auth": {"allowedOrigins": ["https://app.example.com/"]}}),
+            "without path or trailing slash",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "leeway": "ten seconds"}}),
+            "spec.auth.leeway",
+        ),
+        (
+            json!({"auth": {"hmacSecretRef": hmac, "maxTokenBytes": 10}}),
+            "spec.auth.maxTokenBytes",
+        ),
+        (
+            json!({"limits": {"connectRatePerIP": "-1"}}),
+            "spec.limits.connectRatePerIP",
+        ),
+        (
+            json!({"limits": {"frameRate": 50}}),
+            "spec.limits.frameRate",
+        ),
+        (
+            json!({"limits": {"connectBurstPerIP": 5}}),
+            "connectBurstPerIP only applies with a connectRatePerIP above 0",
+        ),
+        (
+            json!({"limits": {"connectRatePerIP": "0", "connectBurstPerIP": 5}}),
+            "connectBurstPerIP only applies with a connectRatePerIP above 0",
+        ),
+        (
+            json!({"limits": {"frameRate": "0.0", "frameBurst": 5}}),
+            "frameBurst has no effect with frameRate 0",
+        ),
+        (
+            json!({"limits": {"frameBurst": 0}}),
+            "spec.limits.frameBurst",
+        ),
+        (
+            json!({"limits": {"trustedProxyHeader": "X Forwarded For"}}),
+            "spec.limits.trustedProxyHeader",
+        ),
+    ];
+    for (mut spec, expected) in refused {
+        spec["rabbitmq"] = secret.clone();
+        let message = rejection(&client, ns, spec.clone()).await;
+        assert!(message.contains(expected), "{spec}: {message}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_nothing() {
     let (client, ns) = setup("op-invalid").await;
@@ -138,4 +285,71 @@ async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_noth
     apply_router(&client, &ns, "chat", &spec).await;
     wait_present(&deployments, "chat").await;
     wait_condition(&client, &ns, "chat", "BrokerReady", "True", None).await;
+
+    // A key Secret that spec.auth names must exist: without it no pod could start.
+    spec.auth = Some(AuthSpec {
+        hmac_secret_ref: Some(SecretFileRef::new("tokens", "secret")),
+        anonymous_patterns: vec!["public.#".into()],
+        ..AuthSpec::default()
+    });
+    apply_router(&client, &ns, "chat", &spec).await;
+    let ready = wait_condition(&client, &ns, "chat", "Ready", "False", Some("InvalidSpec")).await;
+    assert!(
+        ready
+            .message
+            .contains(r#"Secret "tokens" (spec.auth.hmacSecretRef) does not exist"#),
+        "{}",
+        ready.message
+    );
+
+    // Once it exists (picked up by the retry), the pods mount it and get its path.
+    put_secret(&client, &ns, "tokens", "secret", "first-secret").await;
+    let mounted = |deployment: &Deployment| {
+        let pod = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref());
+        let volume = pod
+            .and_then(|p| p.volumes.as_ref())
+            .and_then(|v| v.iter().find(|v| v.name == "auth-hmac"))
+            .and_then(|v| v.secret.clone());
+        let env = pod
+            .and_then(|p| p.containers[0].env.clone())
+            .unwrap_or_default();
+        let path = env
+            .iter()
+            .find(|e| e.name == "EVENTROUTER_AUTH_HMAC_SECRET_FILE")
+            .and_then(|e| e.value.clone());
+        (volume.and_then(|v| v.secret_name), path)
+    };
+    let deployment = wait_for(
+        "the Deployment to mount the key Secret",
+        CONVERGE,
+        || async {
+            let deployment = deployments.get("chat").await.map_err(|e| e.to_string())?;
+            match mounted(&deployment) {
+                (Some(_), Some(_)) => Ok(deployment),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        mounted(&deployment),
+        (
+            Some("tokens".to_string()),
+            Some("/etc/eventrouter/auth/hmac/secret".to_string())
+        )
+    );
+
+    // Rotating the key changes the Secret only: the pod template stays, no pod restarts.
+    let generation = deployment.metadata.generation;
+    let before = operator.reconciles();
+    put_secret(&client, &ns, "tokens", "secret", "rotated-secret").await;
+    operator.wait_reconciles(before, 1).await;
+    let after = deployments.get("chat").await.expect("get");
+    assert_eq!(
+        after.metadata.generation, generation,
+        "the template is unchanged"
+    );
 }

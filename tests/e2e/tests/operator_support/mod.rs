@@ -114,6 +114,26 @@ pub async fn put_amqp_secret(client: &Client, ns: &str, name: &str, url: &str) {
     .expect("the Secret is written");
 }
 
+/// Create (or replace) Secret `name` whose key `key` holds `value`.
+pub async fn put_secret(client: &Client, ns: &str, name: &str, key: &str, value: &str) {
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some([(key.to_string(), value.to_string())].into()),
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::apply(TEST_MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .expect("the Secret is written");
+}
+
 /// An operator running in this process, watching one namespace; stops when dropped.
 pub struct RunningOperator {
     pub identity: String,
