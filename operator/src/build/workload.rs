@@ -999,5 +999,26 @@ mod tests {
         for name in ACCESS_ENV {
             assert!(env.contains_key(name), "{name} is set");
         }
+
+        // And the service itself accepts every value, read through its own flags.
+        use clap::{CommandFactory, Parser};
+        let command = event_service::config::Config::command();
+        let mut argv = vec!["event-service".to_owned()];
+        for (name, value) in &env {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+                .unwrap_or_else(|| panic!("the service reads no {name}"));
+            let long = arg.get_long().expect("every setting has a long flag");
+            argv.push(format!("--{long}={value}"));
+        }
+        let config = event_service::config::Config::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("the service refuses the rendered env: {e}"));
+        assert_eq!(config.auth_grant_templates, ["user.{sub}.#", "broadcast.*"]);
+        assert_eq!(config.allowed_origins.len(), 2);
+        assert_eq!(config.connect_rate_per_ip, 0.5);
+        assert_eq!(config.client_frame_burst, 40);
+        assert_eq!(config.auth_leeway, std::time::Duration::from_secs(30));
+        assert!(config.auth_jwks_file.is_some() && config.publish_keys_file.is_some());
     }
 }
