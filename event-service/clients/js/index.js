@@ -8,38 +8,67 @@
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001, // the instance drains: reconnect promptly, the load balancer sends us elsewhere
+  PROTOCOL_ERROR: 1002, // we broke RFC 6455: a client (or WebSocket library) bug
   UNSUPPORTED_DATA: 1003, // we sent a binary frame: a client bug, retrying repeats it
   ABNORMAL: 1006, // no close frame (network failure, refused upgrade): back off
-  INVALID_PAYLOAD: 1007,
-  POLICY: 1008, // 10 invalid frames in a row: a client bug
+  INVALID_PAYLOAD: 1007, // we sent text that is not valid UTF-8: a client bug
+  POLICY: 1008, // 10 invalid frames (or 10 over the frame rate) in a row: a client bug
   TOO_BIG: 1009, // a frame over --max-frame-bytes: a client bug
   INTERNAL: 1011,
   SLOW_CONSUMER: 4000, // we read too slowly: back off, then catch up
   IDLE_TIMEOUT: 4001, // nothing reached the server for --idle-timeout: back off
   REBALANCE: 4002, // the server spreads load over new instances: reconnect promptly
+  TOKEN_EXPIRED: 4003, // the token reached its exp without a refresh: reconnect promptly, new token
+  UNAUTHORIZED: 4004, // the token was refused, or none was sent while one is required
+  AUTH_TIMEOUT: 4005, // no auth message within the server's handshake timeout: back off
 });
 
 /** Codes after which reconnecting would only repeat the same failure. */
 const FATAL_CODES = new Set([
+  CloseCode.PROTOCOL_ERROR,
   CloseCode.UNSUPPORTED_DATA,
   CloseCode.INVALID_PAYLOAD,
   CloseCode.POLICY,
   CloseCode.TOO_BIG,
 ]);
 
-/** Codes that ask the client to go elsewhere now: no backoff, a small jitter only. */
-const PROMPT_CODES = new Set([CloseCode.GOING_AWAY, CloseCode.REBALANCE]);
+/** Codes that ask the client to come back now: no backoff, a small jitter only. */
+const PROMPT_CODES = new Set([CloseCode.GOING_AWAY, CloseCode.REBALANCE, CloseCode.TOKEN_EXPIRED]);
 
 /**
  * How the client reacts to a close code: `prompt` (reconnect after a small jitter), `backoff`
  * (exponential backoff with full jitter) or `stop` (do not reconnect; report the close).
+ *
+ * `token` says what the client authenticates with: `none`, a `static` string or a `function`
+ * that is asked again on every connect. A refused token (4004) is only worth retrying when the
+ * next attempt may bring a different one.
  * @param {number} code
+ * @param {{token?: "none" | "static" | "function"}} [context]
  * @returns {"prompt" | "backoff" | "stop"}
  */
-export function reconnectPolicy(code) {
+export function reconnectPolicy(code, { token = "none" } = {}) {
   if (FATAL_CODES.has(code)) return "stop";
+  if (code === CloseCode.UNAUTHORIZED) return token === "function" ? "backoff" : "stop";
   if (PROMPT_CODES.has(code)) return "prompt";
   return "backoff";
+}
+
+/** The longest delay setTimeout takes (about 24.8 days); longer ones fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * How long to wait before refreshing a token that expires at `exp` (Unix seconds): `refreshBeforeMs`
+ * before it, but never later than half the remaining lifetime, so a short token is still
+ * refreshed in time (and refused refreshes can be retried before it runs out). 0 when the token
+ * has already expired.
+ * @param {number} exp the token's `exp`, Unix seconds
+ * @param {number} nowMs the current time, ms since the epoch
+ * @param {number} refreshBeforeMs
+ */
+export function refreshDelay(exp, nowMs, refreshBeforeMs) {
+  const remaining = exp * 1000 - nowMs;
+  if (!(remaining > 0)) return 0;
+  return Math.floor(Math.max(remaining - refreshBeforeMs, remaining / 2));
 }
 
 /**
