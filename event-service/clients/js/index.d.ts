@@ -4,6 +4,7 @@
 export declare const CloseCode: Readonly<{
   NORMAL: 1000;
   GOING_AWAY: 1001;
+  PROTOCOL_ERROR: 1002;
   UNSUPPORTED_DATA: 1003;
   ABNORMAL: 1006;
   INVALID_PAYLOAD: 1007;
@@ -13,12 +14,27 @@ export declare const CloseCode: Readonly<{
   SLOW_CONSUMER: 4000;
   IDLE_TIMEOUT: 4001;
   REBALANCE: 4002;
+  TOKEN_EXPIRED: 4003;
+  UNAUTHORIZED: 4004;
+  AUTH_TIMEOUT: 4005;
 }>;
 
 export type ReconnectPolicy = "prompt" | "backoff" | "stop";
 
-/** `prompt` for 1001/4002, `stop` for 1003/1007/1008/1009, `backoff` for everything else. */
-export declare function reconnectPolicy(code: number): ReconnectPolicy;
+/** What the client authenticates with: nothing, a fixed string, or a function asked each time. */
+export type TokenKind = "none" | "static" | "function";
+
+/**
+ * `prompt` for 1001/4002/4003; `stop` for 1002/1003/1007/1008/1009, and for 4004 unless the token
+ * is a `function` (then `backoff`); `backoff` for everything else (4005 included).
+ */
+export declare function reconnectPolicy(code: number, context?: { token?: TokenKind }): ReconnectPolicy;
+
+/**
+ * Milliseconds until a token expiring at `exp` (Unix seconds) is refreshed:
+ * `max(remaining - refreshBeforeMs, remaining / 2)`, 0 once expired.
+ */
+export declare function refreshDelay(exp: number, nowMs: number, refreshBeforeMs: number): number;
 
 export interface BackoffOptions {
   /** Upper bound of the first delay, in ms (default 500). */
@@ -37,14 +53,25 @@ export declare function backoffDelay(
 /** RabbitMQ topic matching: `*` is exactly one word, `#` zero or more. */
 export declare function topicMatches(pattern: string, name: string): boolean;
 
+/** A connection token (a JWT), or where to get one. */
+export type TokenSource = string | (() => string | Promise<string>);
+
 export interface ClientOptions {
+  /**
+   * Authenticate every connection with this token: sent as `auth` before anything else. A
+   * function is called on every connect and every refresh (fetch the token from the
+   * application's backend there); with a string the connection ends at the token's exp.
+   */
+  token?: TokenSource;
+  /** Refresh this long before the token's exp, in ms, and at half its remaining lifetime at the latest (default 30000). */
+  refreshBeforeMs?: number;
   /** A WebSocket class when the runtime has no global one. */
   WebSocket?: typeof WebSocket;
-  /** Backoff after failures and 4000/4001 closes. */
+  /** Backoff after failures, 4000/4001/4005 closes, refused tokens (from a function) and refreshes. */
   backoff?: BackoffOptions;
   /** Upper bound of the random delay before reconnecting after 1001/4002, in ms (default 1000). */
   promptJitterMs?: number;
-  /** A connection attempt not open after this long counts as failed, in ms (default 10000). */
+  /** A connection attempt not open (and authenticated, with a token) after this long counts as failed, in ms (default 10000). */
   connectTimeoutMs?: number;
   /** A connection open this long resets the backoff, in ms (default 10000). */
   stableAfterMs?: number;
@@ -82,13 +109,13 @@ export interface Subscription {
 }
 
 export declare class EventRouterError extends Error {
-  /** The server's error code (`invalid_pattern`, `too_many_subscriptions`, ...) or `closed`. */
+  /** The server's error code (`invalid_pattern`, `forbidden`, `unauthorized`, `rate_limited`, ...) or `closed`. */
   code: string;
   /** The server's message. */
   serverMessage: string;
-  /** The patterns the error concerns (`unavailable`). */
+  /** The patterns the error concerns (`forbidden`, `unavailable`). */
   events: string[];
-  /** Patterns of the same request that were subscribed (a partial `unavailable`); the handler holds them. */
+  /** Patterns of the same request that were subscribed (a partial `forbidden` or `unavailable`); the handler holds them. */
   subscribed: string[];
   /** The close code, when the connection ended under the request. */
   closeCode?: number;
@@ -113,6 +140,28 @@ export interface CloseDetail {
   policy?: ReconnectPolicy;
   byClient?: boolean;
 }
+export interface AuthenticatedDetail {
+  /** The token's subject. */
+  sub: string | null;
+  /** The token's expiry, Unix seconds (the JWT claim). */
+  exp: number;
+  /** The same in ms since the epoch. */
+  expiresAt: number;
+}
+export interface RefreshedDetail {
+  /** The new token's expiry, Unix seconds. */
+  exp: number;
+  /** The same in ms since the epoch. */
+  expiresAt: number;
+  /** Patterns the new token no longer allows; the server unsubscribed them. */
+  removed: string[];
+}
+export interface RevokedDetail {
+  /** Patterns dropped, with their handlers; they are not resubscribed. */
+  patterns: string[];
+  /** `refresh`: a refresh's `removed`; `forbidden`: refused when resubscribing with a new token. */
+  reason: "refresh" | "forbidden";
+}
 export interface ErrorDetail {
   error: Error;
   patterns?: string[];
@@ -124,6 +173,9 @@ export interface ClientEventMap {
   close: CustomEvent<CloseDetail>;
   event: CustomEvent<RouterEvent>;
   resubscribed: CustomEvent<{ patterns: string[] }>;
+  authenticated: CustomEvent<AuthenticatedDetail>;
+  refreshed: CustomEvent<RefreshedDetail>;
+  revoked: CustomEvent<RevokedDetail>;
   error: CustomEvent<ErrorDetail>;
 }
 
@@ -136,6 +188,10 @@ export declare class EventRouterClient extends EventTarget {
   /** Successful reconnects so far. */
   readonly reconnects: number;
   readonly lastClose: { code: number; reason: string; wasClean: boolean } | null;
+  /** The token's subject as the server accepted it; null when not authenticated. */
+  readonly subject: string | null;
+  /** The current connection's token expiry in ms since the epoch; null when not authenticated. */
+  readonly tokenExpiresAt: number | null;
   /** Id of the last event received. */
   lastEventId: string | null;
 
@@ -144,6 +200,8 @@ export declare class EventRouterClient extends EventTarget {
   subscribe(patterns: string | string[], handler: EventHandler): Promise<Subscription>;
   unsubscribe(patterns: string | string[], handler?: EventHandler): Promise<string[]>;
   ping(): Promise<number>;
+  /** Gets a token from the token function now and sends it as `refresh` (needs a function). */
+  refreshToken(): Promise<RefreshedDetail>;
 
   addEventListener<K extends keyof ClientEventMap>(
     type: K,

@@ -1,45 +1,74 @@
 // The event router's JavaScript client: one WebSocket to an event service, subscriptions with
-// promise replies, and reconnection that follows the service's close codes. Dependency-free; runs
-// in browsers and in Node (22+, or 20 with --experimental-websocket, or any WebSocket class passed
-// as `options.WebSocket`). The wire protocol and close codes are documented in the event service's
+// promise replies, token authentication and refresh, and reconnection that follows the service's
+// close codes. Dependency-free; runs in browsers and in Node (22+, or 20 with
+// --experimental-websocket, or any WebSocket class passed as `options.WebSocket`). The wire protocol and close codes are documented in the event service's
 // README; the numbers below are that table.
 
 /** Close codes the event service sends, and what the client does about each. */
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001, // the instance drains: reconnect promptly, the load balancer sends us elsewhere
+  PROTOCOL_ERROR: 1002, // we broke RFC 6455: a client (or WebSocket library) bug
   UNSUPPORTED_DATA: 1003, // we sent a binary frame: a client bug, retrying repeats it
   ABNORMAL: 1006, // no close frame (network failure, refused upgrade): back off
-  INVALID_PAYLOAD: 1007,
-  POLICY: 1008, // 10 invalid frames in a row: a client bug
+  INVALID_PAYLOAD: 1007, // we sent text that is not valid UTF-8: a client bug
+  POLICY: 1008, // 10 invalid frames (or 10 over the frame rate) in a row: a client bug
   TOO_BIG: 1009, // a frame over --max-frame-bytes: a client bug
   INTERNAL: 1011,
   SLOW_CONSUMER: 4000, // we read too slowly: back off, then catch up
   IDLE_TIMEOUT: 4001, // nothing reached the server for --idle-timeout: back off
   REBALANCE: 4002, // the server spreads load over new instances: reconnect promptly
+  TOKEN_EXPIRED: 4003, // the token reached its exp without a refresh: reconnect promptly, new token
+  UNAUTHORIZED: 4004, // the token was refused, or none was sent while one is required
+  AUTH_TIMEOUT: 4005, // no auth message within the server's handshake timeout: back off
 });
 
 /** Codes after which reconnecting would only repeat the same failure. */
 const FATAL_CODES = new Set([
+  CloseCode.PROTOCOL_ERROR,
   CloseCode.UNSUPPORTED_DATA,
   CloseCode.INVALID_PAYLOAD,
   CloseCode.POLICY,
   CloseCode.TOO_BIG,
 ]);
 
-/** Codes that ask the client to go elsewhere now: no backoff, a small jitter only. */
-const PROMPT_CODES = new Set([CloseCode.GOING_AWAY, CloseCode.REBALANCE]);
+/** Codes that ask the client to come back now: no backoff, a small jitter only. */
+const PROMPT_CODES = new Set([CloseCode.GOING_AWAY, CloseCode.REBALANCE, CloseCode.TOKEN_EXPIRED]);
 
 /**
  * How the client reacts to a close code: `prompt` (reconnect after a small jitter), `backoff`
  * (exponential backoff with full jitter) or `stop` (do not reconnect; report the close).
+ *
+ * `token` says what the client authenticates with: `none`, a `static` string or a `function`
+ * that is asked again on every connect. A refused token (4004) is only worth retrying when the
+ * next attempt may bring a different one.
  * @param {number} code
+ * @param {{token?: "none" | "static" | "function"}} [context]
  * @returns {"prompt" | "backoff" | "stop"}
  */
-export function reconnectPolicy(code) {
+export function reconnectPolicy(code, { token = "none" } = {}) {
   if (FATAL_CODES.has(code)) return "stop";
+  if (code === CloseCode.UNAUTHORIZED) return token === "function" ? "backoff" : "stop";
   if (PROMPT_CODES.has(code)) return "prompt";
   return "backoff";
+}
+
+/** The longest delay setTimeout takes (about 24.8 days); longer ones fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * How long to wait before refreshing a token that expires at `exp` (Unix seconds): `refreshBeforeMs`
+ * before it, but never later than half the remaining lifetime, so a short token is still
+ * refreshed in time (and refused refreshes can be retried before it runs out). 0 when the token
+ * has already expired.
+ * @param {number} exp the token's `exp`, Unix seconds
+ * @param {number} nowMs the current time, ms since the epoch
+ * @param {number} refreshBeforeMs
+ */
+export function refreshDelay(exp, nowMs, refreshBeforeMs) {
+  const remaining = exp * 1000 - nowMs;
+  if (!(remaining > 0)) return 0;
+  return Math.floor(Math.max(remaining - refreshBeforeMs, remaining / 2));
 }
 
 /**
@@ -105,6 +134,7 @@ const DEFAULTS = Object.freeze({
   stableAfterMs: 10_000,
   pingIntervalMs: 20_000,
   pongTimeoutMs: 10_000,
+  refreshBeforeMs: 30_000,
   autoConnect: true,
 });
 
@@ -114,6 +144,25 @@ function toPatterns(patterns) {
     throw new TypeError("patterns must be a non-empty string or array of strings");
   }
   return [...new Set(list)];
+}
+
+/** An `error` frame that refuses part of a subscribe (its `events`), the rest being answered apart. */
+function isPartialError(frame) {
+  return (
+    frame.op === "error" &&
+    (frame.code === "forbidden" || frame.code === "unavailable") &&
+    Array.isArray(frame.events) &&
+    frame.events.length > 0
+  );
+}
+
+/** The patterns listed by the error frames (of one code, or all). */
+function patternsOf(frames, code = null) {
+  return frames.filter((f) => code === null || f.code === code).flatMap((f) => f.events ?? []);
+}
+
+function errorFromFrame(frame, subscribed = []) {
+  return new EventRouterError(frame.code, frame.message, { events: frame.events, subscribed });
 }
 
 function makeEvent(type, detail) {
@@ -127,10 +176,11 @@ function makeEvent(type, detail) {
 /**
  * A connection to an event service.
  *
- * States: `idle` (not started), `connecting`, `open`, `reconnecting` (waiting out a delay),
- * `closed` (by `close()` or after a close code that must not be retried). Events (listen with
- * `addEventListener`; data in `event.detail`): `state`, `open`, `close`, `event`, `resubscribed`,
- * `error`.
+ * States: `idle` (not started), `connecting` (until the socket is open and, with a token,
+ * authenticated), `open`, `reconnecting` (waiting out a delay), `closed` (by `close()` or after a
+ * close code that must not be retried). Events (listen with `addEventListener`; data in
+ * `event.detail`): `state`, `authenticated`, `open`, `close`, `event`, `resubscribed`,
+ * `refreshed`, `revoked`, `error`.
  */
 export class EventRouterClient extends EventTarget {
   /**
@@ -152,6 +202,21 @@ export class EventRouterClient extends EventTarget {
       );
     }
     this._random = options.random ?? Math.random;
+    const token = options.token;
+    if (token != null && !(typeof token === "function" || (typeof token === "string" && token))) {
+      throw new TypeError("token must be a non-empty string or a function returning one");
+    }
+    /** `none`, `static` (a string) or `function` (asked on every connect and refresh). */
+    this._tokenKind = token == null ? "none" : typeof token === "function" ? "function" : "static";
+    /** The token being fetched for the connection being opened: a promise of {token} or {error}. */
+    this._pendingToken = null;
+    /** `{sub, exp}` of the current connection once authenticated. */
+    this._session = null;
+    this._refreshTimer = null;
+    /** Refreshes that failed (or did not extend the token) in a row: the backoff's exponent. */
+    this._refreshAttempt = 0;
+    /** The server's refusal of the last `auth`, to explain the 4004 that follows it. */
+    this._authError = null;
     this._state = "idle";
     this._ws = null;
     this._nextId = 1;
@@ -187,6 +252,19 @@ export class EventRouterClient extends EventTarget {
   /** Successful reconnects so far. */
   get reconnects() {
     return this._reconnects;
+  }
+
+  /** The token's subject (`sub`) as the server accepted it; null when not authenticated. */
+  get subject() {
+    return this._session?.sub ?? null;
+  }
+
+  /**
+   * When the current connection's token expires (its `exp`, in ms since the epoch, like
+   * `Date.now()`); null when not authenticated. Refreshing moves it.
+   */
+  get tokenExpiresAt() {
+    return typeof this._session?.exp === "number" ? this._session.exp * 1000 : null;
   }
 
   /** The last close seen: `{code, reason, wasClean}` or null. */
@@ -226,6 +304,8 @@ export class EventRouterClient extends EventTarget {
       }
     }
     const wasClosed = this._state === "closed";
+    this._session = null;
+    this._authError = null;
     this._setState("closed");
     const error = new EventRouterError("closed", "the client was closed");
     this._failAll(error);
@@ -257,8 +337,9 @@ export class EventRouterClient extends EventTarget {
         return { patterns: list, unsubscribe: () => this.unsubscribe(list, handler) };
       },
       (error) => {
-        // A partial `unavailable`: the server holds the patterns that did bind, so the handler
-        // holds them too (they are resubscribed and can be unsubscribed); the error lists both.
+        // A partial `forbidden` or `unavailable`: the server holds the patterns that were
+        // subscribed, so the handler holds them too (they are resubscribed and can be
+        // unsubscribed), and only them; the error lists both.
         if (error.subscribed?.length) hold(error.subscribed);
         throw error;
       },
@@ -304,11 +385,50 @@ export class EventRouterClient extends EventTarget {
     return Date.now() - started;
   }
 
+  /**
+   * Asks the token function for a new token now and sends it as a `refresh` (the client also does
+   * this on its own before the token expires). Resolves with `{exp, expiresAt, removed}` once the
+   * server accepted it; rejects with an `EventRouterError` (`unauthorized`: the connection keeps
+   * its current token) or the token function's error. Needs `options.token` to be a function
+   * and an authenticated connection.
+   * @returns {Promise<import("./index.d.ts").RefreshedDetail>}
+   */
+  refreshToken() {
+    return this._refresh(false);
+  }
+
+  async _refresh(scheduled) {
+    if (this._tokenKind !== "function") {
+      throw new TypeError("refreshToken() needs options.token to be a function");
+    }
+    const ws = this._ws;
+    if (this._state !== "open" || !this._session) {
+      throw new EventRouterError("closed", "not connected: the token is sent when the connection opens");
+    }
+    const token = await this._getToken();
+    if (this._ws !== ws || this._state !== "open") {
+      throw new EventRouterError("closed", "the connection closed while the token was fetched");
+    }
+    const req = this._newRequest("refresh", null, true);
+    req.token = token;
+    this._send(req);
+    return this._onRefreshed(await req.promise, scheduled);
+  }
+
   // --- connection -------------------------------------------------------------------------
 
   _open() {
     this._clearTimers();
     this._setState("connecting");
+    // The token is fetched while the socket opens: the server's handshake timeout runs from the
+    // upgrade, and the token function may have to ask the application's backend.
+    this._pendingToken =
+      this._tokenKind === "none"
+        ? null
+        : this._getToken().then(
+            (token) => ({ token }),
+            (error) => ({ error }),
+          );
     let ws;
     try {
       ws = new this._WebSocket(this.url);
@@ -331,7 +451,8 @@ export class EventRouterClient extends EventTarget {
     ws.onerror = () => {
       if (this._state === "connecting") this._abandon(ws, "connection failed");
     };
-    // A handshake that hangs (a black-holed SYN, a proxy that never answers) counts as failed.
+    // A handshake that hangs (a black-holed SYN, a proxy that never answers, a token function or
+    // an `auth` that never answers) counts as failed.
     this._connectTimer = setTimeout(() => {
       if (this._ws === ws && this._state === "connecting") this._abandon(ws, "connect timeout");
     }, this.options.connectTimeoutMs);
@@ -356,6 +477,68 @@ export class EventRouterClient extends EventTarget {
 
   _onOpen(ws) {
     if (this._ws !== ws) return;
+    if (this._tokenKind === "none") this._ready(ws);
+    else this._authenticate(ws);
+  }
+
+  /** The token, from the string or the function; rejects unless it is a non-empty string. */
+  async _getToken() {
+    const source = this.options.token;
+    const token = typeof source === "function" ? await source() : source;
+    if (typeof token !== "string" || token === "") {
+      throw new TypeError(`the token function returned ${token === "" ? "an empty string" : typeof token}, not a token`);
+    }
+    return token;
+  }
+
+  /**
+   * Sends `auth` as the connection's first message and nothing else until `authenticated`: the
+   * server closes a connection whose first request is anything else (4004). The state stays
+   * `connecting` meanwhile, so requests wait in the queue.
+   */
+  async _authenticate(ws) {
+    const { token, error } = await this._pendingToken;
+    if (this._ws !== ws) return;
+    if (error) {
+      // The application could not produce a token (its backend is down, the user logged out):
+      // a failed attempt like a refused connection, retried with backoff.
+      this._emit("error", { error });
+      this._abandon(ws, `no token: ${error.message}`);
+      return;
+    }
+    const req = this._newRequest("auth", null, true);
+    req.token = token;
+    this._send(req);
+    let frame;
+    try {
+      frame = await req.promise;
+    } catch (refused) {
+      if (this._ws !== ws || refused.code === "closed") return;
+      this._emit("error", { error: refused });
+      if (refused.code === "invalid_request" || refused.code === "unknown_op") {
+        // The server does not use authentication (it is off there, or the server predates it):
+        // it takes requests without a token, so go on unauthenticated (the error says so).
+        this._ready(ws);
+        return;
+      }
+      // `unauthorized`: the server closes with 4004 next, and the close decides what follows.
+      this._authError = refused;
+      return;
+    }
+    if (this._ws !== ws) return;
+    this._session = { sub: frame.sub ?? null, exp: frame.exp };
+    this._authError = null;
+    this._emit("authenticated", {
+      sub: this._session.sub,
+      exp: frame.exp,
+      expiresAt: this.tokenExpiresAt,
+    });
+    this._ready(ws);
+  }
+
+  /** The connection is usable: resubscribe, send what waited, start the timers. */
+  _ready(ws) {
+    if (this._ws !== ws) return;
     clearTimeout(this._connectTimer);
     const isReconnect = this._lastClose !== null;
     if (isReconnect) this._reconnects += 1;
@@ -373,8 +556,77 @@ export class EventRouterClient extends EventTarget {
     for (const req of this._requests.values()) {
       if (!req.internal) this._send(req);
     }
+    this._refreshAttempt = 0;
+    this._scheduleRefresh();
     this._emit("open", { url: this.url, reconnect: isReconnect, reconnects: this._reconnects });
     for (const waiter of this._opened.splice(0)) waiter.resolve();
+  }
+
+  /**
+   * Plans the next refresh: `refreshDelay` before the token's exp, or a backoff delay after
+   * refreshes that failed in a row. Only a token function can give a newer token.
+   */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (this._tokenKind !== "function" || typeof this._session?.exp !== "number") return;
+    const attempt = this._refreshAttempt;
+    const delay =
+      attempt === 0
+        ? refreshDelay(this._session.exp, Date.now(), this.options.refreshBeforeMs)
+        : backoffDelay(attempt - 1, this.options.backoff, this._random);
+    const wait = Math.min(delay, MAX_TIMER_MS);
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (wait < delay) this._scheduleRefresh();
+      else this._autoRefresh();
+    }, wait);
+  }
+
+  _autoRefresh() {
+    this._refresh(true).catch((error) => {
+      if (error.code === "closed" || this._state !== "open") return;
+      // Refused (`unauthorized`, `rate_limited`) or no token from the function: the current token
+      // stays valid until its exp, so try again with backoff. Should the token run out first, the
+      // server closes with 4003 and the client reconnects with a fresh one.
+      this._emit("error", { error });
+      this._refreshAttempt += 1;
+      this._scheduleRefresh();
+    });
+  }
+
+  _onRefreshed(frame, scheduled = false) {
+    const previous = this._session?.exp;
+    if (typeof frame.exp === "number" && this._session) this._session.exp = frame.exp;
+    const removed = Array.isArray(frame.removed) ? frame.removed : [];
+    this._revoke(removed, "refresh");
+    const detail = { exp: frame.exp, expiresAt: this.tokenExpiresAt, removed };
+    this._emit("refreshed", detail);
+    if (!(frame.exp > previous)) {
+      // The function gave a token that expires no later than the one in place (a cached one,
+      // say). Asked again at once, it would be asked ever faster until exp: back off instead.
+      if (scheduled) {
+        this._refreshAttempt += 1;
+        this._emit("error", {
+          error: new Error(
+            `the token function returned a token that expires no later than the current one (exp ${frame.exp}); asking again with backoff`,
+          ),
+        });
+      }
+    } else {
+      this._refreshAttempt = 0;
+    }
+    this._scheduleRefresh();
+    return detail;
+  }
+
+  /**
+   * Forgets patterns the token no longer allows: their handlers are dropped (nothing more can
+   * arrive for them) and they are not resubscribed. Emits `revoked`.
+   */
+  _revoke(patterns, reason) {
+    const dropped = patterns.filter((p) => this._handlers.delete(p));
+    if (dropped.length > 0) this._emit("revoked", { patterns: dropped, reason });
   }
 
   _resubscribe(only = null, attempt = 0) {
@@ -386,14 +638,26 @@ export class EventRouterClient extends EventTarget {
       () => this._emit("resubscribed", { patterns }),
       (error) => {
         if (error.code === "closed") return;
-        this._emit("error", { error, patterns: error.events });
+        // A partial failure may come as two errors (`forbidden` and `unavailable`): report each.
+        const errors = req.errors.length
+          ? req.errors.map((f) => errorFromFrame(f, req.acked))
+          : [error];
+        for (const e of errors) this._emit("error", { error: e, patterns: e.events });
+        const forbidden = patternsOf(req.errors, "forbidden");
+        const unavailable = patternsOf(req.errors, "unavailable");
+        // `forbidden`: the token of this connection (a new one since the patterns were granted)
+        // does not allow them; they are dropped for good, like a refresh's `removed`.
+        this._revoke(forbidden, "forbidden");
+        if (errors.every((e) => e.code === "forbidden") && req.acked.length > 0) {
+          this._emit("resubscribed", { patterns: req.acked });
+        }
         // `unavailable`: the broker could not bind these patterns right now; the handlers stay
         // and the client asks again with backoff while the connection lasts.
-        if (error.code === "unavailable" && error.events.length > 0 && this._state === "open") {
+        if (unavailable.length > 0 && this._state === "open") {
           const delay = backoffDelay(attempt, this.options.backoff, this._random);
           clearTimeout(this._rebindTimer);
           this._rebindTimer = setTimeout(() => {
-            if (this._state === "open") this._resubscribe(error.events, attempt + 1);
+            if (this._state === "open") this._resubscribe(unavailable, attempt + 1);
           }, delay);
         }
       },
@@ -404,13 +668,19 @@ export class EventRouterClient extends EventTarget {
   _onClosed({ code, reason, wasClean }) {
     this._clearTimers();
     this._lastClose = { code, reason, wasClean };
+    this._session = null;
+    const authError = this._authError;
+    this._authError = null;
     if (this._state === "closed") return;
-    const policy = reconnectPolicy(code);
+    const policy = reconnectPolicy(code, { token: this._tokenKind });
     if (policy === "stop") {
       this._setState("closed");
+      const why = [reason, code === CloseCode.UNAUTHORIZED ? authError?.serverMessage : null]
+        .filter(Boolean)
+        .join(": ");
       const error = new EventRouterError(
         "closed",
-        `the server closed the connection with ${code}${reason ? ` (${reason})` : ""}; not reconnecting, as retrying would repeat it`,
+        `the server closed the connection with ${code}${why ? ` (${why})` : ""}; not reconnecting, as retrying would repeat it`,
         { closeCode: code },
       );
       this._emit("close", { code, reason, wasClean, willReconnect: false });
@@ -423,6 +693,7 @@ export class EventRouterClient extends EventTarget {
     if (policy === "prompt") {
       // Many clients of the draining instance get this code at once: a small jitter spreads
       // them, the backoff is reset because nothing is wrong with the client or the network.
+      // (4003: the next connect asks the token function for a fresh token.)
       this._attempt = 0;
       delayMs = Math.floor(this._random() * this.options.promptJitterMs);
     } else {
@@ -467,8 +738,10 @@ export class EventRouterClient extends EventTarget {
     clearTimeout(this._connectTimer);
     clearTimeout(this._stableTimer);
     clearTimeout(this._rebindTimer);
+    clearTimeout(this._refreshTimer);
     clearInterval(this._heartbeat);
     this._timer = this._connectTimer = this._stableTimer = this._rebindTimer = this._heartbeat = null;
+    this._refreshTimer = null;
     this._pingSentAt = 0;
   }
 
@@ -487,7 +760,8 @@ export class EventRouterClient extends EventTarget {
 
   _newRequest(op, events, internal = false) {
     const id = this._nextId++;
-    const req = { id, op, events, internal, acked: [] };
+    // `acked` and `errors` collect the partial replies of a subscribe (see `_reply`).
+    const req = { id, op, events, internal, acked: [], errors: [] };
     req.promise = new Promise((resolve, reject) => {
       req.resolve = resolve;
       req.reject = reject;
@@ -513,6 +787,10 @@ export class EventRouterClient extends EventTarget {
   _send(req) {
     const frame = { op: req.op, id: req.id };
     if (req.events) frame.events = req.events;
+    if (req.token) frame.token = req.token;
+    // Sent again after a reconnect: only the new connection's replies count.
+    req.acked = [];
+    req.errors = [];
     this._sendRaw(frame);
   }
 
@@ -546,6 +824,8 @@ export class EventRouterClient extends EventTarget {
       case "subscribed":
       case "unsubscribed":
       case "pong":
+      case "authenticated":
+      case "refreshed":
       case "error":
         this._reply(frame);
         break;
@@ -565,25 +845,23 @@ export class EventRouterClient extends EventTarget {
       }
       return;
     }
-    if (frame.op === "error") {
+    if (req.op === "subscribe" && (frame.op === "subscribed" || isPartialError(frame))) {
+      // A subscribe may be answered in parts: the patterns that are not granted are refused
+      // first (`forbidden`), those that bound are acknowledged (`subscribed`), those the broker
+      // could not bind are refused last (`unavailable`), all with the request's id. It settles
+      // once every requested pattern is accounted for.
+      if (frame.op === "subscribed") req.acked.push(...(frame.events ?? []));
+      else req.errors.push(frame);
+      const answered = new Set([...req.acked, ...patternsOf(req.errors)]);
+      if (!req.events.every((p) => answered.has(p))) return;
       this._requests.delete(req.id);
-      req.reject(
-        new EventRouterError(frame.code, frame.message, {
-          events: frame.events,
-          subscribed: req.acked,
-        }),
-      );
+      if (req.errors.length === 0) req.resolve(frame);
+      else req.reject(errorFromFrame(req.errors[0], req.acked));
       return;
     }
-    if (frame.op === "subscribed") {
-      // Patterns that bound are acknowledged first; an `unavailable` error for the rest may
-      // follow with the same id, so wait until every requested pattern is accounted for.
-      req.acked.push(...(frame.events ?? []));
-      const acked = new Set(req.acked);
-      if (!req.events.every((p) => acked.has(p))) return;
-    }
     this._requests.delete(req.id);
-    req.resolve(frame);
+    if (frame.op === "error") req.reject(errorFromFrame(frame, req.acked));
+    else req.resolve(frame);
   }
 
   _dispatch(frame) {

@@ -1,9 +1,10 @@
-// The client's pure parts: topic matching, the reaction to each close code, the backoff bounds.
+// The client's pure parts: topic matching, the reaction to each close code, the backoff bounds,
+// when a token is refreshed.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { CloseCode, backoffDelay, reconnectPolicy, topicMatches } from "../index.js";
+import { CloseCode, backoffDelay, reconnectPolicy, refreshDelay, topicMatches } from "../index.js";
 
 test("topic patterns follow RabbitMQ's * and # rules", () => {
   const cases = [
@@ -38,7 +39,48 @@ test("each documented close code gets its reaction", () => {
   assert.equal(reconnectPolicy(CloseCode.IDLE_TIMEOUT), "backoff");
   assert.equal(reconnectPolicy(CloseCode.INTERNAL), "backoff");
   assert.equal(reconnectPolicy(CloseCode.ABNORMAL), "backoff");
-  for (const code of [1003, 1007, 1008, 1009]) assert.equal(reconnectPolicy(code), "stop", `${code}`);
+  for (const code of [1002, 1003, 1007, 1008, 1009]) assert.equal(reconnectPolicy(code), "stop", `${code}`);
+  assert.equal(CloseCode.PROTOCOL_ERROR, 1002);
+  assert.equal(CloseCode.INVALID_PAYLOAD, 1007);
+});
+
+test("authentication close codes: 4003 prompt, 4004 depends on the token, 4005 backoff", () => {
+  assert.deepEqual(
+    [CloseCode.TOKEN_EXPIRED, CloseCode.UNAUTHORIZED, CloseCode.AUTH_TIMEOUT],
+    [4003, 4004, 4005],
+  );
+  for (const token of ["none", "static", "function"]) {
+    assert.equal(reconnectPolicy(4003, { token }), "prompt", `4003 with ${token}`);
+    assert.equal(reconnectPolicy(4005, { token }), "backoff", `4005 with ${token}`);
+    // The policies that do not depend on the token stay the same with one.
+    assert.equal(reconnectPolicy(1001, { token }), "prompt");
+    assert.equal(reconnectPolicy(1002, { token }), "stop");
+    assert.equal(reconnectPolicy(1006, { token }), "backoff");
+  }
+  // The same refused token would be refused again; a function may return a new one.
+  assert.equal(reconnectPolicy(4004), "stop");
+  assert.equal(reconnectPolicy(4004, { token: "none" }), "stop");
+  assert.equal(reconnectPolicy(4004, { token: "static" }), "stop");
+  assert.equal(reconnectPolicy(4004, { token: "function" }), "backoff");
+});
+
+test("a token is refreshed refreshBeforeMs before exp, or at half its remaining lifetime", () => {
+  const now = 1_700_000_000_000;
+  const exp = (inMs) => (now + inMs) / 1000;
+  // A long token: 30 s before it expires.
+  assert.equal(refreshDelay(exp(3_600_000), now, 30_000), 3_570_000);
+  assert.equal(refreshDelay(exp(60_000), now, 30_000), 30_000);
+  // A short one: at half of what is left, so there is time to retry a refused refresh.
+  assert.equal(refreshDelay(exp(40_000), now, 30_000), 20_000);
+  assert.equal(refreshDelay(exp(3_000), now, 1_500), 1_500);
+  assert.equal(refreshDelay(exp(2_000), now, 1_500), 1_000);
+  assert.equal(refreshDelay(exp(1), now, 30_000), 0);
+  // Expired (or exp in the past by the local clock): at once.
+  assert.equal(refreshDelay(exp(0), now, 30_000), 0);
+  assert.equal(refreshDelay(exp(-5_000), now, 30_000), 0);
+  assert.equal(refreshDelay(Number.NaN, now, 30_000), 0);
+  // exp is in whole seconds; the delay is whole milliseconds.
+  assert.ok(Number.isInteger(refreshDelay(1_700_000_100.5, now + 333, 30_000)));
 });
 
 test("backoff grows exponentially up to the cap, with full jitter", () => {
