@@ -19,6 +19,9 @@
 #   LOADGEN_THREADS=1     worker threads of the load generator
 #   PORT=18080 ADMIN_PORT=19090   loopback ports for the service
 #   SERVICE_ARGS=""       extra flags for event-service (default settings otherwise)
+#   AUTH=0                1: authentication on. The service gets an HMAC secret file and a
+#                         publish-keys file; every connection sends {"op":"auth"} with an HS256
+#                         token before subscribing, and every publish carries its key
 #   RESULTS_DIR=<tmp>     where each run's JSON report is kept
 set -euo pipefail
 
@@ -39,8 +42,18 @@ LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 PORT="${PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-19090}"
 SERVICE_ARGS="${SERVICE_ARGS:-}"
+AUTH="${AUTH:-0}"
 RESULTS_DIR="${RESULTS_DIR:-$(mktemp -d -t eventrouter-bench.XXXXXX)}"
 mkdir -p "$RESULTS_DIR"
+
+auth_args=()
+if [ "$AUTH" = 1 ]; then
+  head -c 48 /dev/urandom | base64 | tr -d '\n' >"$RESULTS_DIR/hmac-secret"
+  publish_key="bench-$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')"
+  printf '[{"name":"bench","key":"%s"}]\n' "$publish_key" >"$RESULTS_DIR/publish-keys.json"
+  SERVICE_ARGS="$SERVICE_ARGS --auth-hmac-secret-file $RESULTS_DIR/hmac-secret --publish-keys-file $RESULTS_DIR/publish-keys.json"
+  auth_args=(--auth-secret-file "$RESULTS_DIR/hmac-secret" --publish-key "$publish_key")
+fi
 
 for tool in jq curl; do
   command -v "$tool" >/dev/null || { echo "bench.sh needs $tool on PATH" >&2; exit 1; }
@@ -103,7 +116,7 @@ stats() {
       end' "$@"
 }
 
-common=(--addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN_PORT")
+common=(--addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN_PORT" "${auth_args[@]}")
 
 # One scenario run against a fresh service: `run_once OUT SCENARIO [FLAGS...]` writes the JSON
 # report to OUT.
@@ -124,7 +137,7 @@ run_idle() {
     files+=("$out")
   done
   echo
-  echo "idle: $CONNECTIONS subscribed connections, default settings, $RUNS runs"
+  echo "idle: $CONNECTIONS subscribed connections, default settings, auth $([ "$AUTH" = 1 ] && echo on || echo off), $RUNS runs"
   echo "  established              $(stats established 0 "${files[@]}")"
   echo "  RSS per connection (B)   $(stats rss_per_connection_bytes 0 "${files[@]}")"
   echo "  RssAnon per conn (B)     $(stats rss_anon_per_connection_bytes 0 "${files[@]}")"
@@ -146,7 +159,7 @@ run_fanout() {
       files+=("$out")
     done
     echo
-    echo "fanout: $SUBSCRIBERS subscribers, rate $rate events/s (0 = full speed), $PAYLOAD_BYTES-byte data, $RUNS runs"
+    echo "fanout: $SUBSCRIBERS subscribers, rate $rate events/s (0 = full speed), $PAYLOAD_BYTES-byte data, auth $([ "$AUTH" = 1 ] && echo on || echo off), $RUNS runs"
     echo "  published events/s       $(stats publish_rate 0 "${files[@]}")"
     echo "  deliveries/s (overall)    $(stats deliveries_per_second 0 "${files[@]}")"
     echo "  deliveries/s (steady)     $(stats steady_deliveries_per_second 0 "${files[@]}")"

@@ -59,6 +59,16 @@ pub struct Common {
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
 
+    /// With authentication on: a file holding the service's HMAC secret. Every connection then
+    /// sends `{"op":"auth"}` with an HS256 token minted from it (subject `loadgen`, granting `#`,
+    /// valid for a day) before subscribing, as a browser client does.
+    #[arg(long)]
+    pub auth_secret_file: Option<std::path::PathBuf>,
+
+    /// With publish keys on: the key sent as `Authorization: Bearer` on every `POST /publish`.
+    #[arg(long)]
+    pub publish_key: Option<String>,
+
     /// Time allowed for one connection's connect, upgrade and subscription ack.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,

@@ -296,9 +296,12 @@ async fn measure(
     let accepted = Arc::new(AtomicU64::new(0));
     let mut publishers = JoinSet::new();
     for p in 0..args.publishers {
-        let client = HttpClient::connect(args.common.addr)
+        let mut client = HttpClient::connect(args.common.addr)
             .await
             .context("connecting a publisher")?;
+        if let Some(key) = &args.common.publish_key {
+            client.set_bearer(key).context("the publish key")?;
+        }
         publishers.spawn(publish(
             p,
             client,

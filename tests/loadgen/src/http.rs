@@ -33,6 +33,8 @@ pub enum HttpError {
 pub struct HttpClient {
     addr: SocketAddr,
     sender: http1::SendRequest<Full<Bytes>>,
+    /// `Authorization` sent with every request (a publish key).
+    authorization: Option<header::HeaderValue>,
 }
 
 impl HttpClient {
@@ -52,7 +54,19 @@ impl HttpClient {
                 tracing::debug!(%error, "HTTP connection ended");
             }
         });
-        Ok(Self { addr, sender })
+        Ok(Self {
+            addr,
+            sender,
+            authorization: None,
+        })
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every request from now on.
+    pub fn set_bearer(&mut self, key: &str) -> Result<(), HttpError> {
+        let value = header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|e| HttpError::Request(e.into()))?;
+        self.authorization = Some(value);
+        Ok(())
     }
 
     async fn send(
@@ -68,6 +82,9 @@ impl HttpClient {
             .header(header::HOST, self.addr.to_string());
         if let Some(ct) = content_type {
             builder = builder.header(header::CONTENT_TYPE, ct);
+        }
+        if let Some(auth) = &self.authorization {
+            builder = builder.header(header::AUTHORIZATION, auth.clone());
         }
         let request = builder.body(Full::new(body))?;
         self.sender.ready().await?;

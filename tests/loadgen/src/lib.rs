@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp_bench;
+pub mod auth;
 pub mod cli;
 pub mod fanout;
 pub mod frame;

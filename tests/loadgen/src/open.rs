@@ -47,6 +47,13 @@ pub async fn open_subscribed(
         path: common.ws_path.clone(),
     };
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
+    let token: Option<Arc<str>> = match &common.auth_secret_file {
+        None => None,
+        Some(path) => match crate::auth::mint_token(path) {
+            Ok(token) => Some(token.into()),
+            Err(error) => panic!("cannot mint a token from {}: {error}", path.display()),
+        },
+    };
     let mut tasks = JoinSet::new();
     let mut opened = Opened {
         connections: Vec::with_capacity(count),
@@ -72,13 +79,14 @@ pub async fn open_subscribed(
         let source = source_ip(common, i);
         let patterns = patterns(i);
         let timeout = common.handshake_timeout;
+        let token = token.clone();
         tasks.spawn(async move {
             let result = async {
                 let (stream, leftover) =
                     tokio::time::timeout(timeout, ws::connect(&target, source))
                         .await
                         .map_err(|_| ws::WsError::Timeout)??;
-                ws::subscribe(stream, leftover, &patterns, timeout).await
+                ws::subscribe(stream, leftover, &patterns, token.as_deref(), timeout).await
             }
             .await;
             drop(permit);

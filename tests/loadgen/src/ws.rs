@@ -184,22 +184,38 @@ pub fn subscribe_op(id: u64, patterns: &[String]) -> String {
     format!(r#"{{"op":"subscribe","id":{id},"events":{events}}}"#)
 }
 
-/// Sends `subscribe` and reads until its `subscribed` ack, answering pings on the way.
+/// The `auth` op carrying `token`.
+pub fn auth_op(token: &str) -> String {
+    let token = serde_json::to_string(token).unwrap_or_else(|_| "\"\"".to_owned());
+    format!(r#"{{"op":"auth","id":0,"token":{token}}}"#)
+}
+
+/// Sends `auth` (when a token is given) and `subscribe`, and reads until the `subscribed` ack,
+/// answering pings on the way. An `auth` refusal arrives as an `error` op and fails the call.
 pub async fn subscribe(
     mut stream: TcpStream,
     leftover: Vec<u8>,
     patterns: &[String],
+    token: Option<&str>,
     timeout: Duration,
 ) -> Result<Subscribed, WsError> {
     let op = subscribe_op(1, patterns);
+    let auth = token.map(auth_op);
     let work = async move {
-        stream
-            .write_all(&frame::encode_client_frame(
+        let mut first = Vec::new();
+        if let Some(auth) = &auth {
+            first.extend(frame::encode_client_frame(
                 opcode::TEXT,
-                op.as_bytes(),
+                auth.as_bytes(),
                 mask(),
-            ))
-            .await?;
+            ));
+        }
+        first.extend(frame::encode_client_frame(
+            opcode::TEXT,
+            op.as_bytes(),
+            mask(),
+        ));
+        stream.write_all(&first).await?;
         let mut scanner = Scanner::capturing();
         let mut state = AckState::default();
         let mut buf = vec![0u8; 4096];
