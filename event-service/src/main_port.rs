@@ -208,7 +208,8 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
             match auth.verify(token) {
                 Ok(verified) => {
                     metrics.auth_checks.with_label_values(&["ok"]).inc();
-                    Some(verified)
+                    // Boxed: the connection's task keeps this slot for its whole life.
+                    Some(Box::new(verified))
                 }
                 Err(error) => return unauthorized(&shared, error.label(), &error.to_string()),
             }
@@ -279,7 +280,7 @@ async fn run_session(
     fd: std::os::fd::RawFd,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    token: Option<Verified>,
+    token: Option<Box<Verified>>,
 ) {
     let id = shared.next_conn_id();
     let conn = Arc::new(ConnShared::new(id, peer));

@@ -90,7 +90,8 @@ enum Step {
 }
 
 /// Drives one upgraded connection until it ends; returns why it ended. `token` is the token the
-/// upgrade request's `Authorization` header carried, already verified.
+/// upgrade request's `Authorization` header carried, already verified (boxed: an async fn keeps
+/// its arguments for its whole life, and most connections have none).
 pub async fn run(
     ws: WebSocketStream<TcpStream>,
     fd: RawFd,
@@ -98,12 +99,12 @@ pub async fn run(
     hub: Arc<Hub>,
     metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
-    token: Option<Verified>,
+    token: Option<Box<Verified>>,
 ) -> DisconnectReason {
     let now = Instant::now();
     let auth = match (&settings.auth, token) {
         (None, _) => AuthState::Open,
-        (Some(_), Some(verified)) => AuthState::Token(TokenState::new(verified)),
+        (Some(_), Some(verified)) => AuthState::Token(TokenState::new(*verified)),
         (Some(_), None) => AuthState::Awaiting {
             deadline: settings
                 .anonymous
