@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::{Instant, SystemTime},
 };
@@ -100,6 +100,8 @@ pub struct ConnShared {
     recv_q: AtomicU32,
     send_q: AtomicU32,
     close: AtomicU8,
+    /// Set when a publisher gave up waiting for this connection to drain; cleared once it has.
+    stalled: AtomicBool,
     /// Canonical patterns this connection holds (kept by the hub under its per-pattern locks).
     pub(crate) patterns: Mutex<Vec<Box<str>>>,
 }
@@ -125,6 +127,7 @@ impl ConnShared {
             recv_q: AtomicU32::new(0),
             send_q: AtomicU32::new(0),
             close: AtomicU8::new(CLOSE_NONE),
+            stalled: AtomicBool::new(false),
             patterns: Mutex::new(Vec::new()),
         }
     }
@@ -194,6 +197,16 @@ impl ConnShared {
         let mut q = lock(&self.queue);
         q.bytes = q.bytes.saturating_sub(bytes);
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        if q.bytes == 0 {
+            // Caught up: publishers wait for this connection again.
+            self.stalled.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// True while publishers do not wait for this connection (it stopped draining; see
+    /// `source::Backlog`).
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Refuses further frames and empties the queue; returns how many frames were discarded.
@@ -254,6 +267,20 @@ impl ConnShared {
 
     pub fn subscription_count(&self) -> usize {
         lock(&self.patterns).len()
+    }
+}
+
+impl crate::source::Drainable for ConnShared {
+    fn pending_bytes(&self) -> u64 {
+        self.outbound_bytes.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.close_requested().is_some() || lock(&self.queue).closed
+    }
+
+    fn mark_stalled(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
     }
 }
 

@@ -25,7 +25,7 @@ use crate::{
     event::Event,
     protocol,
     service_metrics::{DropReason, ServiceMetrics},
-    source::{EventSink, Origin, Source, SourceError, Unavailable},
+    source::{Backlog, Dispatched, Drainable, EventSink, Origin, Source, SourceError, Unavailable},
     topics::TopicTrie,
 };
 
@@ -218,7 +218,15 @@ impl Hub {
             .is_empty()
     }
 
-    fn fan_out(&self, name: &str, frame: &Utf8Bytes, published: SystemTime) -> u64 {
+    /// Queues `frame` for every connection subscribed to `name`; collects into `heavy` the ones
+    /// left with more than half their queue bound.
+    fn fan_out(
+        &self,
+        name: &str,
+        frame: &Utf8Bytes,
+        published: SystemTime,
+        heavy: &mut Vec<Arc<dyn Drainable>>,
+    ) -> u64 {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         let mut first: Option<&Subscribers> = None;
         let mut more: Vec<&Subscribers> = Vec::new();
@@ -233,7 +241,8 @@ impl Hub {
             return 0;
         };
         let mut delivered = 0u64;
-        let mut push = |conn: &ConnShared| {
+        let high_water = (self.limits.max_bytes / 2) as u64;
+        let mut push = |conn: &Arc<ConnShared>| {
             delivered += self.count_push(conn.push(
                 Outgoing {
                     frame: frame.clone(),
@@ -241,6 +250,9 @@ impl Hub {
                 },
                 self.limits,
             ));
+            if conn.pending_bytes() > high_water && !conn.is_stalled() {
+                heavy.push(conn.clone());
+            }
         };
         if more.is_empty() {
             // The common case: one matching pattern, no de-duplication needed.
@@ -263,7 +275,7 @@ impl Hub {
 }
 
 impl EventSink for Hub {
-    fn dispatch(&self, event: Event, origin: Origin) {
+    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched {
         match origin {
             Origin::Memory => self.received_memory.inc(),
             Origin::Amqp => self.received_amqp.inc(),
@@ -273,11 +285,22 @@ impl EventSink for Hub {
             Err(error) => {
                 // Names are validated strings and data validated JSON, so this means a bug.
                 tracing::error!(%error, event = %event.name, "event frame is not UTF-8; dropped");
-                return;
+                return Dispatched {
+                    delivered: 0,
+                    backlog: None,
+                };
             }
         };
-        let delivered = self.fan_out(&event.name, &frame, event.time);
+        let mut heavy = Vec::new();
+        let delivered = self.fan_out(&event.name, &frame, event.time, &mut heavy);
         self.metrics.deliveries.inc_by(delivered);
+        Dispatched {
+            delivered,
+            backlog: (!heavy.is_empty()).then(|| Backlog {
+                recipients: heavy,
+                low_water: (self.limits.max_bytes / 4) as u64,
+            }),
+        }
     }
 }
 

@@ -23,6 +23,8 @@
 #                         publish-keys file; every connection sends {"op":"auth"} with an HS256
 #                         token before subscribing, and every publish carries its key
 #   RESULTS_DIR=<tmp>     where each run's JSON report is kept
+#   SERVICE_BIN=""        run this event-service binary instead of this checkout's release build
+#                         (e.g. another commit's, to compare side by side)
 set -euo pipefail
 
 scenario="${1:-all}"
@@ -62,7 +64,7 @@ done
 echo "building release binaries ..." >&2
 (cd "$root" && cargo build --release --quiet -p event-service -p eventrouter-loadgen)
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
-service_bin="$target_dir/release/event-service"
+service_bin="${SERVICE_BIN:-$target_dir/release/event-service}"
 loadgen_bin="$target_dir/release/loadgen"
 
 # Both processes hold one descriptor per connection.

@@ -16,7 +16,7 @@
 pub mod amqp;
 pub mod memory;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use crate::event::Event;
 
@@ -35,9 +35,87 @@ impl Origin {
     }
 }
 
+/// A recipient's outbound queue, as a publisher waiting for it to drain sees it.
+pub trait Drainable: Send + Sync {
+    /// Bytes queued for the recipient and not yet written to its socket.
+    fn pending_bytes(&self) -> u64;
+    /// True once the recipient is gone or closing (nothing to wait for).
+    fn is_closed(&self) -> bool;
+    /// Marks the recipient as not reading: publishers stop waiting for it until it has drained
+    /// its whole queue again.
+    fn mark_stalled(&self);
+}
+
+/// How long a backlog may go without any of its recipients draining before the publisher stops
+/// waiting for them: those recipients are not reading, and the queue bound decides about them.
+pub const BACKLOG_STALL: Duration = Duration::from_millis(500);
+
+/// How often a waiting publisher looks at the recipients' queues (after yielding a few times).
+const BACKLOG_POLL: Duration = Duration::from_millis(1);
+
+/// Times a waiting publisher yields before it sleeps between looks.
+const YIELDS_BEFORE_SLEEP: u32 = 16;
+
+/// Recipients whose queues a dispatch left more than half full: a publisher with more events to
+/// deliver waits for them to drain ([`Backlog::drained`]) to a quarter before going on, so a
+/// burst is paced by how fast clients read instead of overflowing every queue at once. A
+/// recipient that makes no progress for [`BACKLOG_STALL`] is marked stalled and not waited for
+/// again (the queue bound then decides about it), so one client that stopped reading delays a
+/// publisher once, not on every event.
+pub struct Backlog {
+    pub(crate) recipients: Vec<Arc<dyn Drainable>>,
+    /// Drained when every recipient is at or below this many bytes.
+    pub(crate) low_water: u64,
+}
+
+impl Backlog {
+    /// Waits until every recipient drained to the low-water mark or closed, or until none of
+    /// them made progress for [`BACKLOG_STALL`]. Never fails: a recipient that does not read is
+    /// left to the queue bound (close 4000 or drop-oldest) when the next events arrive.
+    pub async fn drained(mut self) {
+        let mut last_total = u64::MAX;
+        let mut last_progress = tokio::time::Instant::now();
+        let mut polls = 0u32;
+        loop {
+            let low = self.low_water;
+            self.recipients
+                .retain(|r| !r.is_closed() && r.pending_bytes() > low);
+            if self.recipients.is_empty() {
+                return;
+            }
+            let total: u64 = self.recipients.iter().map(|r| r.pending_bytes()).sum();
+            let now = tokio::time::Instant::now();
+            if total < last_total {
+                last_total = total;
+                last_progress = now;
+            } else if now.duration_since(last_progress) >= BACKLOG_STALL {
+                for r in &self.recipients {
+                    r.mark_stalled();
+                }
+                return;
+            }
+            // The writers usually catch up within a few scheduler rounds: yield first, and only
+            // then fall back to a timer.
+            polls += 1;
+            if polls <= YIELDS_BEFORE_SLEEP {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(BACKLOG_POLL).await;
+            }
+        }
+    }
+}
+
+/// What one dispatch did: deliveries queued, and the recipients it left with a large backlog
+/// (for a source with more to deliver to wait on; `None`: nobody is behind).
+pub struct Dispatched {
+    pub delivered: u64,
+    pub backlog: Option<Backlog>,
+}
+
 /// Receives events from a source. Implemented by the hub; must not block (fan-out only enqueues).
 pub trait EventSink: Send + Sync + 'static {
-    fn dispatch(&self, event: Event, origin: Origin);
+    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched;
 }
 
 /// Why a source could not do what was asked.
@@ -116,7 +194,7 @@ impl Source {
     /// the broker confirmed every one).
     pub async fn publish(&self, events: Vec<Event>) -> Result<usize, SourceError> {
         match self {
-            Source::Memory(s) => Ok(s.publish(events)),
+            Source::Memory(s) => Ok(s.publish(events).await),
             Source::Amqp(s) => s.publish(events).await,
         }
     }

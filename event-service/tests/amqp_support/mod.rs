@@ -15,7 +15,7 @@ use std::{
 
 use event_service::{
     event::Event,
-    source::{EventSink, Origin},
+    source::{Dispatched, EventSink, Origin},
 };
 use tokio::sync::Notify;
 
@@ -52,10 +52,14 @@ pub struct Collector {
 }
 
 impl EventSink for Collector {
-    fn dispatch(&self, event: Event, origin: Origin) {
+    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched {
         assert_eq!(origin, Origin::Amqp);
         self.events.lock().expect("collector lock").push(event);
         self.arrived.notify_waiters();
+        Dispatched {
+            delivered: 1,
+            backlog: None,
+        }
     }
 }
 

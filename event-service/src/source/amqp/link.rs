@@ -433,7 +433,14 @@ async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
         };
         let routing_key = delivery.routing_key.as_str();
         match message::decode(routing_key, &delivery.properties, delivery.data, max_bytes) {
-            Ok(event) => sink.dispatch(event, Origin::Amqp),
+            // Recipients more than half a queue behind: wait for them before taking the next
+            // delivery, so a burst stays at the broker (within the prefetch) instead of
+            // overflowing every client's queue.
+            Ok(event) => {
+                if let Some(backlog) = sink.dispatch(event, Origin::Amqp).backlog {
+                    backlog.drained().await;
+                }
+            }
             Err(reason) => {
                 source.metrics.malformed(reason);
                 malformed_log.log(reason, routing_key);
