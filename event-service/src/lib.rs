@@ -63,6 +63,9 @@ pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;
 pub mod event;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;
