@@ -138,7 +138,12 @@ pub fn patterns(data: &[u8]) {
         assert_eq!(topics::canonical(&c), c, "canonical is idempotent");
         assert!(valid(&c), "the canonical form of {p:?} is valid");
         assert!(containment::contains(p, p));
-        assert!(containment::contains(p, &c) && containment::contains(&c, p));
+        // Equivalent patterns contain each other; exactly so while the search stays within its
+        // bounds, which patterns of at most four words always do (longer ones may be answered
+        // "not contained", the documented safe answer).
+        if p.split('.').count() <= 4 {
+            assert!(containment::contains(p, &c) && containment::contains(&c, p));
+        }
         for n in &names {
             assert_eq!(topics::matches(p, n), topics::matches(&c, n), "{p} / {c} on {n}");
         }
