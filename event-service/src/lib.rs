@@ -68,6 +68,9 @@ pub(crate) mod connection;
 pub(crate) mod console;
 pub mod event;
 pub mod fd_budget;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;

@@ -314,10 +314,11 @@ impl Auth {
                 grant.len()
             )));
         }
-        let expires = UNIX_EPOCH
-            + Duration::from_secs(exp)
-                .checked_add(self.settings.leeway)
-                .unwrap_or(Duration::MAX / 2);
+        // `exp` is any u64 the signer chose: past what `SystemTime` holds, the far future.
+        let expires = Duration::from_secs(exp)
+            .checked_add(self.settings.leeway)
+            .and_then(|d| UNIX_EPOCH.checked_add(d))
+            .unwrap_or(UNIX_EPOCH + Duration::MAX / 2);
         Ok(Verified {
             subject,
             exp,

@@ -388,3 +388,16 @@ fn bad_settings_are_refused_at_start() {
             .contains("nope")
     );
 }
+
+#[test]
+fn an_exp_beyond_system_time_is_the_far_future_not_a_panic() {
+    // Found by review while fuzzing: `exp` + leeway past `SystemTime`'s range overflowed it.
+    let s = setup(settings());
+    let key = EncodingKey::from_secret(HMAC_SECRET).expect("hmac key");
+    for exp in [10_000_000_000_000_000_000u64, u64::MAX] {
+        let token = sign(Algorithm::HS256, &key, &json!({ "exp": exp }));
+        let v = s.auth.verify(&token).expect("a valid token");
+        assert_eq!(v.exp, exp);
+        assert!(v.expires > UNIX_EPOCH + Duration::from_secs(1 << 62));
+    }
+}

@@ -70,6 +70,11 @@ pub(crate) fn decode(
     })
 }
 
+/// Latest publish time taken from a message: the last second of year 9999. Event frames write
+/// the time in RFC 3339, which has no later years (and far larger values overflow `SystemTime`);
+/// a later time is ignored like a missing one.
+const MAX_PUBLISH_SECS: u64 = 253_402_300_799;
+
 /// The publish time: the millisecond header when present, else the AMQP timestamp (seconds).
 fn publish_time(properties: &BasicProperties) -> Option<SystemTime> {
     let from_header = properties
@@ -77,12 +82,12 @@ fn publish_time(properties: &BasicProperties) -> Option<SystemTime> {
         .as_ref()
         .and_then(|h| h.inner().get(TIMESTAMP_MS_HEADER))
         .and_then(integer)
-        .filter(|ms| *ms > 0)
+        .filter(|ms| *ms > 0 && *ms / 1000 <= MAX_PUBLISH_SECS)
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
     from_header.or_else(|| {
         properties
             .timestamp()
-            .filter(|s| *s > 0)
+            .filter(|s| *s > 0 && *s <= MAX_PUBLISH_SECS)
             .map(|s| UNIX_EPOCH + Duration::from_secs(s))
     })
 }
@@ -171,6 +176,32 @@ mod tests {
         let props = BasicProperties::default().with_timestamp(1_700_000_000);
         let e = decode("a", &props, b"1".to_vec(), 64).expect("a valid message");
         assert_eq!(e.time, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    }
+
+    #[test]
+    fn times_past_year_9999_are_ignored() {
+        // Found by fuzzing: such a time made the event frame's RFC 3339 formatting panic (and
+        // a seconds timestamp near `u64::MAX` overflowed `SystemTime`).
+        let last = UNIX_EPOCH + Duration::from_secs(MAX_PUBLISH_SECS);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            TIMESTAMP_MS_HEADER.into(),
+            AMQPValue::LongLongInt((MAX_PUBLISH_SECS as i64 + 1) * 1000),
+        );
+        for props in [
+            BasicProperties::default().with_headers(headers),
+            BasicProperties::default().with_timestamp(MAX_PUBLISH_SECS + 1),
+            BasicProperties::default().with_timestamp(u64::MAX),
+        ] {
+            let e = decode("a", &props, b"1".to_vec(), 64).expect("a valid message");
+            assert!(e.time < last, "receive time, not the message's");
+            let frame = crate::protocol::event_frame(&e);
+            assert!(serde_json::from_slice::<serde_json::Value>(&frame).is_ok());
+        }
+        let props = BasicProperties::default().with_timestamp(MAX_PUBLISH_SECS);
+        let e = decode("a", &props, b"1".to_vec(), 64).expect("a valid message");
+        assert_eq!(e.time, last);
+        assert!(e.time_rfc3339().starts_with("9999-12-31T23:59:59"));
     }
 
     #[test]

@@ -22,7 +22,7 @@
 mod broker_metrics;
 mod heartbeats;
 mod link;
-mod message;
+pub(crate) mod message;
 mod settings;
 
 use std::{
