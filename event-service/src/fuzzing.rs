@@ -35,8 +35,11 @@ const MAX_EVENTS: usize = 100;
 const MAX_PATTERN: usize = 255;
 const MAX_NAME: usize = 255;
 
+/// A harness: takes the fuzzer's bytes, panics on a finding.
+pub type Harness = fn(&[u8]);
+
 /// Every target: its name (the cargo-fuzz target and corpus directory) and its harness.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("client_frame", client_frame),
     ("patterns", patterns),
     ("token", token),
@@ -145,7 +148,11 @@ pub fn patterns(data: &[u8]) {
             assert!(containment::contains(p, &c) && containment::contains(&c, p));
         }
         for n in &names {
-            assert_eq!(topics::matches(p, n), topics::matches(&c, n), "{p} / {c} on {n}");
+            assert_eq!(
+                topics::matches(p, n),
+                topics::matches(&c, n),
+                "{p} / {c} on {n}"
+            );
         }
         trie.get_or_insert_with(p, || c.clone());
     }
@@ -221,10 +228,8 @@ fn auth() -> &'static Auth {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or_default();
-        let dir = std::env::temp_dir().join(format!(
-            "event-service-fuzz-{}-{nanos}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("event-service-fuzz-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create a temp dir");
         let secret = dir.join("hmac.secret");
         let public = dir.join("public.pem");
@@ -285,7 +290,10 @@ pub fn token(data: &[u8]) {
 
 fn check_verified(v: &Verified) {
     assert!(v.grant.len() <= MAX_GRANTED_PATTERNS);
-    assert!(v.grant.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    assert!(
+        v.grant.windows(2).all(|w| w[0] < w[1]),
+        "sorted, no duplicates"
+    );
     for p in v.grant.iter() {
         assert!(topics::validate_pattern(p, MAX_PATTERN).is_ok(), "{p:?}");
         assert_eq!(&topics::canonical(p), p);
@@ -311,7 +319,11 @@ pub fn publish(data: &[u8]) {
     };
     assert!(!events.is_empty());
     for e in &events {
-        assert!(validate_event_name(&e.name, MAX_NAME).is_ok(), "{:?}", e.name);
+        assert!(
+            validate_event_name(&e.name, MAX_NAME).is_ok(),
+            "{:?}",
+            e.name
+        );
         assert!(serde_json::from_slice::<IgnoredAny>(&e.data).is_ok());
         check_frame(e);
     }
@@ -422,7 +434,7 @@ mod tests {
 
     /// Runs every file under `dir` (when it exists) through `harness`; returns how many files
     /// there were and adds the ones that panic to `failed`.
-    fn replay(dir: &Path, harness: fn(&[u8]), failed: &mut Vec<String>) -> usize {
+    fn replay(dir: &Path, harness: Harness, failed: &mut Vec<String>) -> usize {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
         };
@@ -447,7 +459,11 @@ mod tests {
         let mut failed = Vec::new();
         for (target, harness) in TARGETS {
             let corpus = replay(&root.join("corpus").join(target), *harness, &mut failed);
-            let regressions = replay(&root.join("regressions").join(target), *harness, &mut failed);
+            let regressions = replay(
+                &root.join("regressions").join(target),
+                *harness,
+                &mut failed,
+            );
             assert!(corpus > 0, "no corpus committed for {target}");
             eprintln!("{target}: {corpus} corpus files, {regressions} regressions");
         }
