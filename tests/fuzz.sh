@@ -41,7 +41,7 @@ for t in "${targets[@]}"; do
     if cargo +nightly fuzz run "$t" -- \
         -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 -timeout=10 \
         >"$log" 2>&1; then
-        grep -E '^#[0-9]+[[:space:]]+DONE' "$log" || tail -n 5 "$log"
+        grep -aE '^#[0-9]+[[:space:]]+DONE' "$log" || tail -c 2000 "$log"
     else
         echo "!! $t failed:"
         tail -n 40 "$log"
