@@ -153,6 +153,16 @@ impl Session {
         }
     }
 
+    /// A refused `refresh`: counted under `label`, answered `unauthorized`; the connection and
+    /// its current token stay.
+    fn refuse_refresh(&mut self, id: Option<&RequestId>, label: &str, message: &str) {
+        self.metrics.auth_checks.with_label_values(&[label]).inc();
+        self.hub.reply(
+            &self.conn,
+            protocol::error(id, ErrorCode::Unauthorized, message, &[]),
+        );
+    }
+
     /// `refresh`: a new token for the same subject. A failed one leaves the current token in
     /// place (it still expires when it would have). Subscriptions the new grant no longer covers
     /// are removed, and the reply lists them.
@@ -174,36 +184,14 @@ impl Session {
         let verified = match auth.verify(token) {
             Ok(v) if v.subject == current.verified.subject => v,
             Ok(_) => {
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&["other_subject"])
-                    .inc();
-                self.hub.reply(
-                    &self.conn,
-                    protocol::error(
-                        id.as_ref(),
-                        ErrorCode::Unauthorized,
-                        "the new token is for another subject; reconnect to change identity",
-                        &[],
-                    ),
+                return self.refuse_refresh(
+                    id.as_ref(),
+                    "other_subject",
+                    "the new token is for another subject; reconnect to change identity",
                 );
-                return;
             }
             Err(error) => {
-                self.metrics
-                    .auth_checks
-                    .with_label_values(&[error.label()])
-                    .inc();
-                self.hub.reply(
-                    &self.conn,
-                    protocol::error(
-                        id.as_ref(),
-                        ErrorCode::Unauthorized,
-                        &error.to_string(),
-                        &[],
-                    ),
-                );
-                return;
+                return self.refuse_refresh(id.as_ref(), error.label(), &error.to_string());
             }
         };
         self.metrics.auth_checks.with_label_values(&["ok"]).inc();

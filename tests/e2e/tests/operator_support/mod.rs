@@ -96,22 +96,7 @@ pub async fn watched_namespace(prefix: &str) -> Watched {
 
 /// Create (or replace) Secret `name` whose key `url` holds `url`.
 pub async fn put_amqp_secret(client: &Client, ns: &str, name: &str, url: &str) {
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        string_data: Some([("url".to_string(), url.to_string())].into()),
-        ..Secret::default()
-    };
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        name,
-        &PatchParams::apply(TEST_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await
-    .expect("the Secret is written");
+    put_secret(client, ns, name, "url", url).await;
 }
 
 /// Create (or replace) Secret `name` whose key `key` holds `value`.
