@@ -18,6 +18,10 @@ ALL_TARGETS=(client_frame patterns token publish amqp_message)
 
 cd "$(dirname "$0")/../event-service"
 
+# libFuzzer's instrumentation needs a nightly toolchain; cargo-fuzz drives it.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    rustup toolchain install nightly --profile minimal
+fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
