@@ -97,6 +97,33 @@ pub mod env {
     pub const CLIENT_FRAME_RATE: &str = "EVENTROUTER_CLIENT_FRAME_RATE";
     /// Burst of frames one connection may send above the rate.
     pub const CLIENT_FRAME_BURST: &str = "EVENTROUTER_CLIENT_FRAME_BURST";
+
+    // Missed-event recovery (see the event service's README, "Recovery").
+    /// The RabbitMQ stream recoveries read (`--source amqp`); unset: no recovery from RabbitMQ.
+    pub const HISTORY_STREAM: &str = "EVENTROUTER_HISTORY_STREAM";
+    /// Events the embedded bus keeps for recovery (0: no history).
+    pub const HISTORY_MAX_EVENTS: &str = "EVENTROUTER_HISTORY_MAX_EVENTS";
+    /// Bytes of event data the embedded bus keeps, and the bound of a RabbitMQ recovery's window.
+    pub const HISTORY_MAX_BYTES: &str = "EVENTROUTER_HISTORY_MAX_BYTES";
+    /// How long the embedded bus keeps an event (and the stream's `x-max-age` when the service
+    /// declares it).
+    pub const HISTORY_MAX_AGE: &str = "EVENTROUTER_HISTORY_MAX_AGE";
+    /// Most events one `subscribe` with `since` replays; more answers `recovered: false`.
+    pub const RECOVERY_MAX_EVENTS: &str = "EVENTROUTER_RECOVERY_MAX_EVENTS";
+    /// Most recoveries one instance runs at once; more wait their turn.
+    pub const RECOVERY_MAX_CONCURRENT: &str = "EVENTROUTER_RECOVERY_MAX_CONCURRENT";
+}
+
+/// The router's history stream: the RabbitMQ stream (queue type `stream`) bound to the events
+/// exchange that missed-event recovery reads.
+pub mod history {
+    /// Appended to the events exchange's name to name the history stream.
+    pub const STREAM_SUFFIX: &str = ".history";
+
+    /// The history stream of a router whose events exchange is `exchange`.
+    pub fn default_stream(exchange: &str) -> String {
+        format!("{exchange}{STREAM_SUFFIX}")
+    }
 }
 
 /// The router's control exchange: where instances publish their load heartbeats.
