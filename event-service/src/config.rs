@@ -234,6 +234,30 @@ pub struct Config {
     #[arg(long, env = env::CLIENT_FRAME_BURST, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Per-client limits")]
     pub client_frame_burst: u32,
 
+    /// Events the embedded bus keeps for missed-event recovery (`subscribe` with `since`); 0: none.
+    #[arg(long, env = env::HISTORY_MAX_EVENTS, default_value_t = 10_000, help_heading = "Recovery")]
+    pub history_max_events: usize,
+
+    /// Bytes of events the embedded bus keeps; with RabbitMQ, the most one recovery window holds in memory.
+    #[arg(long, env = env::HISTORY_MAX_BYTES, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..), help_heading = "Recovery")]
+    pub history_max_bytes: u64,
+
+    /// How long the embedded bus keeps an event (the stream's `x-max-age` when the service declares it).
+    #[arg(long, env = env::HISTORY_MAX_AGE, default_value = "5m", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    pub history_max_age: Duration,
+
+    /// The RabbitMQ stream recoveries read (`--source amqp`); declared with the exchange by `--declare-exchange`. Unset: no recovery.
+    #[arg(long, env = env::HISTORY_STREAM, help_heading = "Recovery")]
+    pub history_stream: Option<String>,
+
+    /// Most events one `subscribe` with `since` replays; a longer gap answers `recovered: false`.
+    #[arg(long, env = env::RECOVERY_MAX_EVENTS, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Recovery")]
+    pub recovery_max_events: u32,
+
+    /// Most recoveries one instance runs at once; up to 16 times as many wait, more get `busy`.
+    #[arg(long, env = env::RECOVERY_MAX_CONCURRENT, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096), help_heading = "Recovery")]
+    pub recovery_max_concurrent: u32,
+
     /// How often each connection samples its kernel socket queues (SIOCINQ/SIOCOUTQ).
     #[arg(long, env = env::SOCKET_SAMPLE_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
     pub socket_sample_interval: Duration,

@@ -21,7 +21,11 @@ use std::{
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::{config::SlowConsumerPolicy, rebalance::Candidate};
+use crate::{
+    config::SlowConsumerPolicy,
+    history::merge::{Admit, Hold},
+    rebalance::Candidate,
+};
 
 /// Locks a std mutex, carrying on if a panicking holder poisoned it (the data stays consistent:
 /// every critical section here is a few field updates).
@@ -57,6 +61,8 @@ pub enum Pushed {
     Overflow { discarded: u64 },
     /// The connection is closing; nothing more is queued.
     Closed,
+    /// Not queued: a recovery already delivered this event to the connection.
+    Duplicate,
 }
 
 /// Why the server wants a connection closed (set by other tasks, acted on by the session).
@@ -79,6 +85,9 @@ struct OutQueue {
     /// Bytes of `frames` plus the batch the writer took and has not yet written.
     bytes: usize,
     closed: bool,
+    /// Set while a recovery runs on this connection (and shortly after); boxed, as almost no
+    /// connection ever has one.
+    hold: Option<Box<Hold>>,
 }
 
 /// The latest samples of one connection's queues, in bytes.
@@ -132,12 +141,101 @@ impl ConnShared {
         }
     }
 
-    /// Queues `out` under `limits`; wakes the connection's task when the queue was empty.
+    /// Queues `out` under `limits`; wakes the connection's task when the queue was empty. For
+    /// control replies and replayed events: a recovery's hold does not apply to them.
     pub fn push(&self, out: Outgoing, limits: QueueLimits) -> Pushed {
-        let len = out.frame.len();
         let mut q = lock(&self.queue);
+        let (pushed, wake) = self.push_locked(&mut q, out, limits);
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        pushed
+    }
+
+    /// Queues a live event with id hash `id`: like [`ConnShared::push`], except that while a
+    /// recovery runs the event is held for it (counted against the same bound), and an event the
+    /// last recovery already replayed is dropped as a duplicate.
+    pub fn push_event(&self, out: Outgoing, id: u64, limits: QueueLimits) -> Pushed {
+        let mut q = lock(&self.queue);
+        if let Some(hold) = q.hold.as_mut() {
+            match hold.admit(id, Instant::now()) {
+                Admit::Deliver => {
+                    if hold.is_idle() {
+                        q.hold = None;
+                    }
+                }
+                Admit::Duplicate => return Pushed::Duplicate,
+                Admit::Hold => return self.hold_locked(&mut q, id, out, limits),
+            }
+        }
+        let (pushed, wake) = self.push_locked(&mut q, out, limits);
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        pushed
+    }
+
+    fn hold_locked(
+        &self,
+        q: &mut MutexGuard<'_, OutQueue>,
+        id: u64,
+        out: Outgoing,
+        limits: QueueLimits,
+    ) -> Pushed {
         if q.closed {
             return Pushed::Closed;
+        }
+        let len = out.frame.len();
+        let mut dropped_oldest = 0u64;
+        let held = |q: &OutQueue| q.hold.as_ref().map_or(0, |h| h.held_bytes());
+        if q.bytes + held(q) > 0 && q.bytes + held(q) + len > limits.max_bytes {
+            match limits.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    let discarded =
+                        q.frames.len() as u64 + q.hold.as_mut().map_or(0, |h| h.discard()) + 1;
+                    self.overflow(q);
+                    return Pushed::Overflow { discarded };
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    while q.bytes + held(q) + len > limits.max_bytes {
+                        if q.hold.as_mut().and_then(|h| h.drop_oldest()).is_none() {
+                            break;
+                        }
+                        dropped_oldest += 1;
+                    }
+                    if q.bytes + held(q) > 0 && q.bytes + held(q) + len > limits.max_bytes {
+                        return Pushed::DroppedNew { dropped_oldest };
+                    }
+                }
+            }
+        }
+        if let Some(hold) = q.hold.as_mut() {
+            hold.hold(id, out);
+        }
+        Pushed::Queued { dropped_oldest }
+    }
+
+    /// Clears the queue and asks the connection to close as a slow consumer.
+    fn overflow(&self, q: &mut MutexGuard<'_, OutQueue>) {
+        q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
+        q.frames = VecDeque::new();
+        q.closed = true;
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        self.request_close(CloseRequest::SlowConsumer);
+    }
+
+    /// Returns what happened and whether the connection's task must be woken.
+    fn push_locked(
+        &self,
+        q: &mut MutexGuard<'_, OutQueue>,
+        out: Outgoing,
+        limits: QueueLimits,
+    ) -> (Pushed, bool) {
+        let len = out.frame.len();
+        if q.closed {
+            return (Pushed::Closed, false);
         }
         let mut dropped_oldest = 0u64;
         // The bound limits the backlog: one frame always fits into an empty queue, so an event
@@ -146,13 +244,8 @@ impl ConnShared {
             match limits.policy {
                 SlowConsumerPolicy::Disconnect => {
                     let discarded = q.frames.len() as u64 + 1;
-                    q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
-                    q.frames = VecDeque::new();
-                    q.closed = true;
-                    self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
-                    drop(q);
-                    self.request_close(CloseRequest::SlowConsumer);
-                    return Pushed::Overflow { discarded };
+                    self.overflow(q);
+                    return (Pushed::Overflow { discarded }, false);
                 }
                 SlowConsumerPolicy::DropOldest => {
                     while q.bytes + len > limits.max_bytes {
@@ -165,7 +258,7 @@ impl ConnShared {
                     if q.bytes > 0 && q.bytes + len > limits.max_bytes {
                         // What is left is the batch being written; it cannot be dropped.
                         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
-                        return Pushed::DroppedNew { dropped_oldest };
+                        return (Pushed::DroppedNew { dropped_oldest }, false);
                     }
                 }
             }
@@ -174,11 +267,53 @@ impl ConnShared {
         q.frames.push_back(out);
         q.bytes += len;
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        (Pushed::Queued { dropped_oldest }, was_empty)
+    }
+
+    /// A recovery begins: live events are held from now on (see [`Hold`]).
+    pub(crate) fn start_hold(&self) {
+        let mut q = lock(&self.queue);
+        q.hold.get_or_insert_with(Box::default).start();
+    }
+
+    /// A recovery ends: queues the held events the history did not replay (under the bound, in
+    /// arrival order) and drops `late` replayed ids arriving live until `late_until`. Returns
+    /// what each push did, for the caller's counters.
+    pub(crate) fn finish_hold(
+        &self,
+        replayed: &[u64],
+        late: Vec<u64>,
+        late_until: Instant,
+        limits: QueueLimits,
+    ) -> Vec<Pushed> {
+        let mut q = lock(&self.queue);
+        let Some(hold) = q.hold.as_mut() else {
+            return Vec::new();
+        };
+        let rest = hold.finish(replayed, late, late_until);
+        if hold.is_idle() {
+            q.hold = None;
+        }
+        let mut wake = false;
+        let pushed = rest
+            .into_iter()
+            .map(|out| {
+                let (p, w) = self.push_locked(&mut q, out, limits);
+                wake |= w;
+                p
+            })
+            .collect();
         drop(q);
-        if was_empty {
+        if wake {
             self.waker.wake();
         }
-        Pushed::Queued { dropped_oldest }
+        pushed
+    }
+
+    /// Bytes queued plus bytes a recovery holds (what a replay waits on to fit the bound).
+    pub(crate) fn queued_and_held_bytes(&self) -> usize {
+        let q = lock(&self.queue);
+        q.bytes + q.hold.as_ref().map_or(0, |h| h.held_bytes())
     }
 
     /// Moves every queued frame into `batch` (which the writer owns). The bytes stay counted
@@ -205,6 +340,10 @@ impl ConnShared {
 
     /// True while publishers do not wait for this connection (it stopped draining; see
     /// `source::Backlog`).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.close_requested().is_some() || lock(&self.queue).closed
+    }
+
     pub(crate) fn is_stalled(&self) -> bool {
         self.stalled.load(Ordering::Relaxed)
     }
@@ -213,7 +352,7 @@ impl ConnShared {
     pub(crate) fn close_queue(&self) -> u64 {
         let mut q = lock(&self.queue);
         q.closed = true;
-        let n = q.frames.len() as u64;
+        let n = q.frames.len() as u64 + q.hold.take().map_or(0, |mut h| h.discard());
         q.frames = VecDeque::new();
         q.bytes = 0;
         self.outbound_bytes.store(0, Ordering::Relaxed);

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::{
     connection::{ConnShared, Outgoing, Pushed, QueueLimits, lock},
     event::Event,
+    history::{History, Kept, id_hash},
     protocol,
     service_metrics::{DropReason, ServiceMetrics},
     source::{Backlog, Dispatched, Drainable, EventSink, Origin, Source, SourceError, Unavailable},
@@ -41,6 +42,7 @@ pub struct Hub {
     index: RwLock<TopicTrie<Subscribers>>,
     binds: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<BindState>>>>,
     source: OnceLock<Source>,
+    history: OnceLock<History>,
     metrics: ServiceMetrics,
     limits: QueueLimits,
     received_memory: IntCounter,
@@ -53,6 +55,7 @@ impl Hub {
             index: RwLock::new(TopicTrie::new()),
             binds: Mutex::new(HashMap::new()),
             source: OnceLock::new(),
+            history: OnceLock::new(),
             received_memory: metrics
                 .events_received
                 .with_label_values(&[Origin::Memory.as_str()]),
@@ -71,6 +74,30 @@ impl Hub {
 
     pub fn source(&self) -> Option<&Source> {
         self.source.get()
+    }
+
+    /// Sets the history recoveries read (once, at start).
+    pub fn set_history(&self, history: History) {
+        let _ = self.history.set(history);
+    }
+
+    /// The history recoveries read ([`History::Off`] until set).
+    pub fn history(&self) -> &History {
+        self.history.get().unwrap_or(&History::Off)
+    }
+
+    /// The outbound bound of every connection.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+
+    pub fn metrics(&self) -> &ServiceMetrics {
+        &self.metrics
+    }
+
+    /// Counts what pushes did (deliveries, drops); returns the deliveries.
+    pub fn count_pushes(&self, pushed: impl IntoIterator<Item = Pushed>) -> u64 {
+        pushed.into_iter().map(|p| self.count_push(p)).sum()
     }
 
     /// Queues a control reply (ack, pong, error) for one connection, under the same bound.
@@ -100,7 +127,7 @@ impl Hub {
                 self.metrics.dropped(DropReason::SlowConsumer, discarded);
                 0
             }
-            Pushed::Closed => 0,
+            Pushed::Closed | Pushed::Duplicate => 0,
         }
     }
 
@@ -223,6 +250,7 @@ impl Hub {
     fn fan_out(
         &self,
         name: &str,
+        id: u64,
         frame: &Utf8Bytes,
         published: SystemTime,
         heavy: &mut Vec<Arc<dyn Drainable>>,
@@ -243,11 +271,12 @@ impl Hub {
         let mut delivered = 0u64;
         let high_water = (self.limits.max_bytes / 2) as u64;
         let mut push = |conn: &Arc<ConnShared>| {
-            delivered += self.count_push(conn.push(
+            delivered += self.count_push(conn.push_event(
                 Outgoing {
                     frame: frame.clone(),
                     published: Some(published),
                 },
+                id,
                 self.limits,
             ));
             if conn.pending_bytes() > high_water && !conn.is_stalled() {
@@ -291,8 +320,21 @@ impl EventSink for Hub {
                 };
             }
         };
+        let id = id_hash(&event.id);
+        // Kept before the fan-out: a recovery that binds while this event is on its way finds
+        // it either in the ring or among its held live events (see `history`).
+        if origin == Origin::Memory
+            && let Some(History::Ring(ring)) = self.history.get()
+        {
+            ring.append(Arc::new(Kept {
+                name: event.name.as_str().into(),
+                id: event.id.as_str().into(),
+                time: event.time,
+                frame: frame.clone(),
+            }));
+        }
         let mut heavy = Vec::new();
-        let delivered = self.fan_out(&event.name, &frame, event.time, &mut heavy);
+        let delivered = self.fan_out(&event.name, id, &frame, event.time, &mut heavy);
         self.metrics.deliveries.inc_by(delivered);
         Dispatched {
             delivered,

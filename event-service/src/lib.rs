@@ -71,6 +71,7 @@ pub mod fd_budget;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod history;
 pub(crate) mod hub;
 pub(crate) mod main_port;
 pub(crate) mod protocol;

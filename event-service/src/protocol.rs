@@ -16,6 +16,9 @@ use crate::event::Event;
 /// Longest `id` a client may attach to a request (a string id; numbers are always fine).
 pub const MAX_ID_BYTES: usize = 64;
 
+/// Longest event id `since` may carry (an AMQP `message-id` is a short string: 255 bytes).
+pub const MAX_EVENT_ID_BYTES: usize = 255;
+
 /// A request id, echoed in the reply: a JSON number or a short string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -30,6 +33,8 @@ pub enum ClientOp {
     Subscribe {
         id: Option<RequestId>,
         events: Vec<String>,
+        /// The id of the last event the client received: replay what it missed since then.
+        since: Option<String>,
     },
     Unsubscribe {
         id: Option<RequestId>,
@@ -118,6 +123,8 @@ struct Envelope<'a> {
     events: Option<serde_json::Value>,
     #[serde(default)]
     token: Option<serde_json::Value>,
+    #[serde(default)]
+    since: Option<serde_json::Value>,
 }
 
 /// Parses one client text frame. `max_events` bounds the `events` list (the subscription limit),
@@ -179,10 +186,26 @@ pub fn parse_client_frame(text: &str, max_events: usize) -> Result<ClientOp, Par
             .collect()
     };
     match op.as_ref() {
-        "subscribe" => Ok(ClientOp::Subscribe {
-            events: events(env.events)?,
-            id,
-        }),
+        "subscribe" => {
+            let events = events(env.events)?;
+            let since = match env.since {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s))
+                    if !s.is_empty() && s.len() <= MAX_EVENT_ID_BYTES =>
+                {
+                    Some(s)
+                }
+                Some(_) => {
+                    return Err(fail(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "\"since\" must be an event id: a non-empty string of at most {MAX_EVENT_ID_BYTES} bytes"
+                        ),
+                    ));
+                }
+            };
+            Ok(ClientOp::Subscribe { events, id, since })
+        }
         "unsubscribe" => Ok(ClientOp::Unsubscribe {
             events: events(env.events)?,
             id,
@@ -242,6 +265,9 @@ enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
         events: &'a [String],
+        /// Only when the request carried `since`: whether every missed event follows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Unsubscribed {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -282,7 +308,21 @@ fn encode(reply: &Reply<'_>) -> String {
 }
 
 pub fn subscribed(id: Option<&RequestId>, events: &[String]) -> String {
-    encode(&Reply::Subscribed { id, events })
+    encode(&Reply::Subscribed {
+        id,
+        events,
+        recovered: None,
+    })
+}
+
+/// The answer to a `subscribe` with `since`: `recovered` says whether the events missed since
+/// then follow (in order, before any live event of these patterns) or could not be replayed.
+pub fn subscribed_since(id: Option<&RequestId>, events: &[String], recovered: bool) -> String {
+    encode(&Reply::Subscribed {
+        id,
+        events,
+        recovered: Some(recovered),
+    })
 }
 
 pub fn unsubscribed(id: Option<&RequestId>, events: &[String]) -> String {
@@ -352,6 +392,18 @@ mod tests {
             Ok(ClientOp::Subscribe {
                 id: Some(RequestId::Number(1)),
                 events: vec!["order.created".into(), "user.42.*".into()],
+                since: None,
+            })
+        );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"op":"subscribe","events":["a"],"since":"0190a1b2-0000-7000-8000-000000000000"}"#,
+                10
+            ),
+            Ok(ClientOp::Subscribe {
+                id: None,
+                events: vec!["a".into()],
+                since: Some("0190a1b2-0000-7000-8000-000000000000".into()),
             })
         );
         assert_eq!(
@@ -455,6 +507,10 @@ mod tests {
         assert_eq!(
             subscribed(Some(&id), &["a.*".into()]),
             r#"{"op":"subscribed","id":1,"events":["a.*"]}"#
+        );
+        assert_eq!(
+            subscribed_since(None, &["a.*".into()], false),
+            r#"{"op":"subscribed","events":["a.*"],"recovered":false}"#
         );
         assert_eq!(pong(None), r#"{"op":"pong"}"#);
         assert_eq!(

@@ -25,6 +25,10 @@ use crate::{
     config::{Config, SourceKind},
     connection::{CloseRequest, QueueLimits},
     event::Event,
+    history::{
+        History,
+        ring::{Ring, RingLimits},
+    },
     hub::Hub,
     main_port,
     rebalancer::{self, RebalanceMetrics},
@@ -123,6 +127,16 @@ pub(crate) async fn serve_observed(
         ),
     };
     hub.set_source(source.clone());
+    hub.set_history(match &source {
+        Source::Memory(_) if config.history_max_events > 0 => {
+            History::Ring(Arc::new(Ring::new(RingLimits {
+                max_events: config.history_max_events,
+                max_bytes: usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
+                max_age: config.history_max_age,
+            })))
+        }
+        _ => History::Off,
+    });
     let rebalance_metrics = RebalanceMetrics::register(&registry)?;
     access.spawn_maintenance(config.auth_reload_interval, background.clone());
     let shared = Arc::new(Shared::new(config, registry, metrics, hub, access));

@@ -169,6 +169,10 @@ pub struct ServiceMetrics {
     pub publish_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub accept_shed: IntCounter,
+    pub recoveries: IntCounterVec,
+    pub recovered_events: IntCounter,
+    pub recoveries_active: IntGauge,
+    pub recoveries_waiting: IntGauge,
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -289,6 +293,20 @@ impl ServiceMetrics {
                 names::ACCEPT_SHED,
                 "Clients answered 503 and closed because the process was out of file descriptors.",
             )?,
+            recoveries: counter_vec(
+                names::RECOVERIES,
+                "Subscribe requests with `since`, by result (recovered, unknown, too_many, unavailable, off, busy).",
+                "result",
+            )?,
+            recovered_events: IntCounter::new(
+                names::RECOVERED_EVENTS,
+                "Events replayed to recovering clients.",
+            )?,
+            recoveries_active: gauge(names::RECOVERIES_ACTIVE, "Recoveries running now.")?,
+            recoveries_waiting: gauge(
+                names::RECOVERIES_WAITING,
+                "Recoveries waiting for a turn (--recovery-max-concurrent).",
+            )?,
             auth_checks: counter_vec(
                 names::AUTH_CHECKS,
                 "Connection-token checks (upgrade header, auth and refresh), by result.",
@@ -328,11 +346,25 @@ impl ServiceMetrics {
             Box::new(m.publish_rejected.clone()),
             Box::new(m.accept_errors.clone()),
             Box::new(m.accept_shed.clone()),
+            Box::new(m.recoveries.clone()),
+            Box::new(m.recovered_events.clone()),
+            Box::new(m.recoveries_active.clone()),
+            Box::new(m.recoveries_waiting.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
         }
         // Pre-create every labelled series so dashboards see zeros rather than gaps.
+        for r in [
+            "recovered",
+            "unknown",
+            "too_many",
+            "unavailable",
+            "off",
+            "busy",
+        ] {
+            m.recoveries.with_label_values(&[r]);
+        }
         for r in RejectReason::iter() {
             m.connections_rejected.with_label_values(&[r.as_str()]);
         }

@@ -114,6 +114,13 @@ impl Shared {
                 auth_timeout: config.handshake_timeout,
                 frame_rate: config.client_frame_rate,
                 frame_burst: config.client_frame_burst,
+                recovery: Arc::new(crate::history::Recovery::new(
+                    crate::history::ReadLimits {
+                        max_events: config.recovery_max_events as usize,
+                        max_bytes: usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
+                    },
+                    config.recovery_max_concurrent as usize,
+                )),
             }),
             access,
             conn_closed: Notify::new(),

@@ -250,6 +250,15 @@ pub mod metrics {
     pub const ACCEPT_ERRORS: &str = "eventrouter_accept_errors_total";
     /// Counter: connections answered 503 and closed because the process was out of file descriptors.
     pub const ACCEPT_SHED: &str = "eventrouter_accept_shed_total";
+    /// Counter, label `result`: `subscribe` requests with `since` (`recovered`, `unknown`,
+    /// `too_many`, `unavailable`, `off`, `busy`).
+    pub const RECOVERIES: &str = "eventrouter_recoveries_total";
+    /// Counter: events replayed to recovering clients.
+    pub const RECOVERED_EVENTS: &str = "eventrouter_recovered_events_total";
+    /// Gauge: recoveries running now (at most `--recovery-max-concurrent`).
+    pub const RECOVERIES_ACTIVE: &str = "eventrouter_recoveries_active";
+    /// Gauge: recoveries waiting for a turn.
+    pub const RECOVERIES_WAITING: &str = "eventrouter_recoveries_waiting";
 
     /// Every metric above, for checks that must cover them all.
     pub const ALL: &[&str] = &[
@@ -291,6 +300,10 @@ pub mod metrics {
         PUBLISH_REJECTED,
         ACCEPT_ERRORS,
         ACCEPT_SHED,
+        RECOVERIES,
+        RECOVERED_EVENTS,
+        RECOVERIES_ACTIVE,
+        RECOVERIES_WAITING,
     ];
 }
 

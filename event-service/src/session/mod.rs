@@ -13,6 +13,7 @@
 
 mod auth;
 mod ops;
+mod recover;
 
 use auth::{AuthState, TokenState};
 use ops::run_op;
@@ -79,6 +80,8 @@ pub struct SessionSettings {
     /// Text frames per second per connection (0: no limit) and the burst above it.
     pub frame_rate: f64,
     pub frame_burst: u32,
+    /// Missed-event recovery: its bounds and the instance's concurrency gate.
+    pub recovery: Arc<crate::history::Recovery>,
 }
 
 enum Step {

@@ -40,9 +40,9 @@ pub(super) async fn run_op(
     grant: Option<Arc<[String]>>,
     op: ClientOp,
 ) {
-    let (id, events, subscribe) = match op {
-        ClientOp::Subscribe { id, events } => (id, events, true),
-        ClientOp::Unsubscribe { id, events } => (id, events, false),
+    let (id, events, subscribe, since) = match op {
+        ClientOp::Subscribe { id, events, since } => (id, events, true, since),
+        ClientOp::Unsubscribe { id, events } => (id, events, false, None),
         ClientOp::Ping { id } => {
             hub.reply(conn, protocol::pong(id.as_ref()));
             return;
@@ -73,7 +73,9 @@ pub(super) async fn run_op(
         }
         patterns = allowed;
     }
-    if subscribe {
+    if let Some(since) = since {
+        super::recover::subscribe_since(hub, conn, settings, id.as_ref(), patterns, since).await;
+    } else if subscribe {
         subscribe_all(hub, conn, settings, id.as_ref(), patterns).await;
     } else {
         for (_, canon) in &patterns {
@@ -84,6 +86,83 @@ pub(super) async fn run_op(
     }
 }
 
+/// Checks that `patterns` fit the connection's subscription limit; the error reply otherwise.
+pub(super) fn check_room(
+    conn: &ConnShared,
+    settings: &SessionSettings,
+    patterns: &[(String, String)],
+) -> Result<(), String> {
+    let held = crate::connection::lock(&conn.patterns);
+    let mut fresh: Vec<&str> = patterns
+        .iter()
+        .map(|(_, c)| c.as_str())
+        .filter(|c| !held.iter().any(|h| &**h == *c))
+        .collect();
+    fresh.sort_unstable();
+    fresh.dedup();
+    if held.len() + fresh.len() > settings.max_subscriptions {
+        return Err(format!(
+            "this connection holds {} patterns; {} more would exceed the limit of {}",
+            held.len(),
+            fresh.len(),
+            settings.max_subscriptions
+        ));
+    }
+    Ok(())
+}
+
+/// What binding a request's patterns did.
+pub(super) struct Bound {
+    /// The patterns as sent, then canonical, that are subscribed now.
+    pub ok: Vec<(String, String)>,
+    pub failed: Vec<String>,
+    pub last_error: Option<crate::source::SourceError>,
+}
+
+/// Subscribes `conn` to every pattern (binding at the source where needed).
+pub(super) async fn bind_all(
+    hub: &Hub,
+    conn: &Arc<ConnShared>,
+    patterns: Vec<(String, String)>,
+) -> Bound {
+    let mut bound = Bound {
+        ok: Vec::new(),
+        failed: Vec::new(),
+        last_error: None,
+    };
+    for (sent, canon) in patterns {
+        match hub.subscribe(conn, &canon).await {
+            Ok(()) => bound.ok.push((sent, canon)),
+            Err(error) => {
+                tracing::warn!(conn = conn.id, pattern = %canon, %error, "bind failed");
+                bound.last_error = Some(error);
+                bound.failed.push(sent);
+            }
+        }
+    }
+    bound
+}
+
+/// Replies the error for patterns that could not be bound.
+pub(super) fn reply_bind_error(
+    hub: &Hub,
+    conn: &ConnShared,
+    id: Option<&RequestId>,
+    bound: &Bound,
+) {
+    if let Some(error) = &bound.last_error {
+        hub.reply(
+            conn,
+            protocol::error(
+                id,
+                ErrorCode::Unavailable,
+                &error.to_string(),
+                &bound.failed,
+            ),
+        );
+    }
+}
+
 async fn subscribe_all(
     hub: &Hub,
     conn: &Arc<ConnShared>,
@@ -91,54 +170,20 @@ async fn subscribe_all(
     id: Option<&RequestId>,
     patterns: Vec<(String, String)>,
 ) {
-    let new: usize = {
-        let held = crate::connection::lock(&conn.patterns);
-        let mut fresh: Vec<&str> = patterns
-            .iter()
-            .map(|(_, c)| c.as_str())
-            .filter(|c| !held.iter().any(|h| &**h == *c))
-            .collect();
-        fresh.sort_unstable();
-        fresh.dedup();
-        if held.len() + fresh.len() > settings.max_subscriptions {
-            let message = format!(
-                "this connection holds {} patterns; {} more would exceed the limit of {}",
-                held.len(),
-                fresh.len(),
-                settings.max_subscriptions
-            );
-            drop(held);
-            hub.reply(
-                conn,
-                protocol::error(id, ErrorCode::TooManySubscriptions, &message, &[]),
-            );
-            return;
-        }
-        fresh.len()
-    };
-    tracing::trace!(conn = conn.id, new, "subscribing");
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    let mut last_error = None;
-    for (sent, canon) in patterns {
-        match hub.subscribe(conn, &canon).await {
-            Ok(()) => ok.push(sent),
-            Err(error) => {
-                tracing::warn!(conn = conn.id, pattern = %canon, %error, "bind failed");
-                last_error = Some(error);
-                failed.push(sent);
-            }
-        }
-    }
-    if !ok.is_empty() {
-        hub.reply(conn, protocol::subscribed(id, &ok));
-    }
-    if let Some(error) = last_error {
+    if let Err(message) = check_room(conn, settings, &patterns) {
         hub.reply(
             conn,
-            protocol::error(id, ErrorCode::Unavailable, &error.to_string(), &failed),
+            protocol::error(id, ErrorCode::TooManySubscriptions, &message, &[]),
         );
+        return;
     }
+    tracing::trace!(conn = conn.id, "subscribing");
+    let bound = bind_all(hub, conn, patterns).await;
+    if !bound.ok.is_empty() {
+        let sent: Vec<String> = bound.ok.iter().map(|(s, _)| s.clone()).collect();
+        hub.reply(conn, protocol::subscribed(id, &sent));
+    }
+    reply_bind_error(hub, conn, id, &bound);
 }
 
 #[cfg(test)]
