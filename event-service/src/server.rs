@@ -28,6 +28,7 @@ use crate::{
     history::{
         History,
         ring::{Ring, RingLimits},
+        stream::StreamHistory,
     },
     hub::Hub,
     main_port,
@@ -135,7 +136,15 @@ pub(crate) async fn serve_observed(
                 max_age: config.history_max_age,
             })))
         }
-        _ => History::Off,
+        Source::Amqp(amqp) => match amqp.history_stream() {
+            Some(stream) => History::Stream(Arc::new(StreamHistory::new(
+                amqp.clone(),
+                stream.to_owned(),
+                usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
+            ))),
+            None => History::Off,
+        },
+        Source::Memory(_) => History::Off,
     });
     let rebalance_metrics = RebalanceMetrics::register(&registry)?;
     access.spawn_maintenance(config.auth_reload_interval, background.clone());

@@ -1,18 +1,446 @@
-//! RabbitMQ's history: the router's stream.
-use std::time::Instant;
+//! RabbitMQ's history: the router's stream (queue type `stream`), bound to the events exchange.
+//!
+//! Recoveries on one instance share one reader and one in-memory *window*: a contiguous piece of
+//! the stream, every event in it (not only the ones some client wanted), bounded by
+//! `--history-max-bytes`. A recovery whose `since` is in the window and whose bindings took effect
+//! before the window's last end marker is answered from memory. Otherwise the reader extends the
+//! window to the stream's current end, or, when `since` is not in it, starts a new window a few
+//! seconds before `since`'s time (event ids are UUIDv7: their first 48 bits are the publish
+//! time in milliseconds). So a thousand clients reconnecting after the same outage cost one read
+//! of the stream, not a thousand.
+//!
+//! The end of the stream is found with a marker: the reader publishes a message of its own to the
+//! stream (through the default exchange) after attaching, then reads until that message. Every
+//! event routed before the marker was published precedes it in the stream, which is what makes
+//! the hand-over exact (see the parent module). Markers carry the header [`MARKER_HEADER`] and are
+//! skipped by every reader.
+//!
+//! The reader has a connection of its own (opened on the first recovery, kept while recoveries
+//! come, closed after [`IDLE_CLOSE`] without any), so a long read never delays the live consumer.
 
-use super::{Lookup, ReadLimits};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
-pub struct StreamHistory {}
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio::sync::Mutex;
+
+use super::{Kept, Lookup, ReadLimits, id_hash};
+use crate::source::amqp::{AmqpSource, message};
+
+/// Header marking the reader's end-of-stream markers.
+pub const MARKER_HEADER: &str = "x-eventrouter-marker";
+
+/// How far before `since`'s time a new window starts: covers clock differences between the
+/// publisher and the broker, and chunk boundaries (a stream is attached to at chunk granularity).
+pub const START_SKEW: Duration = Duration::from_secs(5);
+
+/// Longest one read of the stream may take before the recoveries waiting on it give up
+/// (`recovered: false`).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages the broker may push to the reader before acknowledgements (the stream consumer's
+/// credit).
+const READ_PREFETCH: u16 = 2000;
+
+/// The reader's connection is closed after this long without a recovery.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// The time a UUIDv7 event id was made at; `None` for any other id.
+pub fn uuid_v7_time(id: &str) -> Option<SystemTime> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// The history read from the router's stream.
+pub struct StreamHistory {
+    source: Arc<AmqpSource>,
+    stream: String,
+    max_bytes: usize,
+    reader: Mutex<Reader>,
+}
+
+#[derive(Default)]
+struct Reader {
+    link: Option<(Connection, Instant)>,
+    window: Window,
+}
+
+/// A contiguous piece of the stream, oldest first.
+#[derive(Default)]
+struct Window {
+    events: VecDeque<(u64, Arc<Kept>)>,
+    /// Id hash -> offset of the newest event with that id.
+    by_id: HashMap<u64, u64>,
+    bytes: usize,
+    /// Where the next extension starts (one past the last offset read, markers included).
+    next_offset: Option<u64>,
+    /// The window holds every event routed to the stream before this instant (when its last
+    /// marker was published), from `complete_from` on.
+    covered_until: Option<Instant>,
+    /// The window holds every event the stream kept with a publish time from here on (the time
+    /// it was started at, later when the byte bound dropped its oldest events).
+    complete_from: Option<SystemTime>,
+    /// The byte bound dropped events from the front since the window started.
+    trimmed: bool,
+}
+
+impl Window {
+    fn clear(&mut self) {
+        *self = Window::default();
+    }
+
+    fn push(&mut self, offset: u64, kept: Arc<Kept>, max_bytes: usize) {
+        self.bytes += kept.size();
+        self.by_id.insert(id_hash(&kept.id), offset);
+        self.events.push_back((offset, kept));
+        while self.bytes > max_bytes && self.events.len() > 1 {
+            if let Some((old_offset, old)) = self.events.pop_front() {
+                self.bytes -= old.size();
+                let h = id_hash(&old.id);
+                if self.by_id.get(&h) == Some(&old_offset) {
+                    self.by_id.remove(&h);
+                }
+                // Only what follows the dropped event is complete now.
+                self.complete_from = Some(old.time);
+                self.trimmed = true;
+            }
+        }
+    }
+
+    /// Index in `events` of the event `since`, when the window has it.
+    fn position(&self, since: &str) -> Option<usize> {
+        let offset = *self.by_id.get(&id_hash(since))?;
+        let first = self.events.front()?.0;
+        let at = usize::try_from(offset.checked_sub(first)?).ok()?;
+        // Offsets are contiguous except for skipped markers and malformed messages: search
+        // back from the estimate.
+        let mut i = at.min(self.events.len().saturating_sub(1));
+        loop {
+            let (o, e) = &self.events[i];
+            if *o == offset {
+                return (&*e.id == since).then_some(i);
+            }
+            if *o < offset || i == 0 {
+                return None;
+            }
+            i -= 1;
+        }
+    }
+}
+
+/// Where a read attaches to the stream.
+#[derive(Clone, Copy, Debug)]
+enum Start {
+    Timestamp(SystemTime),
+    Offset(u64),
+}
 
 impl StreamHistory {
+    pub fn new(source: Arc<AmqpSource>, stream: String, max_bytes: usize) -> Self {
+        Self {
+            source,
+            stream,
+            max_bytes,
+            reader: Mutex::new(Reader::default()),
+        }
+    }
+
+    /// Every event after `since` for which `wanted(name)` holds, from the stream (see the
+    /// module documentation for when the stream is actually read).
     pub async fn read_after(
         &self,
-        _since: &str,
-        _wanted: &(dyn Fn(&str) -> bool + Sync),
-        _limits: ReadLimits,
-        _bound_at: Instant,
+        since: &str,
+        wanted: &(dyn Fn(&str) -> bool + Sync),
+        limits: ReadLimits,
+        bound_at: Instant,
     ) -> Lookup {
-        Lookup::Unavailable("not yet".into())
+        let mut reader = self.reader.lock().await;
+        let window = &reader.window;
+        let since_time = uuid_v7_time(since);
+        let read = if window.position(since).is_some() {
+            // In the window: extend it unless its last marker already covers the binding.
+            match window.covered_until {
+                Some(covered) if covered > bound_at => None,
+                _ => window.next_offset.map(Start::Offset),
+            }
+        } else {
+            let Some(time) = since_time else {
+                // Not a UUIDv7 id: there is no position to start from.
+                return Lookup::Unknown;
+            };
+            let searched = window.covered_until.is_some_and(|c| c > bound_at)
+                && window.complete_from.is_some_and(|from| from <= time);
+            if searched {
+                // The window holds everything from before `since` up to after the binding, and
+                // `since` is not in it: the stream never had it.
+                return Lookup::Unknown;
+            }
+            reader.window.clear();
+            Some(Start::Timestamp(
+                time.checked_sub(START_SKEW)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            ))
+        };
+        if let Some(start) = read {
+            let outcome = tokio::time::timeout(READ_TIMEOUT, self.read(&mut reader, start)).await;
+            let failed = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(why)) => Some(why),
+                Err(_) => Some(format!(
+                    "reading the stream '{}' took longer than {READ_TIMEOUT:?}",
+                    self.stream
+                )),
+            };
+            if let Some(why) = failed {
+                // The window may be half-extended and the link broken: start over next time.
+                reader.window.clear();
+                reader.link = None;
+                return Lookup::Unavailable(why);
+            }
+        }
+        let window = &reader.window;
+        let Some(at) = window.position(since) else {
+            // Read from before `since`'s time to the end and not found: unknown, or older than
+            // the stream keeps. Found once but pushed out by the byte bound: too long a gap.
+            let evicted = window.trimmed
+                && window
+                    .complete_from
+                    .zip(since_time)
+                    .is_some_and(|(from, t)| t <= from);
+            return if evicted {
+                Lookup::TooMany
+            } else {
+                Lookup::Unknown
+            };
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (_, event) in window.events.range(at + 1..) {
+            if !wanted(&event.name) {
+                continue;
+            }
+            bytes += event.frame.len();
+            if out.len() == limits.max_events || bytes > limits.max_bytes {
+                return Lookup::TooMany;
+            }
+            out.push(event.clone());
+        }
+        Lookup::Found(out)
+    }
+
+    /// Reads the stream from `start` up to a marker published after attaching, into the window.
+    async fn read(&self, reader: &mut Reader, start: Start) -> Result<(), String> {
+        let stale = reader
+            .link
+            .as_ref()
+            .is_none_or(|(c, used)| !c.status().connected() || used.elapsed() > IDLE_CLOSE);
+        if stale {
+            if let Some((old, _)) = reader.link.take() {
+                let _ = old.close(200, "idle".into()).await;
+            }
+            let connection = self
+                .source
+                .connect_side("history")
+                .await
+                .map_err(|e| format!("connecting to read the history stream: {e}"))?;
+            reader.link = Some((connection, Instant::now()));
+        }
+        let Some((connection, used)) = reader.link.as_mut() else {
+            return Err("no connection to read the history stream".into());
+        };
+        *used = Instant::now();
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("opening a channel to read the history stream: {e}"))?;
+        let result = self.read_on(&channel, &mut reader.window, start).await;
+        let _ = channel.close(200, "read done".into()).await;
+        result
+    }
+
+    async fn read_on(
+        &self,
+        channel: &Channel,
+        window: &mut Window,
+        start: Start,
+    ) -> Result<(), String> {
+        let stream = self.stream.as_str();
+        let fail = |what: &str, e: lapin::Error| format!("{what} on the stream '{stream}': {e}");
+        channel
+            .basic_qos(READ_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| fail("setting the prefetch", e))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            match start {
+                Start::Timestamp(t) => AMQPValue::Timestamp(
+                    t.duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs(),
+                ),
+                Start::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+            },
+        );
+        let mut consumer = channel
+            .basic_consume(
+                stream.into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .map_err(|e| fail("attaching a reader", e))?;
+        let marker = format!("eventrouter-marker-{}", uuid::Uuid::now_v7());
+        let mut headers = FieldTable::default();
+        headers.insert(MARKER_HEADER.into(), AMQPValue::Boolean(true));
+        let marked_at = Instant::now();
+        channel
+            .basic_publish(
+                ShortString::from(""),
+                stream.into(),
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default()
+                    .with_message_id(marker.as_str().into())
+                    .with_headers(headers),
+            )
+            .await
+            .map_err(|e| fail("publishing the end marker", e))?;
+        if let Start::Timestamp(t) = start {
+            window.complete_from = Some(t + START_SKEW);
+        }
+        let max_body = self.source.max_message_bytes();
+        let mut unacked = 0u32;
+        loop {
+            let delivery = match consumer.next().await {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(fail("reading", e)),
+                None => return Err(format!("the broker cancelled the reader of '{stream}'")),
+            };
+            let offset = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-stream-offset"))
+                .and_then(message::integer);
+            let is_marker = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(MARKER_HEADER));
+            let ours = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .is_some_and(|id| id.as_str() == marker);
+            if let Some(o) = offset {
+                window.next_offset = Some(o + 1);
+            }
+            unacked += 1;
+            if ours || unacked >= u32::from(READ_PREFETCH / 2) {
+                unacked = 0;
+                delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|e| fail("acknowledging", e))?;
+            }
+            if ours {
+                window.covered_until = Some(marked_at);
+                return Ok(());
+            }
+            if is_marker {
+                continue;
+            }
+            let (Some(offset), routing_key) = (offset, delivery.routing_key.as_str().to_owned())
+            else {
+                continue;
+            };
+            // Malformed messages are skipped here as the live consumer drops them.
+            let Ok(event) =
+                message::decode(&routing_key, &delivery.properties, delivery.data, max_body)
+            else {
+                continue;
+            };
+            let frame = crate::protocol::event_frame(&event);
+            let Ok(frame) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(frame) else {
+                continue;
+            };
+            window.push(
+                offset,
+                Arc::new(Kept {
+                    name: event.name.into_boxed_str(),
+                    id: event.id.into_boxed_str(),
+                    time: event.time,
+                    frame,
+                }),
+                self.max_bytes,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_v7_ids_give_their_time_and_others_none() {
+        let id = uuid::Uuid::now_v7().to_string();
+        let t = uuid_v7_time(&id).expect("a v7 id has a time");
+        let age = SystemTime::now().duration_since(t).expect("in the past");
+        assert!(age < Duration::from_secs(5), "{age:?}");
+        assert_eq!(uuid_v7_time("9b2d3c1e-8f4a-4c2b-9d3e-1a2b3c4d5e6f"), None);
+        assert_eq!(uuid_v7_time("order-17"), None);
+    }
+
+    fn kept(id: &str, secs: u64) -> Arc<Kept> {
+        Arc::new(Kept {
+            name: "a".into(),
+            id: id.into(),
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            frame: format!("{{\"id\":\"{id}\"}}").into(),
+        })
+    }
+
+    #[test]
+    fn the_window_finds_ids_across_gaps_in_offsets() {
+        let mut w = Window::default();
+        w.push(10, kept("a", 1), 1 << 20);
+        w.push(12, kept("b", 2), 1 << 20); // 11 was a marker
+        w.push(13, kept("c", 3), 1 << 20);
+        assert_eq!(w.position("a"), Some(0));
+        assert_eq!(w.position("b"), Some(1));
+        assert_eq!(w.position("c"), Some(2));
+        assert_eq!(w.position("d"), None);
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_oldest_and_moves_completeness() {
+        let mut w = Window {
+            complete_from: Some(SystemTime::UNIX_EPOCH),
+            ..Window::default()
+        };
+        for i in 0..10u64 {
+            w.push(i, kept(&format!("e{i}"), i), 300);
+        }
+        assert!(w.events.len() < 10);
+        assert_eq!(w.position("e0"), None);
+        assert_eq!(w.position("e9"), Some(w.events.len() - 1));
+        let from = w.complete_from.expect("set");
+        assert!(from > SystemTime::UNIX_EPOCH);
     }
 }

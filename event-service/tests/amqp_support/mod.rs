@@ -20,7 +20,8 @@ use event_service::{
 use tokio::sync::Notify;
 
 pub use eventrouter_test_support::rabbitmq::{
-    DEFAULT_VHOST, Management, Publisher, RabbitNode, amqp_url, encode_segment,
+    DEFAULT_VHOST, Management, Publisher, RabbitNode, amqp_url, declare_topic_exchange,
+    encode_segment,
 };
 pub use eventrouter_test_support::unique_name as unique;
 pub use eventrouter_test_support::wait::wait_until as until;

@@ -234,6 +234,33 @@ async fn build(
         }
         Err(e) => return Err(e),
     }
+    if settings.declare_exchange
+        && let Some(stream) = &settings.history_stream
+    {
+        step(
+            "declaring the history stream",
+            control.queue_declare(
+                stream.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                settings.stream_arguments(),
+            ),
+        )
+        .await?;
+        step(
+            "binding the history stream",
+            control.queue_bind(
+                stream.as_str().into(),
+                exchange.clone(),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
     step(
         "declaring the queue",
         control.queue_declare(

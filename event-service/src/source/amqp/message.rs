@@ -93,7 +93,7 @@ fn publish_time(properties: &BasicProperties) -> Option<SystemTime> {
 }
 
 /// Publishers pick whatever integer type their client library likes for a header.
-fn integer(value: &AMQPValue) -> Option<u64> {
+pub(crate) fn integer(value: &AMQPValue) -> Option<u64> {
     match value {
         AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
         AMQPValue::LongInt(v) => u64::try_from(*v).ok(),

@@ -370,6 +370,25 @@ impl AmqpSource {
 
     /// True while connected with the queue declared, every recorded pattern bound and the
     /// consumer running. Readiness follows this.
+    /// The stream recoveries read, when configured.
+    pub(crate) fn history_stream(&self) -> Option<&str> {
+        self.settings.history_stream.as_deref()
+    }
+
+    /// Largest message body taken from the broker (the same bound the live consumer applies).
+    pub(crate) fn max_message_bytes(&self) -> usize {
+        self.settings.max_message_bytes
+    }
+
+    /// Opens a connection of its own to the broker for `purpose` (shown in the management UI),
+    /// apart from the live link: a recovery's long read never queues behind, or fails, the live
+    /// consumer.
+    pub(crate) async fn connect_side(&self, purpose: &str) -> lapin::Result<lapin::Connection> {
+        let properties = lapin::ConnectionProperties::default()
+            .with_connection_name(format!("{} ({purpose})", self.settings.connection_name).into());
+        lapin::Connection::connect_uri(self.settings.uri.clone(), properties).await
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }

@@ -44,7 +44,19 @@ pub(crate) struct AmqpSettings {
     pub instance: String,
     /// The control exchange heartbeats go over; `None` when rebalancing is off.
     pub control_exchange: Option<String>,
+    /// The stream recoveries read; `None`: no recovery from RabbitMQ.
+    pub history_stream: Option<String>,
+    /// The stream's `x-max-age` when this service declares it (`--declare-exchange`).
+    pub history_max_age: Duration,
 }
+
+/// The stream's `x-max-length-bytes` when the service declares it itself (local use; in a
+/// cluster the operator declares it from `spec.history.maxBytes`).
+pub(crate) const DECLARED_STREAM_MAX_BYTES: i64 = 1 << 30;
+
+/// The stream's segment size when the service declares it: small enough that retention, which
+/// removes whole segments, can act on a stream of [`DECLARED_STREAM_MAX_BYTES`].
+pub(crate) const DECLARED_STREAM_SEGMENT_BYTES: i64 = 64 << 20;
 
 impl AmqpSettings {
     /// Resolves the configuration: reads the URL (the file wins over the flag), names the queue.
@@ -105,6 +117,20 @@ impl AmqpSettings {
                 reason: "must be longer than zero (RabbitMQ refuses x-expires = 0)".into(),
             });
         }
+        let history_stream = match &config.history_stream {
+            Some(name) if !name.trim().is_empty() => {
+                let name = name.trim().to_owned();
+                check_name("history stream", &name)?;
+                Some(name)
+            }
+            _ => None,
+        };
+        if history_stream.is_some() && config.history_max_age.as_secs() == 0 {
+            return Err(AmqpStartError::InvalidSetting {
+                setting: "--history-max-age",
+                reason: "must be at least one second (the stream's x-max-age)".into(),
+            });
+        }
         if config.prefetch == 0 {
             return Err(AmqpStartError::InvalidSetting {
                 setting: "--prefetch",
@@ -128,7 +154,31 @@ impl AmqpSettings {
             connection_name: format!("event-service {instance}"),
             instance,
             control_exchange,
+            history_stream,
+            history_max_age: config.history_max_age,
         })
+    }
+
+    /// The arguments the service declares the history stream with (`--declare-exchange`).
+    pub(crate) fn stream_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", self.history_max_age.as_secs()).into()),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(DECLARED_STREAM_MAX_BYTES),
+        );
+        args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(DECLARED_STREAM_SEGMENT_BYTES),
+        );
+        args
     }
 
     /// The arguments of this instance's queue: bounded length (the oldest is dropped first, so a
