@@ -10,6 +10,10 @@
 //! | `BrokerReady` | the exchange and bindings are declared | `TopologyDeclared`, `BrokerUnreachable`, `UpstreamExchangeMissing`, `BrokerRefused`, `InvalidSpec`, `Paused` |
 //! | `Progressing` | a rollout is under way | `RolloutInProgress`, `RolloutComplete`, `Paused` |
 //! | `Paused` | `spec.paused` is true | `PausedBySpec`, `Running` |
+//! | `HistoryReady` (only with `spec.history` enabled) | the history stream is declared with the spec's arguments and bound | `StreamDeclared`, `StreamArgumentsDiffer`, `BrokerNotReady`, `InvalidSpec` |
+//!
+//! `HistoryReady` does not count towards `Ready`: a stream RabbitMQ keeps with other arguments
+//! than the spec's still serves recoveries, with its old retention.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -22,6 +26,7 @@ pub enum ConditionType {
     BrokerReady,
     Progressing,
     Paused,
+    HistoryReady,
 }
 
 /// Every condition reason (the table above), as the API value `as_ref()` spells.
@@ -54,6 +59,8 @@ pub enum Reason {
     RolloutComplete,
     PausedBySpec,
     Running,
+    StreamDeclared,
+    StreamArgumentsDiffer,
 }
 
 /// What happened on the broker side of a reconcile that got that far.
@@ -61,6 +68,20 @@ pub enum Reason {
 pub enum BrokerOutcome {
     Ready,
     Failed { reason: Reason, message: String },
+}
+
+/// What happened to the history stream in a reconcile that reached the broker step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryOutcome {
+    /// `spec.history` is off: no `HistoryReady` condition.
+    Off,
+    /// Declared with the spec's arguments and bound.
+    Declared,
+    /// RabbitMQ holds the stream with other arguments and cannot change them in place;
+    /// `message` is its refusal.
+    ArgumentsDiffer { message: String },
+    /// The broker step failed before the stream was declared (see `BrokerReady`).
+    NotDeclared,
 }
 
 /// How far a reconcile went: each state once, so no combination is contradictory.
@@ -73,6 +94,7 @@ pub enum Phase {
     /// Children applied and the broker declared (or failed).
     Reconciled {
         broker: BrokerOutcome,
+        history: HistoryOutcome,
         /// Autoscaling asks for KEDA but ScaledObjects are not served.
         keda_missing: bool,
     },
@@ -217,6 +239,69 @@ fn broker(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Condit
     }
 }
 
+/// The history stream's condition, if `spec.history` is (or, when nothing was reconciled, was)
+/// enabled.
+fn history(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Option<Condition> {
+    use ConditionType::HistoryReady;
+    let g = observed.generation;
+    match &observed.phase {
+        Phase::Reconciled {
+            history, broker, ..
+        } => match history {
+            HistoryOutcome::Off => None,
+            HistoryOutcome::Declared => Some(condition(
+                HistoryReady,
+                true,
+                Reason::StreamDeclared,
+                "the history stream is declared with the spec's arguments and bound".into(),
+                g,
+                now,
+            )),
+            HistoryOutcome::ArgumentsDiffer { message } => Some(condition(
+                HistoryReady,
+                false,
+                Reason::StreamArgumentsDiffer,
+                stream_arguments_differ_message(message),
+                g,
+                now,
+            )),
+            HistoryOutcome::NotDeclared => {
+                let message = match broker {
+                    BrokerOutcome::Failed { message, .. } => message.clone(),
+                    BrokerOutcome::Ready => "the broker topology is not declared".into(),
+                };
+                Some(condition(
+                    HistoryReady,
+                    false,
+                    Reason::BrokerNotReady,
+                    message,
+                    g,
+                    now,
+                ))
+            }
+        },
+        // Paused: the broker was not touched, so the last known state still describes it.
+        Phase::Paused => find(previous, HistoryReady).cloned(),
+        Phase::Invalid { .. } => find(previous, HistoryReady).map(|_| {
+            condition(
+                HistoryReady,
+                false,
+                Reason::InvalidSpec,
+                "the spec is invalid".into(),
+                g,
+                now,
+            )
+        }),
+    }
+}
+
+/// The `HistoryReady` message (and the Event's) when RabbitMQ refused the stream's arguments.
+pub fn stream_arguments_differ_message(refusal: &str) -> String {
+    format!(
+        "history stream arguments differ from spec; RabbitMQ cannot change them in place: {refusal}. The stream keeps its current retention; delete it (losing its history) for the operator to declare it anew, or set spec.history back"
+    )
+}
+
 /// The conditions for `observed`, given the `previous` ones and the current time.
 pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -> Vec<Condition> {
     use ConditionType::{Available, Paused, Ready};
@@ -291,10 +376,9 @@ pub fn conditions(observed: &Observed<'_>, previous: &[Condition], now: &Time) -
     };
     let ready_condition = condition(Ready, ok, reason, message, g, now);
 
-    carry_transition_times(
-        vec![ready_condition, available, broker, progressing, paused],
-        previous,
-    )
+    let mut next = vec![ready_condition, available, broker, progressing, paused];
+    next.extend(history(observed, previous, now));
+    carry_transition_times(next, previous)
 }
 
 #[cfg(test)]
@@ -333,6 +417,7 @@ mod tests {
             generation: Some(4),
             phase: Phase::Reconciled {
                 broker: BrokerOutcome::Ready,
+                history: HistoryOutcome::Off,
                 keda_missing: false,
             },
             deployment: Some(deployment),
@@ -382,6 +467,7 @@ mod tests {
                     reason: Reason::BrokerUnreachable,
                     message: "connection refused".into(),
                 },
+                history: HistoryOutcome::Off,
                 keda_missing: false,
             },
             ..healthy(&d)
@@ -441,6 +527,7 @@ mod tests {
         let observed = Observed {
             phase: Phase::Reconciled {
                 broker: BrokerOutcome::Ready,
+                history: HistoryOutcome::Off,
                 keda_missing: true,
             },
             ..healthy(&d)
@@ -491,5 +578,102 @@ mod tests {
         assert!(is_true(&c, ConditionType::Ready));
         assert!(has_reason(&c, Reason::TopologyDeclared));
         assert!(!has_reason(&c, Reason::AutoscalerUnavailable));
+    }
+
+    fn with_history(deployment: &Deployment, history: HistoryOutcome) -> Observed<'_> {
+        Observed {
+            phase: Phase::Reconciled {
+                broker: BrokerOutcome::Ready,
+                history,
+                keda_missing: false,
+            },
+            ..healthy(deployment)
+        }
+    }
+
+    #[test]
+    fn history_has_its_condition_only_when_enabled() {
+        let d = a_deployment_with(2, 2);
+        let off = conditions(&healthy(&d), &[], &at(1));
+        assert_eq!(super::find(&off, ConditionType::HistoryReady), None);
+        let declared = conditions(&with_history(&d, HistoryOutcome::Declared), &[], &at(1));
+        let history = find(&declared, "HistoryReady");
+        assert_eq!(
+            (history.status.as_str(), history.reason.as_str()),
+            ("True", "StreamDeclared")
+        );
+        assert_eq!(find(&declared, "Ready").status, "True");
+    }
+
+    #[test]
+    fn differing_stream_arguments_are_reported_but_leave_the_router_ready() {
+        let d = a_deployment_with(2, 2);
+        let refusal = "PRECONDITION_FAILED - inequivalent arg 'x-max-age' for queue 'chat.history' in vhost '/': received '48h' but current is '24h'";
+        let c = conditions(
+            &with_history(
+                &d,
+                HistoryOutcome::ArgumentsDiffer {
+                    message: refusal.into(),
+                },
+            ),
+            &[],
+            &at(1),
+        );
+        let history = find(&c, "HistoryReady");
+        assert_eq!(
+            (history.status.as_str(), history.reason.as_str()),
+            ("False", "StreamArgumentsDiffer")
+        );
+        assert!(
+            history.message.starts_with(
+                "history stream arguments differ from spec; RabbitMQ cannot change them in place: PRECONDITION_FAILED - inequivalent arg 'x-max-age'"
+            ),
+            "{}",
+            history.message
+        );
+        assert_eq!(find(&c, "BrokerReady").status, "True");
+        assert_eq!(find(&c, "Ready").reason, "Reconciled");
+    }
+
+    #[test]
+    fn history_follows_the_broker_an_invalid_spec_and_a_pause() {
+        let d = a_deployment_with(2, 2);
+        let failed = Observed {
+            phase: Phase::Reconciled {
+                broker: BrokerOutcome::Failed {
+                    reason: Reason::BrokerUnreachable,
+                    message: "cannot connect to RabbitMQ".into(),
+                },
+                history: HistoryOutcome::NotDeclared,
+                keda_missing: false,
+            },
+            ..healthy(&d)
+        };
+        let c = conditions(&failed, &[], &at(1));
+        let history = find(&c, "HistoryReady");
+        assert_eq!(
+            (history.reason.as_str(), history.message.as_str()),
+            ("BrokerNotReady", "cannot connect to RabbitMQ")
+        );
+
+        let before = conditions(&with_history(&d, HistoryOutcome::Declared), &[], &at(100));
+        let paused = Observed {
+            phase: Phase::Paused,
+            ..healthy(&d)
+        };
+        let c = conditions(&paused, &before, &at(200));
+        assert_eq!(find(&c, "HistoryReady").status, "True");
+        assert_eq!(find(&c, "HistoryReady").last_transition_time, at(100));
+        let invalid = Observed {
+            phase: Phase::Invalid {
+                problems: "bad".into(),
+            },
+            ..healthy(&d)
+        };
+        let c = conditions(&invalid, &before, &at(200));
+        assert_eq!(find(&c, "HistoryReady").reason, "InvalidSpec");
+        // Never enabled: an invalid or paused router gets no history condition.
+        let c = conditions(&invalid, &[], &at(200));
+        assert_eq!(super::find(&c, ConditionType::HistoryReady), None);
     }
 }

@@ -4,9 +4,10 @@
 //! needs facts from the cluster (does the Secret exist? is KEDA installed?) or parses values
 //! (durations). `validate` takes those facts as plain data, never a client, and returns either a
 //! `Plan` for `build` or every problem at once, so one status update tells the user everything.
-//! `access` checks `spec.auth` and `spec.limits`.
+//! `access` checks `spec.auth` and `spec.limits`, `history` checks `spec.history`.
 
 mod access;
+mod history;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -22,7 +23,7 @@ pub use self::access::KeyPresence;
 pub const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
 /// The shortest heartbeat interval the event service accepts.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-/// AMQP names are short strings: at most 255 bytes.
+/// AMQP names (exchanges, queues, streams) are short strings: at most 255 bytes.
 const MAX_EXCHANGE_NAME_BYTES: usize = 255;
 
 /// What the reconciler looked up in the cluster before validating.
@@ -243,6 +244,10 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
     }
 
     access::check(&mut problems, spec, &facts.key_files);
+    let stream = router.history_stream_name();
+    if let Some(history_spec) = &spec.history {
+        history::check(&mut problems, history_spec, &stream);
+    }
 
     let autoscaling = &spec.autoscaling;
     if autoscaling.enabled {
@@ -283,6 +288,9 @@ pub fn validate(router: &EventRouter, facts: &ClusterFacts) -> Result<Plan, Inva
             exchange,
             control_exchange,
             bindings,
+            history: spec
+                .enabled_history()
+                .map(|history_spec| history::desired(history_spec, stream)),
         },
         autoscaler: (autoscaling.enabled && !keda_missing).then_some(autoscaling.provider),
         keda_missing,
@@ -324,6 +332,7 @@ pub(crate) mod tests {
         assert_eq!(plan.topology.exchange, "chat");
         assert_eq!(plan.topology.control_exchange, "chat.control");
         assert!(plan.topology.bindings.is_empty());
+        assert_eq!(plan.topology.history, None, "history is off by default");
         assert_eq!(plan.drain, Duration::from_secs(10));
         assert_eq!(plan.autoscaler, None);
     }

@@ -160,6 +160,7 @@ fn event_service_env(router: &EventRouter, plan: &Plan) -> Vec<EnvVar> {
         env_var(env::LOG_FORMAT, "json"),
     ];
     vars.extend(access_env(spec));
+    vars.extend(history_env(spec, plan));
     vars.push(EnvVar {
         name: env::POD_NAME.into(),
         value_from: Some(EnvVarSource {
@@ -225,6 +226,26 @@ fn access_env(spec: &EventRouterSpec) -> Vec<EnvVar> {
         );
     }
     vars
+}
+
+/// The stream recoveries read and the recovery bounds, when `spec.history` is enabled; nothing
+/// otherwise, so the pods recover nothing from RabbitMQ. The stream's retention is the
+/// operator's business (it declares the stream), so none of it reaches the pods.
+fn history_env(spec: &EventRouterSpec, plan: &Plan) -> Vec<EnvVar> {
+    let (Some(history), Some(stream)) = (spec.enabled_history(), &plan.topology.history) else {
+        return Vec::new();
+    };
+    vec![
+        env_var(env::HISTORY_STREAM, stream.stream.clone()),
+        env_var(
+            env::RECOVERY_MAX_EVENTS,
+            history.recovery_max_events.to_string(),
+        ),
+        env_var(
+            env::RECOVERY_MAX_CONCURRENT,
+            history.recovery_max_concurrent.to_string(),
+        ),
+    ]
 }
 
 /// One read-only Secret volume and its mount per key file `spec.auth` references.
@@ -485,7 +506,7 @@ pub(super) fn disruption_budget(router: &EventRouter, plan: &Plan) -> PodDisrupt
 mod tests {
     use super::*;
     use crate::build::tests::desired;
-    use crate::crd::{AuthSpec, LimitsSpec, SecretFileRef, SlowConsumerPolicy};
+    use crate::crd::{AuthSpec, HistorySpec, LimitsSpec, SecretFileRef, SlowConsumerPolicy};
     use crate::validate::tests::{a_cluster_with_the_secret, a_router_named};
 
     fn env_of(deployment: &Deployment) -> BTreeMap<String, String> {
@@ -1020,5 +1041,80 @@ mod tests {
         assert_eq!(config.client_frame_burst, 40);
         assert_eq!(config.auth_leeway, std::time::Duration::from_secs(30));
         assert!(config.auth_jwks_file.is_some() && config.publish_keys_file.is_some());
+    }
+
+    /// Every env var `spec.history` can set.
+    const HISTORY_ENV: [&str; 3] = [
+        env::HISTORY_STREAM,
+        env::RECOVERY_MAX_EVENTS,
+        env::RECOVERY_MAX_CONCURRENT,
+    ];
+
+    #[test]
+    fn without_history_the_pods_get_no_history_env() {
+        for history in [None, Some(HistorySpec::default())] {
+            let mut router = a_router_named("chat");
+            router.spec.history = history.clone();
+            let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+            for name in HISTORY_ENV
+                .iter()
+                .chain(&[env::HISTORY_MAX_BYTES, env::HISTORY_MAX_AGE])
+            {
+                assert!(!env.contains_key(*name), "{history:?}: {name} is set");
+            }
+        }
+    }
+
+    #[test]
+    fn with_history_the_pods_read_the_operators_stream_within_the_spec_bounds() {
+        let mut router = a_router_named("chat");
+        router.spec.rabbitmq.exchange = Some("events.chat".into());
+        router.spec.history = Some(HistorySpec {
+            max_age: "7D".into(),
+            recovery_max_events: 500,
+            recovery_max_concurrent: 8,
+            ..HistorySpec::enabled()
+        });
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        assert_eq!(env[env::HISTORY_STREAM], "events.chat.history");
+        assert_eq!(env[env::RECOVERY_MAX_EVENTS], "500");
+        assert_eq!(env[env::RECOVERY_MAX_CONCURRENT], "8");
+        // The stream's retention is the operator's (it declares the stream); the pods keep
+        // their own defaults for their in-memory window.
+        assert!(!env.contains_key(env::HISTORY_MAX_AGE), "{env:?}");
+        assert!(!env.contains_key(env::HISTORY_MAX_BYTES), "{env:?}");
+        // And they never declare it themselves.
+        assert_eq!(env[env::DECLARE_EXCHANGE], "false");
+    }
+
+    #[test]
+    fn the_history_env_is_read_by_the_service_and_its_defaults_are_the_services() {
+        use clap::{CommandFactory, Parser};
+        let mut router = a_router_named("chat");
+        router.spec.history = Some(HistorySpec::enabled());
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        // The CRD's defaults are the service's own.
+        for name in [env::RECOVERY_MAX_EVENTS, env::RECOVERY_MAX_CONCURRENT] {
+            assert_eq!(Some(env[name].clone()), service_default(name), "{name}");
+        }
+        // And the service accepts the rendered values at the CRD's bounds.
+        router.spec.history = Some(HistorySpec {
+            recovery_max_events: 1_000_000,
+            recovery_max_concurrent: 4096,
+            ..HistorySpec::enabled()
+        });
+        let env = env_of(&desired(&router, &a_cluster_with_the_secret()).deployment);
+        let command = event_service::config::Config::command();
+        let mut argv = vec!["event-service".to_owned()];
+        for name in HISTORY_ENV {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+                .unwrap_or_else(|| panic!("the service reads no {name}"));
+            let long = arg.get_long().expect("every setting has a long flag");
+            argv.push(format!("--{long}={}", env[name]));
+        }
+        event_service::config::Config::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("the service refuses the rendered env {argv:?}: {e}"));
     }
 }

@@ -1,5 +1,6 @@
-//! The finalizer's work: remove exactly the recorded topology from the broker, or nothing, by
-//! policy or annotation; give up after `cleanup_timeout` so deletion never hangs forever.
+//! The finalizer's work: remove exactly the recorded topology (exchanges, bindings, history
+//! stream) from the broker, or nothing, by policy or annotation; give up after `cleanup_timeout`
+//! so deletion never hangs forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,7 @@ fn decide(router: &EventRouter) -> Cleanup {
             EventAction::Cleanup,
             format!(
                 "annotation {SKIP_BROKER_CLEANUP_ANNOTATION}=true: {} left on the broker",
-                recorded.describe_exchanges()
+                recorded.describe()
             ),
         ));
     }
@@ -53,7 +54,7 @@ fn decide(router: &EventRouter) -> Cleanup {
             EventAction::Cleanup,
             format!(
                 "deletionPolicy retain: {} left on the broker",
-                recorded.describe_exchanges()
+                recorded.describe()
             ),
         ));
     }
@@ -86,7 +87,7 @@ pub(super) async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Resu
         // Without credentials nothing can be removed; blocking deletion forever would not help.
         let text = format!(
             "the AMQP Secret is gone: {} left on the broker",
-            recorded.describe_exchanges()
+            recorded.describe()
         );
         let note = Note::warning(
             EventReason::BrokerCleanupSkipped,
@@ -111,7 +112,7 @@ pub(super) async fn cleanup(router: Arc<EventRouter>, ctx: Arc<Context>) -> Resu
     if deleting_for(&router, Timestamp::now()) > timeout {
         let text = format!(
             "gave up removing {} after {}: {error}",
-            recorded.describe_exchanges(),
+            recorded.describe(),
             humantime::format_duration(timeout)
         );
         let note = Note::warning(
@@ -149,6 +150,7 @@ mod tests {
                 exchange: "chat".into(),
                 control_exchange: Some("chat.control".into()),
                 bindings: Vec::new(),
+                history: None,
             }),
             ..EventRouterStatus::default()
         });
@@ -204,5 +206,31 @@ mod tests {
         router.metadata.deletion_timestamp =
             Some(Time(Timestamp::from_second(400).expect("valid")));
         assert_eq!(deleting_for(&router, now), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_recorded_history_stream_is_removed_or_left_with_the_rest() {
+        let with_stream = |policy| {
+            let mut router = a_deleted_router(policy);
+            if let Some(topology) = router.status.as_mut().and_then(|s| s.topology.as_mut()) {
+                topology.history = Some(crate::crd::RecordedHistory {
+                    stream: "chat.history".into(),
+                    arguments: None,
+                    patterns: vec!["#".into()],
+                });
+            }
+            router
+        };
+        assert!(matches!(
+            decide(&with_stream(DeletionPolicy::Delete)),
+            Cleanup::Remove(r) if r.history.as_ref().is_some_and(|h| h.stream == "chat.history")
+        ));
+        let Cleanup::Leave(note) = decide(&with_stream(DeletionPolicy::Retain)) else {
+            panic!("retain leaves the topology");
+        };
+        assert_eq!(
+            note.text,
+            r#"deletionPolicy retain: exchange "chat", control exchange "chat.control" and history stream "chat.history" left on the broker"#
+        );
     }
 }

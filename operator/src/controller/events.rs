@@ -5,7 +5,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::events::EventType;
 
 use crate::crd::{EventRouterStatus, RecordedTopology};
-use crate::status::{ConditionType, Reason, has_reason, is_true};
+use crate::status::{
+    ConditionType, HistoryOutcome, Reason, find, has_reason, is_true,
+    stream_arguments_differ_message,
+};
 
 /// The `reason` of an Event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
@@ -20,6 +23,8 @@ pub(crate) enum EventReason {
     TopologyRetained,
     BrokerCleanupSkipped,
     BrokerCleanupAbandoned,
+    /// RabbitMQ holds the history stream with other arguments than the spec's.
+    StreamArgumentsDiffer,
     /// A broker failure, named like the `BrokerReady` condition's reason.
     Broker(Reason),
 }
@@ -84,12 +89,14 @@ pub(crate) fn paused_note(previous: &[Condition]) -> Option<Note> {
 }
 
 /// What a reconcile that applied every child tells about its outcome, in order: a new
-/// generation applied, KEDA missing (once), the topology declared when its record changed.
+/// generation applied, KEDA missing (once), the topology declared when its record changed, the
+/// history stream's arguments differing from the spec (once per refusal).
 pub(crate) fn outcome_notes(
     previous: &EventRouterStatus,
     generation: Option<i64>,
     keda_missing: bool,
     record: Option<&RecordedTopology>,
+    history: &HistoryOutcome,
 ) -> Vec<Note> {
     let mut notes = Vec::new();
     if previous.observed_generation != generation {
@@ -112,15 +119,34 @@ pub(crate) fn outcome_notes(
     if let Some(record) = record
         && previous.topology.as_ref() != Some(record)
     {
+        let history_patterns = record
+            .history
+            .as_ref()
+            .map(|h| format!(" and {} history pattern(s)", h.patterns.len()))
+            .unwrap_or_default();
         notes.push(Note::normal(
             EventReason::TopologyDeclared,
             EventAction::DeclareTopology,
             format!(
-                "{} with {} upstream binding(s)",
-                record.describe_exchanges(),
+                "{} with {} upstream binding(s){history_patterns}",
+                record.describe(),
                 record.bindings.len()
             ),
         ));
+    }
+    if let HistoryOutcome::ArgumentsDiffer { message } = history {
+        let text = stream_arguments_differ_message(message);
+        let already_told =
+            find(&previous.conditions, ConditionType::HistoryReady).is_some_and(|c| {
+                c.reason == Reason::StreamArgumentsDiffer.as_ref() && c.message == text
+            });
+        if !already_told {
+            notes.push(Note::warning(
+                EventReason::StreamArgumentsDiffer,
+                EventAction::DeclareTopology,
+                text,
+            ));
+        }
     }
     notes
 }
@@ -154,6 +180,7 @@ mod tests {
                     routing_key: "#".into(),
                 })
                 .collect(),
+            history: None,
         }
     }
 
@@ -177,6 +204,7 @@ mod tests {
             Some(1),
             false,
             Some(&a_record(2)),
+            &HistoryOutcome::Off,
         );
         assert_eq!(reasons(&notes), ["Reconciled", "TopologyDeclared"]);
         assert_eq!(notes[0].text, "applied generation 1 to every child");
@@ -195,10 +223,19 @@ mod tests {
             ..EventRouterStatus::default()
         };
         assert_eq!(
-            outcome_notes(&previous, Some(3), false, Some(&a_record(1))),
+            outcome_notes(
+                &previous,
+                Some(3),
+                false,
+                Some(&a_record(1)),
+                &HistoryOutcome::Off
+            ),
             []
         );
-        assert_eq!(outcome_notes(&previous, Some(3), false, None), []);
+        assert_eq!(
+            outcome_notes(&previous, Some(3), false, None, &HistoryOutcome::Off),
+            []
+        );
     }
 
     #[test]
@@ -207,7 +244,7 @@ mod tests {
             observed_generation: Some(3),
             ..EventRouterStatus::default()
         };
-        let notes = outcome_notes(&previous, Some(3), true, None);
+        let notes = outcome_notes(&previous, Some(3), true, None, &HistoryOutcome::Off);
         assert_eq!(reasons(&notes), ["AutoscalerUnavailable"]);
         assert_eq!(notes[0].type_, EventType::Warning);
         let warned = EventRouterStatus {
@@ -218,7 +255,10 @@ mod tests {
             )],
             ..previous
         };
-        assert_eq!(outcome_notes(&warned, Some(3), true, None), []);
+        assert_eq!(
+            outcome_notes(&warned, Some(3), true, None, &HistoryOutcome::Off),
+            []
+        );
     }
 
     #[test]
@@ -234,6 +274,72 @@ mod tests {
         assert_eq!(
             <&str>::from(EventAction::DeclareTopology),
             "DeclareTopology"
+        );
+    }
+
+    #[test]
+    fn a_history_stream_is_counted_in_the_declaration() {
+        let record = RecordedTopology {
+            history: Some(crate::crd::RecordedHistory {
+                stream: "chat.history".into(),
+                arguments: None,
+                patterns: vec!["#".into()],
+            }),
+            ..a_record(0)
+        };
+        let notes = outcome_notes(
+            &EventRouterStatus::default(),
+            Some(1),
+            false,
+            Some(&record),
+            &HistoryOutcome::Declared,
+        );
+        assert_eq!(
+            notes[1].text,
+            "exchange \"chat\", control exchange \"chat.control\" and history stream \"chat.history\" with 0 upstream binding(s) and 1 history pattern(s)"
+        );
+    }
+
+    #[test]
+    fn differing_stream_arguments_are_warned_about_once_per_refusal() {
+        let refusal = |age: &str| HistoryOutcome::ArgumentsDiffer {
+            message: format!("inequivalent arg 'x-max-age': received '{age}' but current is '24h'"),
+        };
+        let previous = EventRouterStatus {
+            observed_generation: Some(3),
+            topology: Some(a_record(0)),
+            ..EventRouterStatus::default()
+        };
+        let notes = outcome_notes(&previous, Some(3), false, None, &refusal("48h"));
+        assert_eq!(reasons(&notes), ["StreamArgumentsDiffer"]);
+        assert_eq!(notes[0].type_, EventType::Warning);
+        assert!(
+            notes[0]
+                .text
+                .starts_with("history stream arguments differ from spec; RabbitMQ cannot change them in place: inequivalent arg 'x-max-age'"),
+            "{}",
+            notes[0].text
+        );
+        let told = EventRouterStatus {
+            conditions: vec![Condition {
+                type_: ConditionType::HistoryReady.to_string(),
+                status: "False".into(),
+                reason: Reason::StreamArgumentsDiffer.to_string(),
+                message: notes[0].text.clone(),
+                observed_generation: Some(3),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }],
+            ..previous
+        };
+        assert_eq!(
+            outcome_notes(&told, Some(3), false, None, &refusal("48h")),
+            [],
+            "the same refusal again"
+        );
+        assert_eq!(
+            reasons(&outcome_notes(&told, Some(3), false, None, &refusal("7D"))),
+            ["StreamArgumentsDiffer"],
+            "a new spec, a new refusal"
         );
     }
 }

@@ -21,14 +21,16 @@ use eventrouter_contract::kube as names;
 use super::events::{EventAction, EventReason, Note, outcome_notes, paused_note};
 use super::{Context, INVALID_SPEC_RETRY};
 use crate::apply::{apply_children, current_deployment};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Synced};
 use crate::build::{build, selector_string};
 use crate::crd::{
     AutoscalingProvider, DeletionPolicy, EventRouter, EventRouterStatus, KeyFile, RecordedTopology,
 };
 use crate::error::Error;
 use crate::metrics::RouterReplicas;
-use crate::status::{BrokerOutcome, ConditionType, Observed, Phase, conditions, is_true};
+use crate::status::{
+    BrokerOutcome, ConditionType, HistoryOutcome, Observed, Phase, conditions, is_true,
+};
 use crate::topology::DesiredTopology;
 use crate::validate::{ClusterFacts, KeyPresence, Plan, SecretLookup, validate};
 
@@ -215,7 +217,7 @@ async fn sync_broker(
     desired: &DesiredTopology,
     recorded: Option<&RecordedTopology>,
     policy: DeletionPolicy,
-) -> Result<RecordedTopology, BrokerError> {
+) -> Result<Synced, BrokerError> {
     let mut broker = Broker::connect(url).await?;
     let result = broker
         .sync(desired, recorded, policy == DeletionPolicy::Delete)
@@ -224,13 +226,15 @@ async fn sync_broker(
     result
 }
 
-/// The broker step: declare `topology` unless nothing changed since a recent declaration.
+/// The broker step: declare `topology` unless nothing changed since a recent declaration. A
+/// record that differs from the wanted one (a history stream RabbitMQ keeps with other
+/// arguments) is never "unchanged", so such a router is declared again at every reconcile.
 async fn declare_topology(
     ctx: &Context,
     router: &EventRouter,
     url: &str,
     topology: &DesiredTopology,
-) -> Result<RecordedTopology, BrokerError> {
+) -> Result<Synced, BrokerError> {
     let previous = router.status.clone().unwrap_or_default();
     let key = (router.namespace().unwrap_or_default(), router.name_any());
     let generation = router.metadata.generation;
@@ -240,7 +244,10 @@ async fn declare_topology(
         &wanted,
         ctx.broker_recently_synced(&key, generation),
     ) {
-        return Ok(wanted);
+        return Ok(Synced {
+            record: wanted,
+            stream_arguments_differ: None,
+        });
     }
     let result = sync_broker(
         url,
@@ -360,11 +367,12 @@ async fn finish(
     router: &EventRouter,
     plan: &Plan,
     deployment: Option<&Deployment>,
-    broker: Result<RecordedTopology, BrokerError>,
+    broker: Result<Synced, BrokerError>,
 ) -> Result<(), Error> {
     let previous = router.status.clone().unwrap_or_default();
+    let history = history_outcome(plan, &broker);
     let (outcome, record, broker_error) = match broker {
-        Ok(record) => (BrokerOutcome::Ready, Some(record), None),
+        Ok(synced) => (BrokerOutcome::Ready, Some(synced.record), None),
         Err(error) => (
             BrokerOutcome::Failed {
                 reason: error.reason(),
@@ -378,6 +386,7 @@ async fn finish(
         generation: router.metadata.generation,
         phase: Phase::Reconciled {
             broker: outcome,
+            history: history.clone(),
             keda_missing: plan.keda_missing,
         },
         deployment,
@@ -395,6 +404,7 @@ async fn finish(
         router.metadata.generation,
         plan.keda_missing,
         declared,
+        &history,
     ) {
         ctx.publish(router, note).await;
     }
@@ -408,6 +418,23 @@ async fn finish(
         return Err(Error::Broker(error));
     }
     Ok(())
+}
+
+/// What the broker step did with the history stream `plan` asks for (if any). Pure.
+fn history_outcome(plan: &Plan, broker: &Result<Synced, BrokerError>) -> HistoryOutcome {
+    if plan.topology.history.is_none() {
+        return HistoryOutcome::Off;
+    }
+    match broker {
+        Err(_) => HistoryOutcome::NotDeclared,
+        Ok(Synced {
+            stream_arguments_differ: Some(refusal),
+            ..
+        }) => HistoryOutcome::ArgumentsDiffer {
+            message: refusal.clone(),
+        },
+        Ok(_) => HistoryOutcome::Declared,
+    }
 }
 
 #[cfg(test)]
@@ -426,6 +453,7 @@ mod tests {
                 source: "orders".into(),
                 routing_key: key.into(),
             }],
+            history: None,
         }
     }
 
@@ -511,5 +539,38 @@ mod tests {
         );
         assert_eq!((status.replicas, status.ready_replicas), (None, None));
         assert!(is_true(&status.conditions, ConditionType::Paused));
+    }
+
+    #[test]
+    fn the_history_outcome_follows_the_plan_and_the_broker() {
+        use crate::crd::HistorySpec;
+        use crate::validate::tests::a_cluster_with_the_secret;
+
+        let synced = |differ: Option<&str>| -> Result<Synced, BrokerError> {
+            Ok(Synced {
+                record: a_record("#"),
+                stream_arguments_differ: differ.map(str::to_string),
+            })
+        };
+        let off = validate(&a_router_named("chat"), &a_cluster_with_the_secret()).expect("valid");
+        assert_eq!(history_outcome(&off, &synced(None)), HistoryOutcome::Off);
+        let mut router = a_router_named("chat");
+        router.spec.history = Some(HistorySpec::enabled());
+        let on = validate(&router, &a_cluster_with_the_secret()).expect("valid");
+        assert_eq!(
+            history_outcome(&on, &synced(None)),
+            HistoryOutcome::Declared
+        );
+        assert_eq!(
+            history_outcome(&on, &synced(Some("PRECONDITION_FAILED"))),
+            HistoryOutcome::ArgumentsDiffer {
+                message: "PRECONDITION_FAILED".into()
+            }
+        );
+        let unreachable = Err(BrokerError::Timeout(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            history_outcome(&on, &unreachable),
+            HistoryOutcome::NotDeclared
+        );
     }
 }

@@ -11,14 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::DURATION_PATTERN;
 
-/// One topic-pattern word as the CEL rules check it: `*`, `#`, or other characters except `.`,
-/// `,` and whitespace. `validate` repeats the check word by word with precise messages.
-macro_rules! pattern_regex {
-    () => {
-        "^([*]|#|[^.,*#[:space:]]+)([.]([*]|#|[^.,*#[:space:]]+))*$"
-    };
-}
-
 /// A non-negative decimal number of events per second with at most three decimals (`0.5`, `20`).
 pub const RATE_PATTERN: &str = r"^[0-9]{1,7}([.][0-9]{1,3})?$";
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::{
     AutoscalingProvider, AutoscalingSpec, DeletionPolicy, DisruptionBudgetSpec, EventRouterSpec,
-    MonitoringSpec, RabbitMqSpec, RebalanceSpec, ScalingRules, SecretKeyRef, ServiceSpec,
-    ServiceType, SlowConsumerPolicy, WebSocketSpec,
+    HistorySpec, MonitoringSpec, RabbitMqSpec, RebalanceSpec, ScalingRules, SecretKeyRef,
+    ServiceSpec, ServiceType, SlowConsumerPolicy, WebSocketSpec,
 };
 
 pub(super) fn default_image() -> String {
@@ -112,6 +112,21 @@ pub(super) fn default_max_unavailable() -> i32 {
 pub(super) fn default_scrape_interval() -> String {
     "30s".into()
 }
+pub(super) fn default_history_max_age() -> String {
+    "24h".into()
+}
+pub(super) fn default_history_max_bytes() -> i64 {
+    1024 * 1024 * 1024
+}
+pub(super) fn default_history_patterns() -> Vec<String> {
+    vec!["#".into()]
+}
+pub(super) fn default_recovery_max_events() -> u32 {
+    10_000
+}
+pub(super) fn default_recovery_max_concurrent() -> u32 {
+    64
+}
 
 impl Default for WebSocketSpec {
     fn default() -> Self {
@@ -187,6 +202,31 @@ impl Default for MonitoringSpec {
     }
 }
 
+impl Default for HistorySpec {
+    /// Every default, history off (`spec.history: {}`).
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_age: default_history_max_age(),
+            max_bytes: default_history_max_bytes(),
+            max_segment_bytes: None,
+            patterns: default_history_patterns(),
+            recovery_max_events: default_recovery_max_events(),
+            recovery_max_concurrent: default_recovery_max_concurrent(),
+        }
+    }
+}
+
+impl HistorySpec {
+    /// History on, with every default (the stream keeps every event for 24h, at most 1 GiB).
+    pub fn enabled() -> Self {
+        Self {
+            enabled: true,
+            ..Self::default()
+        }
+    }
+}
+
 impl RabbitMqSpec {
     /// A RabbitMQ section with every default, reading the URL from `secret`'s key `url`.
     pub fn from_secret(secret: &str) -> Self {
@@ -222,6 +262,7 @@ impl EventRouterSpec {
             monitoring: MonitoringSpec::default(),
             auth: None,
             limits: None,
+            history: None,
             deletion_policy: DeletionPolicy::default(),
             log_level: default_log_level(),
             paused: false,

@@ -11,9 +11,21 @@
 //! | `status` | `EventRouterStatus` and the recorded broker topology |
 //! | `defaults` | every default value of the spec |
 //! | `access` | `spec.auth` (client and publisher authentication) and `spec.limits` (per-client limits) |
+//! | `history` | `spec.history` (missed-event recovery from a RabbitMQ stream) |
+
+/// A topic pattern as the CEL rules check it: words separated by `.`, each `*`, `#`, or other
+/// characters except `.`, `,` and whitespace. `validate` repeats the check word by word with
+/// precise messages. A macro (defined before the modules that use it) so that `concat!` can
+/// build the rules from it.
+macro_rules! pattern_regex {
+    () => {
+        "^([*]|#|[^.,*#[:space:]]+)([.]([*]|#|[^.,*#[:space:]]+))*$"
+    };
+}
 
 mod access;
 mod defaults;
+mod history;
 mod status;
 
 use std::collections::BTreeMap;
@@ -26,7 +38,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::access::{AuthSpec, KeyFile, LimitsSpec, SecretFileRef};
 use self::defaults::*;
-pub use self::status::{EventRouterStatus, RecordedBinding, RecordedTopology};
+pub use self::history::{HistorySpec, MAX_AGE_PATTERN, MAX_SEGMENT_BYTES, MIN_HISTORY_BYTES};
+pub use self::status::{
+    EventRouterStatus, RecordedBinding, RecordedHistory, RecordedTopology, StreamArguments,
+};
 
 /// Annotation that lets a stuck deletion finish without touching the broker (see the README).
 pub const SKIP_BROKER_CLEANUP_ANNOTATION: &str = "eventrouter.io/skip-broker-cleanup";
@@ -163,8 +178,16 @@ pub struct EventRouterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSpec>,
 
-    /// What happens to the RabbitMQ exchange and bindings when this EventRouter is deleted:
-    /// `delete` removes exactly what the operator declared; `retain` leaves the broker untouched.
+    /// Missed-event recovery: a client that reconnects subscribes with `since` (its last event's
+    /// id) and gets the events it missed, read from the router's RabbitMQ stream
+    /// `<exchange>.history`, which the operator declares, binds and bounds. Unset or not
+    /// `enabled`: no stream, and the pods recover nothing from RabbitMQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+
+    /// What happens to the RabbitMQ exchanges, bindings and history stream when this EventRouter
+    /// is deleted: `delete` removes exactly what the operator declared; `retain` leaves the broker
+    /// untouched.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
@@ -482,7 +505,7 @@ pub struct MonitoringSpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeletionPolicy {
-    /// Delete the exchange and the bindings the operator recorded in status.
+    /// Delete the exchanges, the bindings and the history stream the operator recorded in status.
     Delete,
     /// Leave the broker as it is (publishers keep their exchange).
     #[default]
@@ -502,12 +525,22 @@ impl EventRouter {
     pub fn control_exchange_name(&self) -> String {
         eventrouter_contract::control::default_exchange(&self.exchange_name())
     }
+
+    /// The router's history stream (missed-event recovery): `<exchange>.history`.
+    pub fn history_stream_name(&self) -> String {
+        eventrouter_contract::history::default_stream(&self.exchange_name())
+    }
 }
 
 impl EventRouterSpec {
     /// Whether the pods rebalance: `spec.rebalance.enabled`, else whether autoscaling is on.
     pub fn rebalance_enabled(&self) -> bool {
         self.rebalance.enabled.unwrap_or(self.autoscaling.enabled)
+    }
+
+    /// `spec.history` when it is enabled.
+    pub fn enabled_history(&self) -> Option<&HistorySpec> {
+        self.history.as_ref().filter(|history| history.enabled)
     }
 }
 
@@ -569,6 +602,7 @@ mod tests {
         assert_eq!(
             paths,
             [
+                "spec.history.maxAge",
                 "spec.monitoring.interval",
                 "spec.rabbitmq.queueExpires",
                 "spec.rabbitmq.queueMessageTtl",
@@ -582,8 +616,64 @@ mod tests {
             "the duration fields of the spec"
         );
         for (path, pattern) in &found {
-            assert_eq!(pattern.as_deref(), Some(DURATION_PATTERN), "{path}");
+            // RabbitMQ reads the stream's age, in its own syntax (`24h`, `7D`), not the service.
+            let expected = if path == "spec.history.maxAge" {
+                MAX_AGE_PATTERN
+            } else {
+                DURATION_PATTERN
+            };
+            assert_eq!(pattern.as_deref(), Some(expected), "{path}");
         }
+    }
+
+    #[test]
+    fn history_uses_the_documented_field_names_defaults_and_rules() {
+        let json = serde_json::json!({
+            "rabbitmq": {"secretRef": {"name": "amqp"}},
+            "history": {"enabled": true}
+        });
+        let spec: EventRouterSpec = serde_json::from_value(json).expect("parses");
+        assert_eq!(spec.history, Some(HistorySpec::enabled()));
+        let back = serde_json::to_value(&spec).expect("serializes");
+        assert_eq!(
+            back["history"],
+            serde_json::json!({
+                "enabled": true,
+                "maxAge": "24h",
+                "maxBytes": 1_073_741_824_i64,
+                "patterns": ["#"],
+                "recoveryMaxEvents": 10_000,
+                "recoveryMaxConcurrent": 64
+            })
+        );
+        assert!(spec.enabled_history().is_some());
+        let off: EventRouterSpec = serde_json::from_value(serde_json::json!({
+            "rabbitmq": {"secretRef": {"name": "amqp"}},
+            "history": {}
+        }))
+        .expect("parses");
+        assert_eq!(off.history, Some(HistorySpec::default()));
+        assert!(off.enabled_history().is_none());
+
+        let crd = serde_json::to_value(EventRouter::crd()).expect("crd serializes");
+        let history = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["history"];
+        let fields = &history["properties"];
+        assert_eq!(fields["maxAge"]["default"], "24h");
+        assert_eq!(fields["maxBytes"]["minimum"], MIN_HISTORY_BYTES as f64);
+        assert_eq!(
+            fields["maxSegmentBytes"]["maximum"],
+            MAX_SEGMENT_BYTES as f64
+        );
+        assert_eq!(fields["patterns"]["maxItems"], 64);
+        assert_eq!(fields["patterns"]["minItems"], 1);
+        assert_eq!(fields["patterns"]["x-kubernetes-list-type"], "set");
+        assert_eq!(fields["recoveryMaxConcurrent"]["maximum"], 4096.0);
+        let rules = history["x-kubernetes-validations"].to_string();
+        assert!(
+            rules.contains("self.maxSegmentBytes <= self.maxBytes"),
+            "{rules}"
+        );
     }
 
     #[test]

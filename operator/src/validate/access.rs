@@ -20,9 +20,9 @@ pub enum KeyPresence {
     KeyMissing,
 }
 
-/// Why `pattern` is not a RabbitMQ topic pattern the event service accepts, or `None`.
-/// `template`: a grant template, where `{sub}` stands for the token's subject.
-pub(crate) fn pattern_problem(pattern: &str, template: bool) -> Option<String> {
+/// Why `pattern` is not a RabbitMQ topic pattern the event service accepts, or `None`: words
+/// separated by `.`, where `*` and `#` are whole words, no `,` or whitespace, at most 255 bytes.
+pub(crate) fn topic_pattern_problem(pattern: &str) -> Option<String> {
     if pattern.is_empty() {
         return Some("is empty".into());
     }
@@ -47,6 +47,15 @@ pub(crate) fn pattern_problem(pattern: &str, template: bool) -> Option<String> {
                 "has the word {word:?}: '*' and '#' must be whole words (e.g. 'order.*', not 'order*')"
             ));
         }
+    }
+    None
+}
+
+/// Why `pattern` is not a pattern of `spec.auth` the event service accepts, or `None`.
+/// `template`: a grant template, where `{sub}` stands for the token's subject.
+pub(crate) fn pattern_problem(pattern: &str, template: bool) -> Option<String> {
+    if let Some(problem) = topic_pattern_problem(pattern) {
+        return Some(problem);
     }
     if template {
         let rest = pattern.replace(SUBJECT_PLACEHOLDER, "");
