@@ -32,6 +32,8 @@
 //!   counts driving `bind`/`unbind` on the source.
 //! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`, whose
 //!   `link` module keeps the broker connection up). A source holds the hub only weakly.
+//! - [`history`] — missed-event recovery: the embedded bus's ring, the RabbitMQ stream reader and
+//!   the exact hand-over from history to live (`session::recover` runs one recovery).
 //! - [`protocol`] — the client JSON protocol: parse requests with hard limits, encode replies and
 //!   event frames. Pure.
 //! - [`topics`] — pattern validation and the topic trie (RabbitMQ `*` / `#` semantics). Pure.
