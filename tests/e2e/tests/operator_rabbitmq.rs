@@ -2,18 +2,22 @@
 //! control exchange and the upstream bindings exist after reconcile, follow the spec, are removed
 //! on deletion with `deletionPolicy: delete` and kept with `retain`; an unreachable broker gives `BrokerReady=False`
 //! and the router recovers once the Secret is fixed; the skip annotation releases a deletion that
-//! cannot reach the broker.
+//! cannot reach the broker. The history stream (`spec.history`) is a stream with the spec's
+//! arguments and bindings, follows the patterns, reports arguments RabbitMQ cannot change, and is
+//! unbound, deleted or kept by the same rules.
 
 mod operator_support;
 
 use eventrouter_e2e::rabbitmq::{DEFAULT_VHOST, Management, amqp_url, encode_segment};
 use eventrouter_e2e::wait::{wait_for, wait_until};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use operator::crd::{
-    DeletionPolicy, EventRouterSpec, SKIP_BROKER_CLEANUP_ANNOTATION, UpstreamBinding,
+    DeletionPolicy, EventRouterSpec, HistorySpec, RecordedHistory, SKIP_BROKER_CLEANUP_ANNOTATION,
+    StreamArguments, UpstreamBinding,
 };
 use operator_support::*;
 
@@ -43,6 +47,19 @@ async fn upstream_exchange(name: &str, present: bool) {
             .await
             .expect("delete an exchange");
     }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Delete queue (stream) `name` on the shared node, as an administrator would by hand.
+async fn delete_queue(name: &str) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("AMQP connects");
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete a queue");
     let _ = connection.close(200, "done".into()).await;
 }
 
@@ -78,6 +95,62 @@ async fn exchange_kind(mgmt: &Management, name: &str) -> (String, bool) {
         details["type"].as_str().unwrap_or_default().to_string(),
         details["durable"].as_bool().unwrap_or_default(),
     )
+}
+
+/// The history stream of a router whose events exchange is `exchange`.
+fn stream_of(exchange: &str) -> String {
+    eventrouter_contract::history::default_stream(exchange)
+}
+
+/// `(type, durable, arguments)` of queue `name` on the shared node, as the management API shows
+/// it (`GET /api/queues/<vhost>/<name>`); `None` when it does not exist.
+async fn queue_details(mgmt: &Management, name: &str) -> Option<(String, bool, serde_json::Value)> {
+    let details = mgmt
+        .queue(DEFAULT_VHOST, name)
+        .await
+        .expect("management API answers")?;
+    Some((
+        details["type"].as_str().unwrap_or_default().to_string(),
+        details["durable"].as_bool().unwrap_or_default(),
+        details["arguments"].clone(),
+    ))
+}
+
+/// The routing keys binding the history stream of `exchange` to it (sorted).
+async fn stream_bindings(mgmt: &Management, exchange: &str) -> Vec<String> {
+    mgmt.routing_keys(DEFAULT_VHOST, exchange, &stream_of(exchange))
+        .await
+        .expect("management API answers")
+}
+
+/// The history stream router `name` recorded in its status.
+async fn recorded_history(client: &kube::Client, ns: &str, name: &str) -> Option<RecordedHistory> {
+    routers(client, ns)
+        .get(name)
+        .await
+        .expect("the router")
+        .status
+        .and_then(|s| s.topology)
+        .and_then(|t| t.history)
+}
+
+/// The value of env var `var` in router `chat`'s Deployment, if set.
+async fn deployment_env(client: &kube::Client, ns: &str, var: &str) -> Option<String> {
+    let deployment = kube::Api::<Deployment>::namespaced(client.clone(), ns)
+        .get("chat")
+        .await
+        .expect("the Deployment");
+    deployment
+        .spec?
+        .template
+        .spec?
+        .containers
+        .first()?
+        .env
+        .clone()?
+        .into_iter()
+        .find(|e| e.name == var)
+        .and_then(|e| e.value)
 }
 
 /// The control exchange of a router whose events exchange is `exchange`.
@@ -367,6 +440,309 @@ async fn operator_reports_an_unreachable_broker_and_recovers_when_the_secret_is_
         exchange_exists(&mgmt, &control_of(&exchange)).await,
         "and the control exchange"
     );
+    upstream_exchange(&exchange, false).await;
+    upstream_exchange(&control_of(&exchange), false).await;
+}
+
+/// A router spec with history on: a day, 64 MiB in segments of 8 MiB, the given patterns.
+fn a_history_spec(exchange: &str, patterns: &[&str], policy: DeletionPolicy) -> EventRouterSpec {
+    let mut spec = EventRouterSpec::with_secret("amqp");
+    spec.rabbitmq.exchange = Some(exchange.into());
+    spec.deletion_policy = policy;
+    spec.history = Some(HistorySpec {
+        max_age: "24h".into(),
+        max_bytes: 64 * 1_048_576,
+        max_segment_bytes: Some(8 * 1_048_576),
+        patterns: patterns.iter().map(|p| p.to_string()).collect(),
+        ..HistorySpec::enabled()
+    });
+    spec
+}
+
+fn set_history(spec: &mut EventRouterSpec, change: impl FnOnce(&mut HistorySpec)) {
+    if let Some(history) = spec.history.as_mut() {
+        change(history);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_history_stream_follows_the_spec_reports_arguments_rabbitmq_cannot_change_and_is_deleted()
+ {
+    let watched = watched_namespace("op-mq-history").await;
+    let (client, ns) = (&watched.client, watched.ns.as_str());
+    let mgmt = Management::shared();
+    let exchange = format!("{ns}.router");
+    let stream = stream_of(&exchange);
+    let mut spec = a_history_spec(&exchange, &["order.*", "refund.#"], DeletionPolicy::Delete);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_topology_declared(client, ns, "chat").await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "True",
+        Some("StreamDeclared"),
+    )
+    .await;
+
+    // A durable stream with exactly the spec's arguments, bound to the router's exchange.
+    let (kind, durable, arguments) = queue_details(&mgmt, &stream)
+        .await
+        .unwrap_or_else(|| panic!("the stream {stream:?} exists"));
+    assert_eq!((kind.as_str(), durable), ("stream", true));
+    assert_eq!(
+        arguments,
+        serde_json::json!({
+            "x-queue-type": "stream",
+            "x-max-age": "24h",
+            "x-max-length-bytes": 64 * 1_048_576,
+            "x-stream-max-segment-size-bytes": 8 * 1_048_576
+        })
+    );
+    assert_eq!(
+        stream_bindings(&mgmt, &exchange).await,
+        ["order.*", "refund.#"]
+    );
+    let declared = StreamArguments {
+        max_age: "24h".into(),
+        max_bytes: 64 * 1_048_576,
+        max_segment_bytes: Some(8 * 1_048_576),
+    };
+    assert_eq!(
+        recorded_history(client, ns, "chat").await,
+        Some(RecordedHistory {
+            stream: stream.clone(),
+            arguments: Some(declared.clone()),
+            patterns: vec!["order.*".into(), "refund.#".into()],
+        })
+    );
+    // The pods read that stream.
+    wait_until("the pods to be given the stream", CONVERGE, || async {
+        deployment_env(client, ns, "EVENTROUTER_HISTORY_STREAM")
+            .await
+            .as_deref()
+            == Some(stream.as_str())
+    })
+    .await;
+
+    // Patterns follow the spec: one dropped, one added.
+    set_history(&mut spec, |h| {
+        h.patterns = vec!["order.*".into(), "user.#".into()]
+    });
+    apply_router(client, ns, "chat", &spec).await;
+    wait_until("the stream to be rebound", CONVERGE, || async {
+        stream_bindings(&mgmt, &exchange).await == ["order.*", "user.#"]
+    })
+    .await;
+    wait_until(
+        "the status to record the new patterns",
+        CONVERGE,
+        || async {
+            recorded_history(client, ns, "chat")
+                .await
+                .is_some_and(|h| h.patterns == ["order.*", "user.#"])
+        },
+    )
+    .await;
+
+    // A new maxAge: RabbitMQ cannot change the stream's arguments. The stream keeps its
+    // retention and history, everything else (here a pattern changed at the same time) is
+    // reconciled, and the condition and a Warning event say why.
+    set_history(&mut spec, |h| {
+        h.max_age = "7D".into();
+        h.patterns = vec!["order.*".into(), "user.#".into(), "audit.#".into()];
+    });
+    apply_router(client, ns, "chat", &spec).await;
+    let history = wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "False",
+        Some("StreamArgumentsDiffer"),
+    )
+    .await;
+    for expected in [
+        "history stream arguments differ from spec; RabbitMQ cannot change them in place",
+        "inequivalent arg 'x-max-age'",
+        "'7D'",
+        "'24h'",
+    ] {
+        assert!(
+            history.message.contains(expected),
+            "{expected}: {}",
+            history.message
+        );
+    }
+    wait_event(client, ns, "chat", "StreamArgumentsDiffer", "Warning").await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "BrokerReady",
+        "True",
+        Some("TopologyDeclared"),
+    )
+    .await;
+    assert_eq!(
+        queue_details(&mgmt, &stream)
+            .await
+            .map(|(_, _, a)| a["x-max-age"].clone()),
+        Some(serde_json::json!("24h")),
+        "the stream keeps its age"
+    );
+    assert_eq!(
+        stream_bindings(&mgmt, &exchange).await,
+        ["audit.#", "order.*", "user.#"],
+        "the bindings still follow the spec"
+    );
+    let recorded = recorded_history(client, ns, "chat")
+        .await
+        .expect("recorded");
+    assert_eq!(
+        recorded.arguments, None,
+        "arguments RabbitMQ refused are not recorded"
+    );
+    assert_eq!(recorded.patterns, ["audit.#", "order.*", "user.#"]);
+
+    // The documented way out: delete the stream (its history goes); the operator declares it
+    // anew with the spec's arguments at a later reconcile (the resync at the latest).
+    delete_queue(&stream).await;
+    wait_until(
+        "the stream to be declared again with maxAge 7D",
+        std::time::Duration::from_secs(45),
+        || async {
+            queue_details(&mgmt, &stream)
+                .await
+                .is_some_and(|(_, _, a)| a["x-max-age"] == "7D")
+        },
+    )
+    .await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "True",
+        Some("StreamDeclared"),
+    )
+    .await;
+    assert_eq!(
+        stream_bindings(&mgmt, &exchange).await,
+        ["audit.#", "order.*", "user.#"]
+    );
+    wait_until(
+        "the status to record the new arguments",
+        CONVERGE,
+        || async {
+            recorded_history(client, ns, "chat")
+                .await
+                .and_then(|h| h.arguments)
+                .is_some_and(|a| a.max_age == "7D")
+        },
+    )
+    .await;
+
+    // History off under deletionPolicy delete: the stream goes, and so does the pods' setting.
+    set_history(&mut spec, |h| h.enabled = false);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_until("the stream to be deleted", CONVERGE, || async {
+        queue_details(&mgmt, &stream).await.is_none()
+    })
+    .await;
+    wait_until("the status to drop the stream", CONVERGE, || async {
+        recorded_history(client, ns, "chat").await.is_none()
+    })
+    .await;
+    wait_until("the pods to lose the stream", CONVERGE, || async {
+        deployment_env(client, ns, "EVENTROUTER_HISTORY_STREAM")
+            .await
+            .is_none()
+    })
+    .await;
+    let history = condition(client, ns, "chat", "HistoryReady").await;
+    assert_eq!(history, None, "no history, no condition");
+
+    // On again, then the router is deleted: the stream goes with the exchanges.
+    set_history(&mut spec, |h| h.enabled = true);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "True",
+        Some("StreamDeclared"),
+    )
+    .await;
+    assert!(queue_details(&mgmt, &stream).await.is_some());
+    delete_router(client, ns, "chat").await;
+    wait_absent(&routers(client, ns), "chat").await;
+    assert_eq!(
+        queue_details(&mgmt, &stream).await,
+        None,
+        "deleted with the router"
+    );
+    assert!(!exchange_exists(&mgmt, &exchange).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_retain_policy_unbinds_a_disabled_history_stream_and_keeps_it() {
+    let watched = watched_namespace("op-mq-history-retain").await;
+    let (client, ns) = (&watched.client, watched.ns.as_str());
+    let mgmt = Management::shared();
+    let exchange = format!("{ns}.router");
+    let stream = stream_of(&exchange);
+    let mut spec = a_history_spec(&exchange, &["#"], DeletionPolicy::Retain);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "True",
+        Some("StreamDeclared"),
+    )
+    .await;
+    assert_eq!(stream_bindings(&mgmt, &exchange).await, ["#"]);
+
+    // Off under retain: unbound (it stops filling), kept with what it holds.
+    set_history(&mut spec, |h| h.enabled = false);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_until("the stream to be unbound", CONVERGE, || async {
+        stream_bindings(&mgmt, &exchange).await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        queue_details(&mgmt, &stream).await.map(|(kind, _, _)| kind),
+        Some("stream".to_string()),
+        "retain keeps the stream"
+    );
+
+    // On again: the same stream (same arguments) is bound again.
+    set_history(&mut spec, |h| h.enabled = true);
+    apply_router(client, ns, "chat", &spec).await;
+    wait_condition(
+        client,
+        ns,
+        "chat",
+        "HistoryReady",
+        "True",
+        Some("StreamDeclared"),
+    )
+    .await;
+    assert_eq!(stream_bindings(&mgmt, &exchange).await, ["#"]);
+
+    // Deleting the router leaves the stream and its binding.
+    delete_router(client, ns, "chat").await;
+    wait_absent(&routers(client, ns), "chat").await;
+    assert!(
+        queue_details(&mgmt, &stream).await.is_some(),
+        "retain keeps the stream"
+    );
+    assert_eq!(stream_bindings(&mgmt, &exchange).await, ["#"]);
+    delete_queue(&stream).await;
     upstream_exchange(&exchange, false).await;
     upstream_exchange(&control_of(&exchange), false).await;
 }

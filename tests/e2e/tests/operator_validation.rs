@@ -238,6 +238,119 @@ async fn operator_crd_checks_auth_and_limits() {
     }
 }
 
+/// `spec.history` as the API server judges it: valid objects are stored with the CRD's defaults
+/// filled in, malformed ones (RabbitMQ's age syntax, pattern syntax, list and number bounds, a
+/// segment larger than the stream) are refused with the schema's or the CEL rule's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_crd_checks_history() {
+    let (client, ns) = setup("op-crd-history").await;
+    let ns = ns.name();
+    let secret = json!({"secretRef": {"name": "amqp"}});
+
+    let defaults = json!({
+        "enabled": true,
+        "maxAge": "24h",
+        "maxBytes": 1_073_741_824_i64,
+        "patterns": ["#"],
+        "recoveryMaxEvents": 10_000,
+        "recoveryMaxConcurrent": 64
+    });
+    let full = json!({
+        "enabled": true,
+        "maxAge": "7D",
+        "maxBytes": 8_589_934_592_i64,
+        "maxSegmentBytes": 104_857_600,
+        "patterns": ["order.*", "user.#", "audit"],
+        "recoveryMaxEvents": 1_000_000,
+        "recoveryMaxConcurrent": 4096
+    });
+    let accepted = [
+        (json!({"enabled": true}), defaults.clone()),
+        (
+            json!({}),
+            json!({
+                "enabled": false,
+                "maxAge": "24h",
+                "maxBytes": 1_073_741_824_i64,
+                "patterns": ["#"],
+                "recoveryMaxEvents": 10_000,
+                "recoveryMaxConcurrent": 64
+            }),
+        ),
+        (full.clone(), full),
+        (
+            json!({"enabled": true, "maxAge": "1Y", "maxBytes": 1_048_576, "maxSegmentBytes": 1_048_576}),
+            json!({
+                "enabled": true,
+                "maxAge": "1Y",
+                "maxBytes": 1_048_576,
+                "maxSegmentBytes": 1_048_576,
+                "patterns": ["#"],
+                "recoveryMaxEvents": 10_000,
+                "recoveryMaxConcurrent": 64
+            }),
+        ),
+    ];
+    for (index, (history, stored_as)) in accepted.iter().enumerate() {
+        let name = format!("good-{index}");
+        let spec = json!({"rabbitmq": secret, "history": history});
+        let stored = create_router(&client, ns, &a_router(&name, spec.clone()))
+            .await
+            .unwrap_or_else(|error| panic!("the API server refused {spec}: {error}"));
+        assert_eq!(stored.data["spec"]["history"], *stored_as, "{name}");
+        // And the operator's types read it back.
+        let router = routers(&client, ns).get(&name).await.expect("typed get");
+        assert_eq!(
+            router.spec.history.map(|h| h.enabled),
+            stored_as["enabled"].as_bool()
+        );
+    }
+
+    let too_many: Vec<String> = (0..65).map(|i| format!("p{i}.#")).collect();
+    let refused = [
+        (json!({"maxAge": "24 hours"}), "spec.history.maxAge"),
+        (json!({"maxAge": "0h"}), "spec.history.maxAge"),
+        (json!({"maxAge": "1h30m"}), "spec.history.maxAge"),
+        (json!({"maxAge": "24d"}), "spec.history.maxAge"),
+        (json!({"maxAge": "30"}), "spec.history.maxAge"),
+        (json!({"maxBytes": 1024}), "spec.history.maxBytes"),
+        (
+            json!({"maxSegmentBytes": 4_000_000_000_i64}),
+            "spec.history.maxSegmentBytes",
+        ),
+        (
+            json!({"maxBytes": 4_194_304, "maxSegmentBytes": 8_388_608}),
+            "maxSegmentBytes must not exceed maxBytes",
+        ),
+        (json!({"patterns": []}), "spec.history.patterns"),
+        (json!({"patterns": too_many}), "spec.history.patterns"),
+        (
+            json!({"patterns": ["order.#", "order.#"]}),
+            "Duplicate value",
+        ),
+        (
+            json!({"patterns": ["order*"]}),
+            "'*' and '#' are whole words",
+        ),
+        (json!({"patterns": ["a..b"]}), "'*' and '#' are whole words"),
+        (json!({"patterns": ["a,b"]}), "no ',' or whitespace"),
+        (
+            json!({"recoveryMaxEvents": 0}),
+            "spec.history.recoveryMaxEvents",
+        ),
+        (
+            json!({"recoveryMaxConcurrent": 5000}),
+            "spec.history.recoveryMaxConcurrent",
+        ),
+    ];
+    for (mut history, expected) in refused {
+        history["enabled"] = json!(true);
+        let spec = json!({"rabbitmq": secret, "history": history});
+        let message = rejection(&client, ns, spec.clone()).await;
+        assert!(message.contains(expected), "{spec}: {message}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_invalid_spec_sets_ready_false_emits_a_warning_and_creates_nothing() {
     let (client, ns) = setup("op-invalid").await;
