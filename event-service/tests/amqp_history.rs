@@ -335,6 +335,7 @@ async fn a_broker_restart_during_recoveries_never_leaves_a_silent_gap() {
     node.restart().await.expect("the broker restarts");
     for mut c in clients {
         let reply = c.recv_json().await;
+        eprintln!("during the restart: {reply}");
         match reply["op"].as_str() {
             // Recovered: every missed event, in order, exactly once.
             Some("subscribed") if reply["recovered"] == true => {
@@ -361,4 +362,50 @@ async fn a_broker_restart_during_recoveries_never_leaves_a_silent_gap() {
     for &n in &want {
         assert_eq!(next_n(&mut c).await.0, n);
     }
+}
+
+#[tokio::test]
+async fn a_gap_over_the_bounds_answers_recovered_false() {
+    let url = amqp_url();
+    let exchange = unique("history-bounds");
+    let mut config = history_config(&url, &exchange, &unique("router"));
+    config.history_max_bytes = 64 * 1024;
+    config.recovery_max_events = 50;
+    let server = start_ready(config).await;
+    let mut c = Client::connect(&server).await;
+    c.subscribe(1, &["g.*"]).await;
+    let (status, _) =
+        support::publish(&server, json!({"event":"g.x","data":{"n":0}}).to_string()).await;
+    assert_eq!(status, 202);
+    let (_, since) = next_n(&mut c).await;
+    drop(c);
+
+    // 60 matching events: over the 50 one recovery replays.
+    let events: Vec<Value> = (1..=60)
+        .map(|n| json!({"event":"g.x","data":{"n":n}}))
+        .collect();
+    let (status, _) = support::publish(&server, Value::Array(events).to_string()).await;
+    assert_eq!(status, 202);
+    let mut c = Client::connect(&server).await;
+    let reply = subscribe_since(&mut c, 2, &["g.*"], &since).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    drop(c);
+
+    // Then 1,000 other events of ~200 bytes: over the 64 KiB window.
+    let pad = "y".repeat(200);
+    let events: Vec<Value> = (0..1000)
+        .map(|n| json!({"event":"other","data":{"n":n,"pad":pad}}))
+        .collect();
+    let (status, _) = support::publish(&server, Value::Array(events).to_string()).await;
+    assert_eq!(status, 202);
+    let mut c = Client::connect(&server).await;
+    // A pattern that matches none of them: still over the window, which holds every event.
+    let reply = subscribe_since(&mut c, 3, &["nothing.*"], &since).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    let text = support::metrics_text(&server).await;
+    assert_eq!(
+        support::metric_value(&text, "eventrouter_recoveries_total", "result=\"too_many\""),
+        Some(2.0),
+        "{text}"
+    );
 }

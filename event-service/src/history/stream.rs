@@ -140,6 +140,15 @@ impl Window {
     }
 }
 
+/// Why a read of the stream stopped before its marker.
+enum ReadError {
+    /// The broker failed or refused; the message says what.
+    Failed(String),
+    /// A new window stopped early: `seen`, the events after `since` outgrew
+    /// `--history-max-bytes`; else the read went well past `since`'s time without meeting it.
+    GapTooLong { seen: bool },
+}
+
 /// Where a read attaches to the stream.
 #[derive(Clone, Copy, Debug)]
 enum Start {
@@ -194,10 +203,20 @@ impl StreamHistory {
             ))
         };
         if let Some(start) = read {
-            let outcome = tokio::time::timeout(READ_TIMEOUT, self.read(&mut reader, start)).await;
+            let outcome =
+                tokio::time::timeout(READ_TIMEOUT, self.read(&mut reader, start, since)).await;
             let failed = match outcome {
                 Ok(Ok(())) => None,
-                Ok(Err(why)) => Some(why),
+                Ok(Err(ReadError::GapTooLong { seen })) => {
+                    // Stopped early: the window is not complete up to a marker.
+                    reader.window.clear();
+                    return if seen {
+                        Lookup::TooMany
+                    } else {
+                        Lookup::Unknown
+                    };
+                }
+                Ok(Err(ReadError::Failed(why))) => Some(why),
                 Err(_) => Some(format!(
                     "reading the stream '{}' took longer than {READ_TIMEOUT:?}",
                     self.stream
@@ -241,7 +260,7 @@ impl StreamHistory {
     }
 
     /// Reads the stream from `start` up to a marker published after attaching, into the window.
-    async fn read(&self, reader: &mut Reader, start: Start) -> Result<(), String> {
+    async fn read(&self, reader: &mut Reader, start: Start, since: &str) -> Result<(), ReadError> {
         let stale = reader
             .link
             .as_ref()
@@ -250,22 +269,23 @@ impl StreamHistory {
             if let Some((old, _)) = reader.link.take() {
                 let _ = old.close(200, "idle".into()).await;
             }
-            let connection = self
-                .source
-                .connect_side("history")
-                .await
-                .map_err(|e| format!("connecting to read the history stream: {e}"))?;
+            let connection = self.source.connect_side("history").await.map_err(|e| {
+                ReadError::Failed(format!("connecting to read the history stream: {e}"))
+            })?;
             reader.link = Some((connection, Instant::now()));
         }
         let Some((connection, used)) = reader.link.as_mut() else {
-            return Err("no connection to read the history stream".into());
+            return Err(ReadError::Failed(
+                "no connection to read the history stream".into(),
+            ));
         };
         *used = Instant::now();
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("opening a channel to read the history stream: {e}"))?;
-        let result = self.read_on(&channel, &mut reader.window, start).await;
+        let channel = connection.create_channel().await.map_err(|e| {
+            ReadError::Failed(format!("opening a channel to read the history stream: {e}"))
+        })?;
+        let result = self
+            .read_on(&channel, &mut reader.window, start, since)
+            .await;
         let _ = channel.close(200, "read done".into()).await;
         result
     }
@@ -275,9 +295,17 @@ impl StreamHistory {
         channel: &Channel,
         window: &mut Window,
         start: Start,
-    ) -> Result<(), String> {
+        since: &str,
+    ) -> Result<(), ReadError> {
         let stream = self.stream.as_str();
-        let fail = |what: &str, e: lapin::Error| format!("{what} on the stream '{stream}': {e}");
+        let fail = |what: &str, e: lapin::Error| {
+            ReadError::Failed(format!("{what} on the stream '{stream}': {e}"))
+        };
+        // A new window that outgrows its bound before reaching the end: the gap is too long to
+        // replay (or `since` is older than the stream), so there is no point reading on.
+        let fresh = matches!(start, Start::Timestamp(_));
+        let since_time = uuid_v7_time(since);
+        let mut seen = false;
         channel
             .basic_qos(READ_PREFETCH, BasicQosOptions::default())
             .await
@@ -328,7 +356,11 @@ impl StreamHistory {
             let delivery = match consumer.next().await {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(fail("reading", e)),
-                None => return Err(format!("the broker cancelled the reader of '{stream}'")),
+                None => {
+                    return Err(ReadError::Failed(format!(
+                        "the broker cancelled the reader of '{stream}'"
+                    )));
+                }
             };
             let offset = delivery
                 .properties
@@ -379,6 +411,8 @@ impl StreamHistory {
             let Ok(frame) = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(frame) else {
                 continue;
             };
+            seen |= event.id == since;
+            let event_time = event.time;
             window.push(
                 offset,
                 Arc::new(Kept {
@@ -389,6 +423,16 @@ impl StreamHistory {
                 }),
                 self.max_bytes,
             );
+            if fresh {
+                // `since` itself pushed out by the bound: more missed than one window holds.
+                if seen && window.position(since).is_none() {
+                    return Err(ReadError::GapTooLong { seen: true });
+                }
+                // Well past `since`'s time without meeting it: the stream does not have it.
+                if !seen && since_time.is_some_and(|t| event_time > t + 2 * START_SKEW) {
+                    return Err(ReadError::GapTooLong { seen: false });
+                }
+            }
         }
     }
 }
