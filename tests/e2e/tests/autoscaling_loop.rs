@@ -17,8 +17,10 @@
 //! window, the removed pods drain (1001, paced), and their clients move to the last pod. Through
 //! all of it a publisher sends a numbered event every 500 ms that every client subscribes to:
 //! no connection breaks without a close frame (no pod is killed), no client gets an event twice,
-//! and every event published while a client was subscribed reaches it; events published during
-//! a client's own reconnect gap are counted apart (missed-event recovery is not part of this).
+//! and every event published while a client was subscribed reaches it. The router keeps its
+//! history in a RabbitMQ stream (`spec.history`) and every reconnect subscribes with `since`, so
+//! the events published during a client's own reconnect gaps reach it too: across rebalancing and
+//! scale-in, no client misses any event.
 //! The routers dashboard's *Replicas* panel (the operator's gauges, scraped by the same
 //! Prometheus) shows 4 current and desired pods after the scale-out and 1 after the scale-in.
 //!
@@ -75,6 +77,7 @@ fn router_spec(prometheus: &str) -> EventRouterSpec {
         "image": format!("{IMAGE}:test"),
         "rabbitmq": { "secretRef": { "name": "amqp", "key": "url" } },
         "websocket": { "drainDuration": format!("{DRAIN_SECONDS}s") },
+        "history": { "enabled": true, "maxAge": "1h" },
         "autoscaling": {
             "enabled": true,
             "provider": "keda",
@@ -177,7 +180,8 @@ struct Delivery {
     skipped: u64,
     /// Events published after a subscription was live (and well before it ended) that never came.
     missed_while_subscribed: u64,
-    /// Events published between two of a client's subscriptions.
+    /// Events published between two of a client's subscriptions that the next one did not
+    /// replay.
     missed_in_reconnect_gaps: u64,
 }
 
@@ -422,6 +426,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
         *ended.entry(format!("{:?}", c.ended)).or_default() += 1;
     }
     let max_gap = reconnects.iter().map(|r| r.gap).max().unwrap_or_default();
+    let (recovered, not_recovered) = shared.recoveries();
     let shed_peak = peak_rate(&reconnects, Ended::Rebalance, ramp_started);
     let drain_peak = peak_rate(&reconnects, Ended::Drain, scale_in_wanted);
     let drained = reconnects
@@ -448,6 +453,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
          - accept-queue overflows (ListenOverflows, all pods): {overflow_total} {overflows:?}\n\
          - connections ended: {ended:?}\n\
          - delivery over {} connections: {d:?}, {} events published\n\
+         - reconnects with since: {recovered} recovered, {not_recovered} not\n\
          - whole test {:.1?}",
         ramp_ended - ramp_started,
         wanted - ramp_ended,
@@ -484,6 +490,15 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
         d.missed_while_subscribed, 0,
         "events missed while subscribed: {d:?}"
     );
+    assert_eq!(
+        d.missed_in_reconnect_gaps, 0,
+        "events published during reconnects that never came: {d:?}"
+    );
+    assert_eq!(
+        not_recovered, 0,
+        "reconnects answered recovered: false ({recovered} recovered)"
+    );
+    assert!(recovered > 0, "no reconnect recovered anything");
     assert!(moved > 0, "rebalancing moved no connection");
     assert!(
         shed_peak <= MAX_REPLICAS * SHED_RATE * 2,

@@ -1,7 +1,9 @@
 //! The autoscaling loop's clients: WebSocket clients that connect only to the Ready endpoints of
 //! the router's Service, read from its EndpointSlices and picked at random as a Service would,
 //! subscribe, count every event, and reconnect on any close (right away after 4002, after a
-//! jittered pause otherwise, with growing backoff after failed attempts).
+//! jittered pause otherwise, with growing backoff after failed attempts). A reconnect subscribes
+//! with `since`, the id of the last event received, so the events published meanwhile are
+//! replayed from the router's history stream.
 //!
 //! What they record is what the scenario asserts: every connection's first and last event and
 //! any gap or repeat inside it, every close by code, every reconnect's time and how long the
@@ -77,6 +79,9 @@ pub struct Shared {
     connections: Mutex<Vec<Connection>>,
     reconnects: Mutex<Vec<Reconnect>>,
     failed_attempts: AtomicU64,
+    /// Reconnects that sent `since` and were answered `recovered: true` / anything else.
+    recovered: AtomicU64,
+    not_recovered: AtomicU64,
 }
 
 impl Shared {
@@ -115,6 +120,14 @@ impl Shared {
 
     pub fn failed_attempts(&self) -> u64 {
         self.failed_attempts.load(Ordering::Relaxed)
+    }
+
+    /// Reconnects with `since`: (answered `recovered: true`, answered otherwise).
+    pub fn recoveries(&self) -> (u64, u64) {
+        (
+            self.recovered.load(Ordering::Relaxed),
+            self.not_recovered.load(Ordering::Relaxed),
+        )
     }
 
     fn set_open(&self, client: usize, endpoint: Option<SocketAddr>) {
@@ -229,16 +242,25 @@ fn end_of(frame: Option<&CloseFrame>) -> Ended {
     }
 }
 
-/// The `seq` of an event frame; `None` for anything else (a pong, an error op).
-fn event_seq(text: &str) -> Option<u64> {
+/// The `seq` and id of an event frame; `None` for anything else (a pong, an error op).
+fn event_seq(text: &str) -> Option<(u64, String)> {
     let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    (value["op"] == "event").then(|| value["data"]["seq"].as_u64())?
+    if value["op"] != "event" {
+        return None;
+    }
+    Some((
+        value["data"]["seq"].as_u64()?,
+        value["id"].as_str()?.to_owned(),
+    ))
 }
 
 /// One client: connect, subscribe, read until the connection ends, record, go again.
 async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
     let mut rng = SmallRng::seed_from_u64(id as u64);
     let mut last_seq: Option<u64> = None;
+    // The id of the last event received: the next subscription's `since`, so what is published
+    // while the client reconnects is replayed rather than lost.
+    let mut last_id: Option<String> = None;
     let mut without_since: Option<(Instant, Ended)> = None;
     let mut failures: u32 = 0;
     while !stop.is_cancelled() {
@@ -251,13 +273,22 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
         let url = format!("ws://{endpoint}{}", eventrouter_contract::http::WS_PATH);
         let attempt = tokio::time::timeout(HANDSHAKE, async {
             let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await.ok()?;
-            let subscribe = format!(r#"{{"op":"subscribe","id":1,"events":["{EVENT}"]}}"#);
-            socket.send(Message::text(subscribe)).await.ok()?;
+            let subscribe = match &last_id {
+                Some(since) => {
+                    serde_json::json!({"op":"subscribe","id":1,"events":[EVENT],"since":since})
+                }
+                None => serde_json::json!({"op":"subscribe","id":1,"events":[EVENT]}),
+            };
+            socket
+                .send(Message::text(subscribe.to_string()))
+                .await
+                .ok()?;
             while let Some(Ok(message)) = socket.next().await {
                 if let Message::Text(text) = message
                     && text.contains(r#""op":"subscribed""#)
                 {
-                    return Some(socket);
+                    let recovered = text.contains(r#""recovered":true"#);
+                    return Some((socket, recovered));
                 }
             }
             None
@@ -265,7 +296,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
         .await
         .ok()
         .flatten();
-        let Some(mut socket) = attempt else {
+        let Some((mut socket, recovered)) = attempt else {
             failures += 1;
             shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
             let base = Duration::from_millis(100) * 2u32.pow(failures.min(5));
@@ -274,6 +305,14 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
         };
         failures = 0;
         let subscribed_at = Instant::now();
+        if last_id.is_some() {
+            let counter = if recovered {
+                &shared.recovered
+            } else {
+                &shared.not_recovered
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some((since, after)) = without_since.take()
             && let Ok(mut reconnects) = shared.reconnects.lock()
         {
@@ -306,7 +345,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
             };
             match message {
                 Some(Ok(Message::Text(text))) => {
-                    let Some(seq) = event_seq(text.as_str()) else {
+                    let Some((seq, id)) = event_seq(text.as_str()) else {
                         continue;
                     };
                     conn.received += 1;
@@ -314,6 +353,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
                         conn.repeated += 1;
                         continue;
                     }
+                    last_id = Some(id);
                     if let Some(previous) = conn.last_seq {
                         conn.skipped += seq - previous - 1;
                     }

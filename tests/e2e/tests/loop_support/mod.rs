@@ -176,13 +176,23 @@ impl Publisher {
                         sent.push(Instant::now());
                     }
                     let body = format!(r#"{{"seq":{seq}}}"#);
+                    // What a backend sets for its events to be recoverable: a UUIDv7 id and
+                    // the publish time.
+                    let id = uuid::Uuid::now_v7().to_string();
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
                     channel
                         .basic_publish(
                             exchange.as_str().into(),
                             clients::EVENT.into(),
                             BasicPublishOptions::default(),
                             body.as_bytes(),
-                            BasicProperties::default().with_content_type("application/json".into()),
+                            BasicProperties::default()
+                                .with_content_type("application/json".into())
+                                .with_message_id(id.as_str().into())
+                                .with_timestamp(secs),
                         )
                         .await
                         .expect("publishing an event");
