@@ -53,6 +53,22 @@ export declare function backoffDelay(
 /** RabbitMQ topic matching: `*` is exactly one word, `#` zero or more. */
 export declare function topicMatches(pattern: string, name: string): boolean;
 
+/** Whether `value` can be sent as `since`: a non-empty string of at most 255 UTF-8 bytes. */
+export declare function isEventId(value: unknown): value is string;
+
+/**
+ * A bounded memory of the most recent event ids, each with a value; adding past the capacity
+ * forgets the oldest. The client's duplicate guard.
+ */
+export declare class RecentIds<V = true> {
+  constructor(capacity: number);
+  readonly capacity: number;
+  readonly size: number;
+  has(id: string): boolean;
+  get(id: string): V | undefined;
+  add(id: string, value?: V): void;
+}
+
 /** A connection token (a JWT), or where to get one. */
 export type TokenSource = string | (() => string | Promise<string>);
 
@@ -83,6 +99,27 @@ export interface ClientOptions {
   autoConnect?: boolean;
   /** Source of randomness in [0, 1) for the jitter (default Math.random). */
   random?: () => number;
+  /**
+   * Missed-event recovery (default true): after a reconnect, resubscribe with `since` = the
+   * last event delivered, so the service replays what was published meanwhile; every answer is
+   * a `recovery` event. False: resubscribe live only, as without recovery.
+   */
+  recover?: boolean;
+  /**
+   * How often a recovery refused with `busy` is retried, with backoff and the same `since`,
+   * before subscribing live without it (`recovered: false`) (default 5).
+   */
+  busyRetries?: number;
+  /** How many recent event ids the duplicate guard remembers; 0 turns it off (default 1000). */
+  dedupeWindow?: number;
+}
+
+export interface SubscribeOptions {
+  /**
+   * An event id (a `lastEventId` persisted before a page reload, say): the service also replays
+   * the events matching these patterns published after it, then live ones. Null: live only.
+   */
+  since?: string | null;
 }
 
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
@@ -104,6 +141,11 @@ export type EventHandler = (event: RouterEvent) => void;
 export interface Subscription {
   /** The patterns acknowledged by the server. */
   patterns: string[];
+  /**
+   * Only with `since`: true when every missed event follows (before live ones); false when the
+   * service could not replay them (re-read the state from the application's backend).
+   */
+  recovered?: boolean;
   /** Removes this subscription's handler from its patterns. */
   unsubscribe(): Promise<string[]>;
 }
@@ -113,7 +155,7 @@ export declare class EventRouterError extends Error {
   code: string;
   /** The server's message. */
   serverMessage: string;
-  /** The patterns the error concerns (`forbidden`, `unavailable`). */
+  /** The patterns the error concerns (`forbidden`, `unavailable`, `busy`). */
   events: string[];
   /** Patterns of the same request that were subscribed (a partial `forbidden` or `unavailable`); the handler holds them. */
   subscribed: string[];
@@ -162,6 +204,21 @@ export interface RevokedDetail {
   /** `refresh`: a refresh's `removed`; `forbidden`: refused when resubscribing with a new token. */
   reason: "refresh" | "forbidden";
 }
+export interface RecoveryDetail {
+  /**
+   * True: the events missed since `since` follow, then live ones. False: they do not (the
+   * position is unknown to the service or too old, the gap too long, the history off, `busy`
+   * every time, or the client had no position); the patterns are live all the same: re-read the
+   * state from the application's backend.
+   */
+  recovered: boolean;
+  /** The position asked from; null when the client had none (it had received no event). */
+  since: string | null;
+  /** The patterns this answer subscribed. */
+  patterns: string[];
+  /** True for the resubscription after a reconnect, false for a `subscribe()` with `since`. */
+  reconnect: boolean;
+}
 export interface ErrorDetail {
   error: Error;
   patterns?: string[];
@@ -173,6 +230,7 @@ export interface ClientEventMap {
   close: CustomEvent<CloseDetail>;
   event: CustomEvent<RouterEvent>;
   resubscribed: CustomEvent<{ patterns: string[] }>;
+  recovery: CustomEvent<RecoveryDetail>;
   authenticated: CustomEvent<AuthenticatedDetail>;
   refreshed: CustomEvent<RefreshedDetail>;
   revoked: CustomEvent<RevokedDetail>;
@@ -192,12 +250,17 @@ export declare class EventRouterClient extends EventTarget {
   readonly subject: string | null;
   /** The current connection's token expiry in ms since the epoch; null when not authenticated. */
   readonly tokenExpiresAt: number | null;
-  /** Id of the last event received. */
-  lastEventId: string | null;
+  /**
+   * The id of the last event delivered (the position reconnects recover from); null before the
+   * first one and after a recovery that failed.
+   */
+  readonly lastEventId: string | null;
+  /** Event frames that repeated a recently delivered id (the duplicate guard's count). */
+  readonly duplicates: number;
 
   connect(): Promise<void>;
   close(code?: number, reason?: string): void;
-  subscribe(patterns: string | string[], handler: EventHandler): Promise<Subscription>;
+  subscribe(patterns: string | string[], handler: EventHandler, options?: SubscribeOptions): Promise<Subscription>;
   unsubscribe(patterns: string | string[], handler?: EventHandler): Promise<string[]>;
   ping(): Promise<number>;
   /** Gets a token from the token function now and sends it as `refresh` (needs a function). */

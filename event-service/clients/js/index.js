@@ -1,8 +1,9 @@
 // The event router's JavaScript client: one WebSocket to an event service, subscriptions with
-// promise replies, token authentication and refresh, and reconnection that follows the service's
-// close codes. Dependency-free; runs in browsers and in Node (22+, or 20 with
-// --experimental-websocket, or any WebSocket class passed as `options.WebSocket`). The wire protocol and close codes are documented in the event service's
-// README; the numbers below are that table.
+// promise replies, token authentication and refresh, reconnection that follows the service's
+// close codes, and recovery of the events missed while disconnected. Dependency-free; runs in
+// browsers and in Node (22+, or 20 with --experimental-websocket, or any WebSocket class passed
+// as `options.WebSocket`). The wire protocol and close codes are documented in the event
+// service's README; the numbers below are that table.
 
 /** Close codes the event service sends, and what the client does about each. */
 export const CloseCode = Object.freeze({
@@ -109,6 +110,57 @@ export function topicMatches(pattern, name) {
   return states.has(n.length);
 }
 
+/** The longest event id the service takes as `since`, in UTF-8 bytes. */
+const MAX_EVENT_ID_BYTES = 255;
+
+const utf8 = new TextEncoder();
+
+/**
+ * Whether `value` can be sent as `since`: a non-empty string of at most 255 UTF-8 bytes (the
+ * service answers anything else with `invalid_request`). Event ids are UUIDv7 strings.
+ * @param {unknown} value
+ */
+export function isEventId(value) {
+  if (typeof value !== "string" || value === "") return false;
+  // Up to 85 UTF-16 code units are at most 255 bytes in UTF-8: no need to encode the usual id.
+  return value.length <= 85 || utf8.encode(value).length <= MAX_EVENT_ID_BYTES;
+}
+
+/**
+ * A bounded memory of the most recent event ids, each with a value (the client keeps the set of
+ * handlers an event was given to). Adding past the capacity forgets the oldest id. A capacity of
+ * 0 remembers nothing.
+ */
+export class RecentIds {
+  /** @param {number} capacity */
+  constructor(capacity) {
+    this.capacity = Math.max(0, Math.floor(Number(capacity) || 0));
+    this._ids = new Map();
+  }
+
+  get size() {
+    return this._ids.size;
+  }
+
+  has(id) {
+    return this._ids.has(id);
+  }
+
+  /** The value stored with `id`, or undefined when it is not (or no longer) remembered. */
+  get(id) {
+    return this._ids.get(id);
+  }
+
+  /** Remembers `id` as the newest; forgets the oldest ones beyond the capacity. */
+  add(id, value = true) {
+    if (this.capacity === 0) return;
+    this._ids.delete(id);
+    this._ids.set(id, value);
+    // A Map iterates in insertion order: the first key is the oldest.
+    while (this._ids.size > this.capacity) this._ids.delete(this._ids.keys().next().value);
+  }
+}
+
 /** An error the server sent in reply to a request, or the connection ending under a request. */
 export class EventRouterError extends Error {
   /**
@@ -136,6 +188,9 @@ const DEFAULTS = Object.freeze({
   pongTimeoutMs: 10_000,
   refreshBeforeMs: 30_000,
   autoConnect: true,
+  recover: true,
+  busyRetries: 5,
+  dedupeWindow: 1000,
 });
 
 function toPatterns(patterns) {
@@ -146,11 +201,14 @@ function toPatterns(patterns) {
   return [...new Set(list)];
 }
 
-/** An `error` frame that refuses part of a subscribe (its `events`), the rest being answered apart. */
+/**
+ * An `error` frame that refuses part of a subscribe (its `events`), the rest being answered apart.
+ * `busy` with patterns refuses a recovery (a subscribe with `since`): nothing was subscribed.
+ */
 function isPartialError(frame) {
   return (
     frame.op === "error" &&
-    (frame.code === "forbidden" || frame.code === "unavailable") &&
+    (frame.code === "forbidden" || frame.code === "unavailable" || frame.code === "busy") &&
     Array.isArray(frame.events) &&
     frame.events.length > 0
   );
@@ -180,7 +238,7 @@ function makeEvent(type, detail) {
  * authenticated), `open`, `reconnecting` (waiting out a delay), `closed` (by `close()` or after a
  * close code that must not be retried). Events (listen with `addEventListener`; data in
  * `event.detail`): `state`, `authenticated`, `open`, `close`, `event`, `resubscribed`,
- * `refreshed`, `revoked`, `error`.
+ * `recovery`, `refreshed`, `revoked`, `error`.
  */
 export class EventRouterClient extends EventTarget {
   /**
@@ -235,8 +293,29 @@ export class EventRouterClient extends EventTarget {
     this._pingSentAt = 0;
     this._lastClose = null;
     this._opened = [];
-    /** The id of the last event received (for missed-event recovery once the service has it). */
-    this.lastEventId = null;
+    /**
+     * The position: the id of the last event delivered to the application, sent as `since` when
+     * resubscribing after a reconnect. One per client: a connection's events are one ordered
+     * stream, and an id is a position in the service's history, valid for every pattern.
+     */
+    this._lastEventId = null;
+    /** Ids of the last events delivered, each with the handlers it was given to (the duplicate guard). */
+    this._recent = new RecentIds(this.options.dedupeWindow);
+    this._duplicates = 0;
+  }
+
+  /**
+   * The id of the last event delivered to the application (null before the first one, or after
+   * a recovery the service could not do). After a reconnect the client resubscribes with it as
+   * `since`; persist it to continue across page loads (`subscribe(..., {since})`).
+   */
+  get lastEventId() {
+    return this._lastEventId;
+  }
+
+  /** Event frames that repeated an id delivered recently (not given again to the same listener). */
+  get duplicates() {
+    return this._duplicates;
   }
 
   /** `idle`, `connecting`, `open`, `reconnecting` or `closed`. */
@@ -320,30 +399,38 @@ export class EventRouterClient extends EventTarget {
    * (`subscribed`); rejects with an `EventRouterError` carrying the server's code and message.
    * Connects first when the client is idle. Requests made while disconnected are sent once the
    * connection is back.
+   *
+   * With `options.since` (an event id, e.g. `lastEventId` persisted before a page reload), the
+   * server also replays the events matching these patterns published after that event, before
+   * live ones; the subscription's `recovered` says whether it could (a `recovery` event too).
+   * @param {string | string[]} patterns
+   * @param {(event: import("./index.d.ts").RouterEvent) => void} handler
+   * @param {{since?: string | null}} [options]
    * @returns {Promise<import("./index.d.ts").Subscription>}
    */
-  subscribe(patterns, handler) {
+  subscribe(patterns, handler, { since = null } = {}) {
     const list = toPatterns(patterns);
     if (typeof handler !== "function") throw new TypeError("handler must be a function");
-    const hold = (held) => {
-      for (const p of held) {
+    if (since != null && !isEventId(since)) {
+      throw new TypeError("since must be an event id: a non-empty string of at most 255 bytes");
+    }
+    // The handler holds each pattern as soon as the server acknowledges it, before the frames
+    // that follow the acknowledgement (replayed events come right after it, possibly in the same
+    // read) are dispatched. A partial `forbidden` or `unavailable` thus leaves the handler with
+    // the patterns that were subscribed (they are resubscribed and can be unsubscribed), and
+    // only them; the error lists both.
+    const onAck = (acked) => {
+      for (const p of acked) {
         if (!this._handlers.has(p)) this._handlers.set(p, new Set());
         this._handlers.get(p).add(handler);
       }
     };
-    return this._request("subscribe", list).then(
-      () => {
-        hold(list);
-        return { patterns: list, unsubscribe: () => this.unsubscribe(list, handler) };
-      },
-      (error) => {
-        // A partial `forbidden` or `unavailable`: the server holds the patterns that were
-        // subscribed, so the handler holds them too (they are resubscribed and can be
-        // unsubscribed), and only them; the error lists both.
-        if (error.subscribed?.length) hold(error.subscribed);
-        throw error;
-      },
-    );
+    const extra = since == null ? { onAck } : { onAck, recovery: true, position: since, since };
+    return this._request("subscribe", list, extra).then((frame) => {
+      const sub = { patterns: list, unsubscribe: () => this.unsubscribe(list, handler) };
+      if (since != null) sub.recovered = frame.recovered === true;
+      return sub;
+    });
   }
 
   /**
@@ -629,40 +716,105 @@ export class EventRouterClient extends EventTarget {
     if (dropped.length > 0) this._emit("revoked", { patterns: dropped, reason });
   }
 
-  _resubscribe(only = null, attempt = 0) {
+  /**
+   * Subscribes again to the patterns held (or to `only`), in one request. With `recover` on, the
+   * request carries the position as `since` (`position`: the one the patterns were lost at, for a
+   * retry), so the server replays what was missed meanwhile; the answer is a `recovery` event.
+   */
+  _resubscribe(only = null, attempt = 0, position = undefined) {
     const held = this.patterns;
     const patterns = only ? only.filter((p) => held.includes(p)) : held;
     if (patterns.length === 0) return;
     const req = this._newRequest("subscribe", patterns, true);
+    if (this.options.recover) {
+      req.recovery = true;
+      req.position = position === undefined ? this._lastEventId : position;
+      req.since = req.position;
+    }
     req.promise.then(
       () => this._emit("resubscribed", { patterns }),
       (error) => {
         if (error.code === "closed") return;
         // A partial failure may come as two errors (`forbidden` and `unavailable`): report each.
-        const errors = req.errors.length
-          ? req.errors.map((f) => errorFromFrame(f, req.acked))
-          : [error];
+        const frames = [...req.refused, ...req.errors];
+        const subscribed = [...req.held];
+        const errors = frames.length ? frames.map((f) => errorFromFrame(f, subscribed)) : [error];
         for (const e of errors) this._emit("error", { error: e, patterns: e.events });
-        const forbidden = patternsOf(req.errors, "forbidden");
-        const unavailable = patternsOf(req.errors, "unavailable");
+        if (error.code === "invalid_request" && req.since != null) {
+          // The service refused the position itself (its limits differ from this client's): the
+          // patterns are subscribed again without it, which reports `recovered: false`.
+          if (this._lastEventId === req.since) this._lastEventId = null;
+          this._resubscribe(patterns, attempt, null);
+          return;
+        }
+        const forbidden = patternsOf(frames, "forbidden");
+        const unavailable = patternsOf(frames, "unavailable");
         // `forbidden`: the token of this connection (a new one since the patterns were granted)
         // does not allow them; they are dropped for good, like a refresh's `removed`.
         this._revoke(forbidden, "forbidden");
-        if (errors.every((e) => e.code === "forbidden") && req.acked.length > 0) {
-          this._emit("resubscribed", { patterns: req.acked });
+        if (errors.every((e) => e.code === "forbidden") && subscribed.length > 0) {
+          this._emit("resubscribed", { patterns: subscribed });
         }
         // `unavailable`: the broker could not bind these patterns right now; the handlers stay
-        // and the client asks again with backoff while the connection lasts.
+        // and the client asks again with backoff while the connection lasts, from the same
+        // position (the events of these patterns since then are still missing).
         if (unavailable.length > 0 && this._state === "open") {
           const delay = backoffDelay(attempt, this.options.backoff, this._random);
           clearTimeout(this._rebindTimer);
           this._rebindTimer = setTimeout(() => {
-            if (this._state === "open") this._resubscribe(unavailable, attempt + 1);
+            if (this._state === "open") this._resubscribe(unavailable, attempt + 1, req.position);
           }, delay);
         }
       },
     );
     this._send(req);
+  }
+
+  /**
+   * The server answered a recovery (`subscribed` to a subscribe with `since`): moves the position
+   * and emits `recovery`, before the replayed events that follow the answer are dispatched.
+   */
+  _onRecoveryAnswer(req, frame, patterns) {
+    const recovered = req.since != null && frame.recovered === true;
+    if (recovered) {
+      // Everything after `since` follows: it is a valid position until the first event arrives.
+      if (this._lastEventId === null) this._lastEventId = req.since;
+    } else if (req.position != null && this._lastEventId === req.position) {
+      // The patterns are live from now on, but nothing names that point: the old position would
+      // replay events from before it (delivered live meanwhile) should a later recovery find it.
+      this._lastEventId = null;
+    }
+    this._emit("recovery", {
+      recovered,
+      since: req.position ?? null,
+      patterns,
+      reconnect: req.internal,
+    });
+  }
+
+  /**
+   * A recovery was refused with `busy` (too many wait on the instance; nothing was subscribed):
+   * the same request is sent again, with the same `since`, after a backoff delay; after
+   * `busyRetries` refusals, without `since` (live only, `recovered: false`).
+   */
+  _retryBusy(req) {
+    req.refused.push(...req.errors);
+    req.events = req.busy;
+    req.busy = [];
+    req.errors = [];
+    let delay = 0;
+    if (req.busyTries >= this.options.busyRetries) {
+      req.since = null;
+    } else {
+      delay = backoffDelay(req.busyTries, this.options.backoff, this._random);
+      req.busyTries += 1;
+    }
+    clearTimeout(req.retryTimer);
+    req.retryTimer = setTimeout(() => {
+      req.retryTimer = null;
+      // Still waiting (not failed by a close) and connected; otherwise the next open sends it.
+      if (this._requests.get(req.id) === req && this._state === "open") this._send(req, false);
+    }, delay);
   }
 
   _onClosed({ code, reason, wasClean }) {
@@ -702,6 +854,7 @@ export class EventRouterClient extends EventTarget {
     }
     // Internal resubscriptions in flight are rebuilt from the handlers on the next open.
     for (const [id, req] of this._requests) {
+      clearTimeout(req.retryTimer);
       if (req.internal) {
         this._requests.delete(id);
         req.reject(new EventRouterError("closed", "the connection closed", { closeCode: code }));
@@ -760,8 +913,27 @@ export class EventRouterClient extends EventTarget {
 
   _newRequest(op, events, internal = false) {
     const id = this._nextId++;
-    // `acked` and `errors` collect the partial replies of a subscribe (see `_reply`).
-    const req = { id, op, events, internal, acked: [], errors: [] };
+    // `acked`, `errors` and `busy` collect the partial replies of a subscribe to the current
+    // attempt (see `_reply`); `held` every pattern acknowledged, `refused` the errors of attempts
+    // retried after `busy`. A recovery (`recovery`) asks from `position`, sent as `since` (null
+    // once given up after `busy`).
+    const req = {
+      id,
+      op,
+      events,
+      internal,
+      acked: [],
+      errors: [],
+      busy: [],
+      held: new Set(),
+      refused: [],
+      recovery: false,
+      position: null,
+      since: null,
+      busyTries: 0,
+      retryTimer: null,
+      onAck: null,
+    };
     req.promise = new Promise((resolve, reject) => {
       req.resolve = resolve;
       req.reject = reject;
@@ -770,13 +942,14 @@ export class EventRouterClient extends EventTarget {
     return req;
   }
 
-  _request(op, events) {
+  _request(op, events, extra = null) {
     if (this._state === "closed") {
       return Promise.reject(
         new EventRouterError("closed", "the client is closed; call connect() to open it again"),
       );
     }
     const req = this._newRequest(op, events);
+    if (extra) Object.assign(req, extra);
     if (this._state === "open") this._send(req);
     else if (this._state === "idle" && this.options.autoConnect) {
       this.connect().catch(() => {});
@@ -784,13 +957,20 @@ export class EventRouterClient extends EventTarget {
     return req.promise;
   }
 
-  _send(req) {
+  _send(req, fresh = true) {
     const frame = { op: req.op, id: req.id };
     if (req.events) frame.events = req.events;
+    if (req.since != null) frame.since = req.since;
     if (req.token) frame.token = req.token;
-    // Sent again after a reconnect: only the new connection's replies count.
-    req.acked = [];
-    req.errors = [];
+    clearTimeout(req.retryTimer);
+    req.retryTimer = null;
+    // Sent again after a reconnect: only the new connection's replies count. (A retry after
+    // `busy` keeps what the earlier attempts were answered.)
+    if (fresh) {
+      req.acked = [];
+      req.errors = [];
+      req.busy = [];
+    }
     this._sendRaw(frame);
   }
 
@@ -802,7 +982,10 @@ export class EventRouterClient extends EventTarget {
   }
 
   _failAll(error) {
-    for (const req of this._requests.values()) req.reject(error);
+    for (const req of this._requests.values()) {
+      clearTimeout(req.retryTimer);
+      req.reject(error);
+    }
     this._requests.clear();
   }
 
@@ -850,25 +1033,52 @@ export class EventRouterClient extends EventTarget {
       // first (`forbidden`), those that bound are acknowledged (`subscribed`), those the broker
       // could not bind are refused last (`unavailable`), all with the request's id. It settles
       // once every requested pattern is accounted for.
-      if (frame.op === "subscribed") req.acked.push(...(frame.events ?? []));
-      else req.errors.push(frame);
-      const answered = new Set([...req.acked, ...patternsOf(req.errors)]);
+      // A recovery refused with `busy` subscribed nothing: it is retried (see `_retryBusy`).
+      if (frame.op === "subscribed") {
+        const acked = Array.isArray(frame.events) ? frame.events : [];
+        req.acked.push(...acked);
+        for (const p of acked) req.held.add(p);
+        // Synchronously: the replayed and live events right behind this frame must find the
+        // handler in place, and the application must learn the outcome before them.
+        req.onAck?.(acked);
+        if (req.recovery) this._onRecoveryAnswer(req, frame, acked);
+      } else if (frame.code === "busy" && req.since != null) {
+        req.busy.push(...frame.events);
+      } else {
+        req.errors.push(frame);
+      }
+      const answered = new Set([...req.acked, ...patternsOf(req.errors), ...req.busy]);
       if (!req.events.every((p) => answered.has(p))) return;
+      if (req.busy.length > 0) {
+        this._retryBusy(req);
+        return;
+      }
       this._requests.delete(req.id);
-      if (req.errors.length === 0) req.resolve(frame);
-      else req.reject(errorFromFrame(req.errors[0], req.acked));
+      const errors = [...req.refused, ...req.errors];
+      if (errors.length === 0) req.resolve(frame);
+      else req.reject(errorFromFrame(errors[0], [...req.held]));
       return;
     }
     this._requests.delete(req.id);
-    if (frame.op === "error") req.reject(errorFromFrame(frame, req.acked));
+    if (frame.op === "error") req.reject(errorFromFrame(frame, [...req.held]));
     else req.resolve(frame);
   }
 
   _dispatch(frame) {
-    if (typeof frame.id === "string") this.lastEventId = frame.id;
     const event = { event: frame.event, id: frame.id, time: frame.time, data: frame.data };
-    this._emit("event", event);
-    const called = new Set();
+    const id = typeof frame.id === "string" ? frame.id : null;
+    // The duplicate guard: the service sends no event twice (recovery included), but a `since`
+    // older than what this client already has (or two recoveries overlapping) can repeat events.
+    // A recent id is given only to handlers that did not get it yet, and not emitted again.
+    let called = id === null ? undefined : this._recent.get(id);
+    if (called !== undefined) {
+      this._duplicates += 1;
+    } else {
+      called = new Set();
+      if (id !== null) this._recent.add(id, called);
+      if (isEventId(id)) this._lastEventId = id;
+      this._emit("event", event);
+    }
     for (const [pattern, handlers] of this._handlers) {
       if (!topicMatches(pattern, event.event)) continue;
       for (const handler of handlers) {

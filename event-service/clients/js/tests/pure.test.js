@@ -1,10 +1,18 @@
 // The client's pure parts: topic matching, the reaction to each close code, the backoff bounds,
-// when a token is refreshed.
+// when a token is refreshed, which ids may be sent as `since`, the duplicate guard's memory.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { CloseCode, backoffDelay, reconnectPolicy, refreshDelay, topicMatches } from "../index.js";
+import {
+  CloseCode,
+  RecentIds,
+  backoffDelay,
+  isEventId,
+  reconnectPolicy,
+  refreshDelay,
+  topicMatches,
+} from "../index.js";
 
 test("topic patterns follow RabbitMQ's * and # rules", () => {
   const cases = [
@@ -95,4 +103,52 @@ test("backoff grows exponentially up to the cap, with full jitter", () => {
     const d = backoffDelay(3, backoff);
     assert.ok(d >= 0 && d < 800, `${d}`);
   }
+});
+
+test("an event id is a non-empty string of at most 255 UTF-8 bytes", () => {
+  assert.equal(isEventId("0190a1b2-0000-7000-8000-000000000000"), true);
+  assert.equal(isEventId("x"), true);
+  assert.equal(isEventId("a".repeat(255)), true);
+  assert.equal(isEventId("a".repeat(256)), false);
+  // Counted in bytes, not characters: é is two bytes, € three, 😀 four (two UTF-16 units).
+  assert.equal(isEventId("é".repeat(127)), true);
+  assert.equal(isEventId("é".repeat(128)), false);
+  assert.equal(isEventId("€".repeat(85)), true);
+  assert.equal(isEventId("€".repeat(86)), false);
+  assert.equal(isEventId("😀".repeat(63)), true);
+  assert.equal(isEventId("😀".repeat(64)), false);
+  for (const bad of ["", null, undefined, 42, {}, ["id"], true]) {
+    assert.equal(isEventId(bad), false, `${JSON.stringify(bad)}`);
+  }
+});
+
+test("the duplicate guard remembers the last `capacity` ids, forgetting the oldest first", () => {
+  const recent = new RecentIds(3);
+  for (const id of ["a", "b", "c"]) recent.add(id, id.toUpperCase());
+  assert.equal(recent.size, 3);
+  assert.equal(recent.get("a"), "A");
+  recent.add("d", "D");
+  assert.equal(recent.size, 3);
+  assert.equal(recent.has("a"), false, "the oldest went");
+  assert.deepEqual(["b", "c", "d"].map((id) => recent.get(id)), ["B", "C", "D"]);
+  // Adding an id again makes it the newest.
+  recent.add("b", "B2");
+  recent.add("e", "E");
+  assert.equal(recent.has("c"), false);
+  assert.equal(recent.get("b"), "B2");
+  assert.equal(recent.has("d") && recent.has("e"), true);
+  assert.equal(new RecentIds(2).get("never"), undefined);
+
+  const off = new RecentIds(0);
+  off.add("a");
+  assert.equal(off.has("a"), false, "capacity 0 remembers nothing");
+  assert.equal(new RecentIds(-5).capacity, 0);
+  assert.equal(new RecentIds(2.7).capacity, 2);
+
+  // Bounded whatever goes through it.
+  const big = new RecentIds(1000);
+  for (let i = 0; i < 100_000; i++) big.add(`id-${i}`);
+  assert.equal(big.size, 1000);
+  assert.equal(big.has("id-98999"), false);
+  assert.equal(big.has("id-99000"), true);
 });
