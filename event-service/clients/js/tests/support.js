@@ -147,6 +147,8 @@ export async function publish(httpUrl, events) {
  * A TCP round-robin balancer on 127.0.0.1 in front of event-service instances. Like a
  * Kubernetes Service it only sends new connections to instances whose /readyz answers 200
  * (checked every `checkEveryMs`), so a draining instance stops getting new clients at once.
+ * `cut()` plays a network outage: open connections are reset and new ones refused until
+ * `restore()`, while the instances keep running.
  */
 export class Balancer {
   static async start(backends, { checkEveryMs = 100 } = {}) {
@@ -162,6 +164,7 @@ export class Balancer {
     this.next = 0;
     this.sockets = new Set();
     this.routed = [];
+    this.down = false;
     this.server = net.createServer((client) => this._route(client));
     this._timer = setInterval(() => this._check(), checkEveryMs);
   }
@@ -192,9 +195,19 @@ export class Balancer {
     );
   }
 
+  /** Resets every open connection and refuses new ones until `restore()`. */
+  cut() {
+    this.down = true;
+    for (const s of this.sockets) s.destroy();
+  }
+
+  restore() {
+    this.down = false;
+  }
+
   _route(client) {
     const ready = this.backends.filter((b) => b.ready);
-    if (ready.length === 0) {
+    if (this.down || ready.length === 0) {
       client.destroy();
       return;
     }
