@@ -5,7 +5,8 @@
 //   its form, see the events appear; the gauges come from /console/stats.
 // - A drain: two instances on RabbitMQ behind a small round-robin balancer; SIGTERM the one the
 //   page's client is connected to: the client gets 1001, reconnects promptly through the
-//   balancer to the other instance, resubscribes and keeps receiving.
+//   balancer to the other instance, resubscribes and keeps receiving; from the router's history
+//   stream it recovers what was published meanwhile, so the page shows every event once.
 //
 // Screenshots go to tests/browser/artifacts/ (git-ignored).
 
@@ -161,6 +162,7 @@ test("the page's client survives a drain: 1001, prompt reconnect through the bal
     "--pod-name", `browser-${name}-${tag}`,
     "--queue-expires", "10s",
     "--drain-duration", "2s",
+    "--history-stream", `browser-${tag}.history`,
     "--console",
   ];
   const a = await service(amqp("a"), "a");
@@ -171,7 +173,9 @@ test("the page's client survives a drain: 1001, prompt reconnect through the bal
     const { page, problems } = await openPage(`${lb.httpUrl}/?subscribe=`);
     await page.evaluate(() => {
       window.closes = [];
+      window.recoveries = [];
       window.consoleClient.addEventListener("close", (e) => window.closes.push(e.detail));
+      window.consoleClient.addEventListener("recovery", (e) => window.recoveries.push(e.detail));
     });
     await subscribeWithForm(page, "drain.#");
 
@@ -220,6 +224,20 @@ test("the page's client survives a drain: 1001, prompt reconnect through the bal
     await publish(to.httpUrl, { event: "drain.after", data: { n: "last" } });
     await page.waitForSelector('#events li[data-event="drain.after"]');
     await page.screenshot({ path: path.join(artifacts, "drain.png") });
+
+    // The other instance replayed, from the history stream, what was published while the client
+    // reconnected: every event once, in order (the page lists the newest first).
+    const recoveries = await page.evaluate(() => window.recoveries);
+    assert.equal(recoveries.length, 1, JSON.stringify(recoveries));
+    assert.equal(recoveries[0].recovered, true, JSON.stringify(recoveries[0]));
+    assert.equal(recoveries[0].reconnect, true);
+    assert.deepEqual(recoveries[0].patterns, ["drain.#"]);
+    const during = (await eventsShown(page))
+      .filter(([name]) => name === "drain.during")
+      .map(([, data]) => JSON.parse(data).n)
+      .reverse();
+    assert.deepEqual(during, Array.from({ length: n }, (_, i) => i + 1), "every event once, in order");
+    assert.equal(await page.evaluate(() => window.consoleClient.duplicates), 0);
 
     assert.equal((await from.exited).code, 0, "the drained instance exits cleanly");
     assert.equal(await to.metric("eventrouter_connections"), 1);
