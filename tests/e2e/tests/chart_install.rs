@@ -297,6 +297,8 @@ fn helm_install(t: &Install, amqp_url: &str, crd_existed: bool, dry_run_file: &P
         "eventRouter.spec.autoscaling.enabled=true".to_string(),
         format!("eventRouter.spec.autoscaling.minReplicas={HPA_DESIRED}"),
         "eventRouter.spec.autoscaling.maxReplicas=4".to_string(),
+        // With its history stream, declared under the chart's RBAC like the rest.
+        "eventRouter.spec.history.enabled=true".to_string(),
     ];
     let mut install = t.cluster.helm();
     install
@@ -466,6 +468,20 @@ fn children_are_reconciled(t: &Install, operator: &ChartOperator) {
     assert_eq!(
         broker["status"], "True",
         "broker topology declared with the Secret's URL: {broker}"
+    );
+    let history = eventually(Duration::from_secs(60), "HistoryReady", || {
+        let er = t.cluster.json(&["eventrouter", ROUTER, "-n", &t.namespace]);
+        er["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "HistoryReady").cloned())
+    });
+    assert_eq!(
+        (&history["status"], &history["reason"]),
+        (
+            &serde_json::json!("True"),
+            &serde_json::json!("StreamDeclared")
+        ),
+        "the history stream is declared: {history}"
     );
 }
 

@@ -211,6 +211,15 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
         // A rate is a string: --set makes 2 a number, --set-string is the way.
         ("eventRouter.spec.limits.connectRatePerIP=2", invalid),
         ("eventRouter.spec.limits.frameBurst=0", invalid),
+        ("eventRouter.spec.history.maxAgee=7D", unknown),
+        ("eventRouter.spec.history.maxAge=24 hours", invalid),
+        ("eventRouter.spec.history.maxAge=24d", invalid),
+        ("eventRouter.spec.history.maxBytes=1024", invalid),
+        ("eventRouter.spec.history.patterns={order*}", invalid),
+        (
+            "eventRouter.spec.history.recoveryMaxConcurrent=5000",
+            invalid,
+        ),
     ] {
         let mut cmd = Command::new(tool("helm"));
         cmd.args(["template", "events"])
@@ -245,6 +254,41 @@ fn values_schema_accepts_auth_and_limits_as_documented() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The documented ways to set `spec.history` pass the values schema and reach the EventRouter.
+#[test]
+fn values_schema_accepts_history_as_documented() {
+    let mut cmd = Command::new(tool("helm"));
+    cmd.args(["template", "events"])
+        .arg(chart_dir())
+        .args(["--set", "eventRouter.spec.history.enabled=true"])
+        .args(["--set", "eventRouter.spec.history.maxAge=7D"])
+        .args(["--set", "eventRouter.spec.history.maxBytes=2147483648"])
+        .args([
+            "--set",
+            "eventRouter.spec.history.maxSegmentBytes=268435456",
+        ])
+        .args([
+            "--set-json",
+            r#"eventRouter.spec.history.patterns=["order.#","user.*"]"#,
+        ])
+        .args(["--set", "eventRouter.spec.history.recoveryMaxEvents=5000"])
+        .args(["--set", "eventRouter.spec.history.recoveryMaxConcurrent=32"]);
+    let out = cmd.output().expect("helm runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The spec is passed through as written.
+    let docs = render(Some("everything-on-values.yaml"));
+    let router = first_of(&docs, "EventRouter");
+    let history = &router["spec"]["history"];
+    assert_eq!(history["enabled"].as_bool(), Some(true), "{history:?}");
+    assert_eq!(history["maxAge"].as_str(), Some("7D"));
+    assert_eq!(history["maxBytes"].as_i64(), Some(2_147_483_648));
+    assert_eq!(history["recoveryMaxConcurrent"].as_i64(), Some(32));
 }
 
 /// The values schema repeats a few EventRouter spec fields (so a typo fails `helm install`, not
@@ -294,7 +338,9 @@ fn the_spec_fields_in_the_values_schema_match_the_crd() {
     }
     assert!(
         checked.contains(&"rebalance.tolerancePercent".to_string())
-            && checked.contains(&"websocket.listenBacklog".to_string()),
+            && checked.contains(&"websocket.listenBacklog".to_string())
+            && checked.contains(&"history.maxAge".to_string())
+            && checked.contains(&"history.maxSegmentBytes".to_string()),
         "{checked:?}"
     );
 }
