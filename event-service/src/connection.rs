@@ -519,6 +519,70 @@ mod tests {
     }
 
     #[test]
+    fn held_events_count_against_the_bound_under_either_policy() {
+        let limits = |policy| QueueLimits {
+            max_bytes: 10,
+            policy,
+        };
+        // Disconnect: queued (4) + held (4) + 4 more is over 10: the connection is closed.
+        let c = conn();
+        c.push(out("rply"), limits(SlowConsumerPolicy::Disconnect));
+        c.start_hold();
+        assert_eq!(
+            c.push_event(out("ev01"), 1, limits(SlowConsumerPolicy::Disconnect)),
+            Pushed::Queued { dropped_oldest: 0 }
+        );
+        assert_eq!(c.queued_and_held_bytes(), 8);
+        assert_eq!(
+            c.push_event(out("ev02"), 2, limits(SlowConsumerPolicy::Disconnect)),
+            Pushed::Overflow { discarded: 3 }
+        );
+        assert_eq!(c.close_requested(), Some(CloseRequest::SlowConsumer));
+
+        // Drop-oldest: the oldest held event makes room; what the writer holds stays.
+        let c = conn();
+        c.push(out("rply"), limits(SlowConsumerPolicy::DropOldest));
+        c.start_hold();
+        c.push_event(out("ev01"), 1, limits(SlowConsumerPolicy::DropOldest));
+        assert_eq!(
+            c.push_event(out("ev02"), 2, limits(SlowConsumerPolicy::DropOldest)),
+            Pushed::Queued { dropped_oldest: 1 }
+        );
+        let rest = c.finish_hold(
+            &[],
+            Vec::new(),
+            Instant::now(),
+            limits(SlowConsumerPolicy::DropOldest),
+        );
+        assert_eq!(rest, [Pushed::Queued { dropped_oldest: 0 }]);
+        let mut batch = VecDeque::new();
+        c.take_all(&mut batch);
+        let frames: Vec<&str> = batch.iter().map(|o| o.frame.as_str()).collect();
+        assert_eq!(frames, ["rply", "ev02"]);
+    }
+
+    #[test]
+    fn a_replayed_event_arriving_live_later_is_not_delivered_again() {
+        let limits = QueueLimits {
+            max_bytes: 1 << 20,
+            policy: SlowConsumerPolicy::Disconnect,
+        };
+        let c = conn();
+        c.start_hold();
+        c.finish_hold(
+            &[7],
+            vec![7],
+            Instant::now() + std::time::Duration::from_secs(10),
+            limits,
+        );
+        assert_eq!(c.push_event(out("seven"), 7, limits), Pushed::Duplicate);
+        assert_eq!(
+            c.push_event(out("eight"), 8, limits),
+            Pushed::Queued { dropped_oldest: 0 }
+        );
+    }
+
+    #[test]
     fn movable_lists_the_oldest_connections_not_already_closing() {
         let registry = ConnRegistry::default();
         for id in 1..=5 {
