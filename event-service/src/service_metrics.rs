@@ -173,6 +173,7 @@ pub struct ServiceMetrics {
     pub recovered_events: IntCounter,
     pub recoveries_active: IntGauge,
     pub recoveries_waiting: IntGauge,
+    pub recovery_seconds: Histogram,
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -307,6 +308,15 @@ impl ServiceMetrics {
                 names::RECOVERIES_WAITING,
                 "Recoveries waiting for a turn (--recovery-max-concurrent).",
             )?,
+            recovery_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    names::RECOVERY_SECONDS,
+                    "Subscribe with since: from the request to the replay queued, waiting for a turn included.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
             auth_checks: counter_vec(
                 names::AUTH_CHECKS,
                 "Connection-token checks (upgrade header, auth and refresh), by result.",
@@ -350,6 +360,7 @@ impl ServiceMetrics {
             Box::new(m.recovered_events.clone()),
             Box::new(m.recoveries_active.clone()),
             Box::new(m.recoveries_waiting.clone()),
+            Box::new(m.recovery_seconds.clone()),
         ];
         for c in collectors {
             registry.register(c)?;

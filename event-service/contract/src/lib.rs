@@ -259,6 +259,9 @@ pub mod metrics {
     pub const RECOVERIES_ACTIVE: &str = "eventrouter_recoveries_active";
     /// Gauge: recoveries waiting for a turn.
     pub const RECOVERIES_WAITING: &str = "eventrouter_recoveries_waiting";
+    /// Histogram: a `subscribe` with `since`, from the request to the replay queued (waiting for
+    /// a turn included).
+    pub const RECOVERY_SECONDS: &str = "eventrouter_recovery_seconds";
 
     /// Every metric above, for checks that must cover them all.
     pub const ALL: &[&str] = &[
@@ -304,6 +307,7 @@ pub mod metrics {
         RECOVERED_EVENTS,
         RECOVERIES_ACTIVE,
         RECOVERIES_WAITING,
+        RECOVERY_SECONDS,
     ];
 }
 

@@ -34,6 +34,7 @@ pub(super) async fn subscribe_since(
     since: String,
 ) {
     let metrics = hub.metrics();
+    let started = Instant::now();
     if let Err(message) = check_room(conn, settings, &patterns) {
         hub.reply(
             conn,
@@ -131,6 +132,9 @@ pub(super) async fn subscribe_since(
         hub.limits(),
     );
     hub.count_pushes(pushed);
+    metrics
+        .recovery_seconds
+        .observe(started.elapsed().as_secs_f64());
     reply_bind_error(hub, conn, id, &bound);
 }
 
