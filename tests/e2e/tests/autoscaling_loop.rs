@@ -185,29 +185,49 @@ struct Delivery {
     missed_in_reconnect_gaps: u64,
 }
 
+/// Events published while `c` was subscribed (after its `subscribed` reply and more than
+/// [`DELIVERY_MARGIN`] before it ended) that it did not receive (`sent[seq]` = when).
+fn missed_while_subscribed(c: &Connection, sent: &[Instant]) -> u64 {
+    let first_sent_after = |t: Instant| sent.partition_point(|s| *s <= t) as u64;
+    let should_first = first_sent_after(c.subscribed_at);
+    let should_last = first_sent_after(c.ended_at - DELIVERY_MARGIN);
+    if should_first >= should_last {
+        return 0;
+    }
+    match (c.first_seq, c.last_seq) {
+        (Some(first), Some(last)) => {
+            first
+                .saturating_sub(should_first)
+                .min(should_last - should_first)
+                + should_last.saturating_sub((last + 1).max(should_first))
+        }
+        _ => should_last - should_first,
+    }
+}
+
+/// The connections that missed events while subscribed, most first.
+fn missed_by_connection<'a>(
+    connections: &'a [Connection],
+    sent: &[Instant],
+) -> Vec<(&'a Connection, u64)> {
+    let mut missed: Vec<_> = connections
+        .iter()
+        .map(|c| (c, missed_while_subscribed(c, sent)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    missed.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    missed
+}
+
 /// Checks every connection against what was published (`sent[seq]` = when).
 fn delivery(connections: &[Connection], sent: &[Instant]) -> Delivery {
     let mut d = Delivery::default();
-    let first_sent_after = |t: Instant| sent.partition_point(|s| *s <= t) as u64;
     let mut by_client: BTreeMap<usize, Vec<&Connection>> = BTreeMap::new();
     for c in connections {
         d.received += c.received;
         d.repeated += c.repeated;
         d.skipped += c.skipped;
-        // Published after the subscription was acknowledged and long enough before the end.
-        let should_first = first_sent_after(c.subscribed_at);
-        let should_last = first_sent_after(c.ended_at - DELIVERY_MARGIN);
-        if should_first < should_last {
-            d.missed_while_subscribed += match (c.first_seq, c.last_seq) {
-                (Some(first), Some(last)) => {
-                    first
-                        .saturating_sub(should_first)
-                        .min(should_last - should_first)
-                        + should_last.saturating_sub((last + 1).max(should_first))
-                }
-                _ => should_last - should_first,
-            };
-        }
+        d.missed_while_subscribed += missed_while_subscribed(c, sent);
         by_client.entry(c.client).or_default().push(c);
     }
     for conns in by_client.values_mut() {
@@ -427,6 +447,28 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     }
     let max_gap = reconnects.iter().map(|r| r.gap).max().unwrap_or_default();
     let (recovered, not_recovered) = shared.recoveries();
+    let mut subscribe_took: Vec<Duration> = reconnects.iter().map(|r| r.subscribe_took).collect();
+    subscribe_took.sort_unstable();
+    let took = |q: f64| {
+        subscribe_took
+            .get(((subscribe_took.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let (took_p50, took_p99, took_max) = (took(0.5), took(0.99), took(1.0));
+    for (c, missed) in missed_by_connection(&connections, &sent).iter().take(10) {
+        eprintln!(
+            "missed while subscribed: {missed} on client {} ({:?} after {:.1?}, seq {:?}..{:?}, {} published meanwhile)",
+            c.client,
+            c.ended,
+            c.ended_at - c.subscribed_at,
+            c.first_seq,
+            c.last_seq,
+            sent.iter()
+                .filter(|t| **t > c.subscribed_at && **t < c.ended_at)
+                .count()
+        );
+    }
     let shed_peak = peak_rate(&reconnects, Ended::Rebalance, ramp_started);
     let drain_peak = peak_rate(&reconnects, Ended::Drain, scale_in_wanted);
     let drained = reconnects
@@ -453,7 +495,7 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
          - accept-queue overflows (ListenOverflows, all pods): {overflow_total} {overflows:?}\n\
          - connections ended: {ended:?}\n\
          - delivery over {} connections: {d:?}, {} events published\n\
-         - reconnects with since: {recovered} recovered, {not_recovered} not\n\
+         - reconnects with since: {recovered} recovered, {not_recovered} not; subscribe → subscribed p50 {took_p50:.1?}, p99 {took_p99:.1?}, max {took_max:.1?}\n\
          - whole test {:.1?}",
         ramp_ended - ramp_started,
         wanted - ramp_ended,

@@ -68,6 +68,8 @@ pub struct Reconnect {
     pub at: Instant,
     pub after: Ended,
     pub gap: Duration,
+    /// From sending the subscribe (with `since`) to its `subscribed` reply.
+    pub subscribe_took: Duration,
 }
 
 /// State shared by the clients, the endpoint reader and the scenario.
@@ -279,6 +281,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
                 }
                 None => serde_json::json!({"op":"subscribe","id":1,"events":[EVENT]}),
             };
+            let sent_at = Instant::now();
             socket
                 .send(Message::text(subscribe.to_string()))
                 .await
@@ -288,7 +291,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
                     && text.contains(r#""op":"subscribed""#)
                 {
                     let recovered = text.contains(r#""recovered":true"#);
-                    return Some((socket, recovered));
+                    return Some((socket, recovered, sent_at.elapsed()));
                 }
             }
             None
@@ -296,7 +299,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
         .await
         .ok()
         .flatten();
-        let Some((mut socket, recovered)) = attempt else {
+        let Some((mut socket, recovered, subscribe_took)) = attempt else {
             failures += 1;
             shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
             let base = Duration::from_millis(100) * 2u32.pow(failures.min(5));
@@ -320,6 +323,7 @@ async fn client(id: usize, shared: Arc<Shared>, stop: CancellationToken) {
                 at: subscribed_at,
                 after,
                 gap: subscribed_at - since,
+                subscribe_took,
             });
         }
         shared.set_open(id, Some(endpoint));
