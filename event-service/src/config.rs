@@ -242,7 +242,7 @@ pub struct Config {
     #[arg(long, env = env::HISTORY_MAX_BYTES, default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..), help_heading = "Recovery")]
     pub history_max_bytes: u64,
 
-    /// How long the embedded bus keeps an event (the stream's `x-max-age` when the service declares it).
+    /// How long the embedded bus keeps an event; with RabbitMQ, the in-memory window's (and the stream's `x-max-age` when the service declares it).
     #[arg(long, env = env::HISTORY_MAX_AGE, default_value = "5m", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub history_max_age: Duration,
 

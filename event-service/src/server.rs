@@ -137,11 +137,16 @@ pub(crate) async fn serve_observed(
             })))
         }
         Source::Amqp(amqp) => match amqp.history_stream() {
-            Some(stream) => History::Stream(Arc::new(StreamHistory::new(
-                amqp.clone(),
-                stream.to_owned(),
-                usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
-            ))),
+            Some(stream) => {
+                let history = Arc::new(StreamHistory::new(
+                    amqp.clone(),
+                    stream.to_owned(),
+                    usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
+                    config.history_max_age,
+                ));
+                history.spawn_idle_close(background.clone());
+                History::Stream(history)
+            }
             None => History::Off,
         },
         Source::Memory(_) => History::Off,

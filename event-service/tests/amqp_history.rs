@@ -253,6 +253,8 @@ async fn an_event_removed_by_retention_answers_recovered_false() {
     declare_short_stream(&url, &exchange, &stream).await;
     let mut config = history_config(&url, &exchange, &unique("router"));
     config.declare_exchange = false;
+    // The in-memory window keeps events no longer than this; older ones come from the stream.
+    config.history_max_age = Duration::from_secs(1);
     let server = start_ready(config).await;
 
     let mut c = Client::connect(&server).await;

@@ -2,7 +2,7 @@
 //!
 //! Recoveries on one instance share one reader and one in-memory *window*: a contiguous piece of
 //! the stream, every event in it (not only the ones some client wanted), bounded by
-//! `--history-max-bytes`. A recovery whose `since` is in the window and whose bindings took effect
+//! `--history-max-bytes` and `--history-max-age`. A recovery whose `since` is in the window and whose bindings took effect
 //! before the window's last end marker is answered from memory. Otherwise the reader extends the
 //! window to the stream's current end, or, when `since` is not in it, starts a new window a few
 //! seconds before `since`'s time (event ids are UUIDv7: their first 48 bits are the publish
@@ -17,6 +17,9 @@
 //!
 //! The reader has a connection of its own (opened on the first recovery, kept while recoveries
 //! come, closed after [`IDLE_CLOSE`] without any), so a long read never delays the live consumer.
+//! A read leaves its consumer attached where the window ends: the next read publishes its marker
+//! and takes what arrived since, without attaching again. Between reads the broker sends that
+//! consumer at most its prefetch, so an idle reader holds a bounded amount.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -68,12 +71,15 @@ pub struct StreamHistory {
     source: Arc<AmqpSource>,
     stream: String,
     max_bytes: usize,
+    max_age: Duration,
     reader: Mutex<Reader>,
 }
 
 #[derive(Default)]
 struct Reader {
     link: Option<(Connection, Instant)>,
+    /// The consumer the last read left attached where the window ends.
+    follower: Option<Follower>,
     window: Window,
 }
 
@@ -119,6 +125,25 @@ impl Window {
         }
     }
 
+    /// Drops events published more than `max_age` ago: older ones are read from the stream
+    /// again (which may no longer keep them), so the window never outlives the stream's own
+    /// retention by more than `max_age`.
+    fn expire(&mut self, max_age: Duration, now: SystemTime) {
+        while let Some((offset, first)) = self.events.front() {
+            if now.duration_since(first.time).unwrap_or_default() <= max_age {
+                break;
+            }
+            let (offset, time, h) = (*offset, first.time, id_hash(&first.id));
+            if let Some((_, old)) = self.events.pop_front() {
+                self.bytes -= old.size();
+            }
+            if self.by_id.get(&h) == Some(&offset) {
+                self.by_id.remove(&h);
+            }
+            self.complete_from = Some(time);
+        }
+    }
+
     /// Index in `events` of the event `since`, when the window has it.
     fn position(&self, since: &str) -> Option<usize> {
         let offset = *self.by_id.get(&id_hash(since))?;
@@ -157,13 +182,54 @@ enum Start {
 }
 
 impl StreamHistory {
-    pub fn new(source: Arc<AmqpSource>, stream: String, max_bytes: usize) -> Self {
+    pub fn new(
+        source: Arc<AmqpSource>,
+        stream: String,
+        max_bytes: usize,
+        max_age: Duration,
+    ) -> Self {
         Self {
             source,
             stream,
             max_bytes,
+            max_age,
             reader: Mutex::new(Reader::default()),
         }
+    }
+
+    /// Closes the reader's consumer and connection once no recovery used them for
+    /// [`IDLE_CLOSE`] (checked every [`IDLE_CLOSE`] / 2), until `shutdown`.
+    pub fn spawn_idle_close(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let history = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(IDLE_CLOSE / 2) => {}
+                }
+                let Some(history) = history.upgrade() else {
+                    return;
+                };
+                // A reader busy with a recovery is not idle.
+                let Ok(mut reader) = history.reader.try_lock() else {
+                    continue;
+                };
+                let idle = reader
+                    .link
+                    .as_ref()
+                    .is_some_and(|(_, used)| used.elapsed() > IDLE_CLOSE)
+                    && reader
+                        .follower
+                        .as_ref()
+                        .is_none_or(|f| f.used.elapsed() > IDLE_CLOSE);
+                if idle {
+                    reader.drop_follower();
+                    if let Some((connection, _)) = reader.link.take() {
+                        let _ = connection.close(200, "idle".into()).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Every event after `since` for which `wanted(name)` holds, from the stream (see the
@@ -176,6 +242,7 @@ impl StreamHistory {
         bound_at: Instant,
     ) -> Lookup {
         let mut reader = self.reader.lock().await;
+        reader.window.expire(self.max_age, SystemTime::now());
         let window = &reader.window;
         let since_time = uuid_v7_time(since);
         let read = if window.position(since).is_some() {
@@ -196,7 +263,7 @@ impl StreamHistory {
                 // `since` is not in it: the stream never had it.
                 return Lookup::Unknown;
             }
-            reader.window.clear();
+            reader.reset();
             Some(Start::Timestamp(
                 time.checked_sub(START_SKEW)
                     .unwrap_or(SystemTime::UNIX_EPOCH),
@@ -209,7 +276,7 @@ impl StreamHistory {
                 Ok(Ok(())) => None,
                 Ok(Err(ReadError::GapTooLong { seen })) => {
                     // Stopped early: the window is not complete up to a marker.
-                    reader.window.clear();
+                    reader.reset();
                     return if seen {
                         Lookup::TooMany
                     } else {
@@ -224,7 +291,7 @@ impl StreamHistory {
             };
             if let Some(why) = failed {
                 // The window may be half-extended and the link broken: start over next time.
-                reader.window.clear();
+                reader.reset();
                 reader.link = None;
                 return Lookup::Unavailable(why);
             }
@@ -259,8 +326,40 @@ impl StreamHistory {
         Lookup::Found(out)
     }
 
-    /// Reads the stream from `start` up to a marker published after attaching, into the window.
+    /// Reads the stream from `start` up to a marker, into the window. A read that continues
+    /// where the window ends reuses the consumer the last read left attached (it has stayed
+    /// where the window ends: the broker stops after `READ_PREFETCH` unacknowledged messages
+    /// between reads); any other read attaches a new one.
     async fn read(&self, reader: &mut Reader, start: Start, since: &str) -> Result<(), ReadError> {
+        let reuse = matches!(start, Start::Offset(_))
+            && reader
+                .follower
+                .as_ref()
+                .is_some_and(|f| f.used.elapsed() < IDLE_CLOSE && f.channel.status().connected());
+        if !reuse {
+            reader.drop_follower();
+            let follower = self.attach(reader, start).await?;
+            reader.follower = Some(follower);
+            if let Start::Timestamp(t) = start {
+                reader.window.complete_from = Some(t + START_SKEW);
+            }
+        }
+        let Reader {
+            follower, window, ..
+        } = reader;
+        let Some(follower) = follower.as_mut() else {
+            return Err(ReadError::Failed("no reader attached to the stream".into()));
+        };
+        follower.used = Instant::now();
+        let result = self.read_to_marker(follower, window, !reuse, since).await;
+        if result.is_err() {
+            reader.drop_follower();
+        }
+        result
+    }
+
+    /// Opens (or reuses) the reader's connection and attaches a consumer at `start`.
+    async fn attach(&self, reader: &mut Reader, start: Start) -> Result<Follower, ReadError> {
         let stale = reader
             .link
             .as_ref()
@@ -280,32 +379,14 @@ impl StreamHistory {
             ));
         };
         *used = Instant::now();
-        let channel = connection.create_channel().await.map_err(|e| {
-            ReadError::Failed(format!("opening a channel to read the history stream: {e}"))
-        })?;
-        let result = self
-            .read_on(&channel, &mut reader.window, start, since)
-            .await;
-        let _ = channel.close(200, "read done".into()).await;
-        result
-    }
-
-    async fn read_on(
-        &self,
-        channel: &Channel,
-        window: &mut Window,
-        start: Start,
-        since: &str,
-    ) -> Result<(), ReadError> {
         let stream = self.stream.as_str();
         let fail = |what: &str, e: lapin::Error| {
             ReadError::Failed(format!("{what} on the stream '{stream}': {e}"))
         };
-        // A new window that outgrows its bound before reaching the end: the gap is too long to
-        // replay (or `since` is older than the stream), so there is no point reading on.
-        let fresh = matches!(start, Start::Timestamp(_));
-        let since_time = uuid_v7_time(since);
-        let mut seen = false;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| fail("opening a channel", e))?;
         channel
             .basic_qos(READ_PREFETCH, BasicQosOptions::default())
             .await
@@ -322,7 +403,7 @@ impl StreamHistory {
                 Start::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
             },
         );
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 stream.into(),
                 ShortString::from(""),
@@ -331,11 +412,36 @@ impl StreamHistory {
             )
             .await
             .map_err(|e| fail("attaching a reader", e))?;
+        Ok(Follower {
+            channel,
+            consumer,
+            used: Instant::now(),
+            unacked: None,
+            unacked_count: 0,
+        })
+    }
+
+    /// Publishes a marker and takes every message up to it into the window. `fresh`: the window
+    /// was started by this read (it may stop early, see [`ReadError::GapTooLong`]).
+    async fn read_to_marker(
+        &self,
+        follower: &mut Follower,
+        window: &mut Window,
+        fresh: bool,
+        since: &str,
+    ) -> Result<(), ReadError> {
+        let stream = self.stream.as_str();
+        let fail = |what: &str, e: lapin::Error| {
+            ReadError::Failed(format!("{what} on the stream '{stream}': {e}"))
+        };
+        let since_time = uuid_v7_time(since);
+        let mut seen = false;
         let marker = format!("eventrouter-marker-{}", uuid::Uuid::now_v7());
         let mut headers = FieldTable::default();
         headers.insert(MARKER_HEADER.into(), AMQPValue::Boolean(true));
         let marked_at = Instant::now();
-        channel
+        follower
+            .channel
             .basic_publish(
                 ShortString::from(""),
                 stream.into(),
@@ -347,13 +453,9 @@ impl StreamHistory {
             )
             .await
             .map_err(|e| fail("publishing the end marker", e))?;
-        if let Start::Timestamp(t) = start {
-            window.complete_from = Some(t + START_SKEW);
-        }
         let max_body = self.source.max_message_bytes();
-        let mut unacked = 0u32;
         loop {
-            let delivery = match consumer.next().await {
+            let delivery = match follower.consumer.next().await {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(fail("reading", e)),
                 None => {
@@ -362,17 +464,11 @@ impl StreamHistory {
                     )));
                 }
             };
-            let offset = delivery
-                .properties
-                .headers()
-                .as_ref()
+            let headers = delivery.properties.headers().as_ref();
+            let offset = headers
                 .and_then(|h| h.inner().get("x-stream-offset"))
                 .and_then(message::integer);
-            let is_marker = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .is_some_and(|h| h.inner().contains_key(MARKER_HEADER));
+            let is_marker = headers.is_some_and(|h| h.inner().contains_key(MARKER_HEADER));
             let ours = delivery
                 .properties
                 .message_id()
@@ -381,14 +477,11 @@ impl StreamHistory {
             if let Some(o) = offset {
                 window.next_offset = Some(o + 1);
             }
-            unacked += 1;
-            if ours || unacked >= u32::from(READ_PREFETCH / 2) {
-                unacked = 0;
-                delivery
-                    .acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|e| fail("acknowledging", e))?;
+            let acker = delivery.acker.clone();
+            follower.unacked = Some(acker);
+            follower.unacked_count += 1;
+            if ours || follower.unacked_count >= u32::from(READ_PREFETCH / 2) {
+                follower.ack().await.map_err(|e| fail("acknowledging", e))?;
             }
             if ours {
                 window.covered_until = Some(marked_at);
@@ -437,6 +530,46 @@ impl StreamHistory {
     }
 }
 
+/// The consumer a read leaves attached where the window ends, for the next read to continue.
+struct Follower {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    used: Instant,
+    /// The last delivery not acknowledged yet (acknowledged with `multiple`).
+    unacked: Option<lapin::Acker>,
+    unacked_count: u32,
+}
+
+impl Follower {
+    async fn ack(&mut self) -> lapin::Result<()> {
+        self.unacked_count = 0;
+        match self.unacked.take() {
+            Some(acker) => acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Reader {
+    /// Detaches the kept consumer (closing its channel in the background).
+    fn drop_follower(&mut self) {
+        if let Some(follower) = self.follower.take() {
+            tokio::spawn(async move {
+                let _ = follower.channel.close(200, "reader done".into()).await;
+            });
+        }
+    }
+
+    /// Forgets the window and the consumer that follows it.
+    fn reset(&mut self) {
+        self.window.clear();
+        self.drop_follower();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +603,22 @@ mod tests {
         assert_eq!(w.position("b"), Some(1));
         assert_eq!(w.position("c"), Some(2));
         assert_eq!(w.position("d"), None);
+    }
+
+    #[test]
+    fn old_events_expire_from_the_window() {
+        let mut w = Window::default();
+        for i in 0..5u64 {
+            w.push(i, kept(&format!("e{i}"), 100 + i), 1 << 20);
+        }
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(110);
+        w.expire(Duration::from_secs(8), now);
+        assert_eq!(w.position("e1"), None);
+        assert_eq!(w.position("e2"), Some(0));
+        assert_eq!(
+            w.complete_from,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(101))
+        );
     }
 
     #[test]
