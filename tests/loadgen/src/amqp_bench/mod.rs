@@ -22,7 +22,7 @@
 //! - [`service`]: the event-service process under test.
 
 mod receivers;
-mod service;
+pub(crate) mod service;
 
 use std::{
     path::PathBuf,

@@ -1,5 +1,6 @@
-//! The event-service process the benchmark measures: started on free loopback ports with the
-//! benchmark's queue settings, ready when `/readyz` answers 200, killed on drop.
+//! The event-service process a RabbitMQ benchmark measures: started on free loopback ports with
+//! the benchmark's flags, ready when `/readyz` answers 200, killed on drop. Shared by `amqp_bench`
+//! and `recovery_bench`.
 
 use std::{
     net::SocketAddr,
@@ -21,10 +22,14 @@ const START_ATTEMPTS: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One event-service process on free loopback ports, stopped on drop.
-pub(super) struct Service {
+pub(crate) struct Service {
     child: tokio::process::Child,
     /// The WebSocket URL clients subscribe on.
-    pub(super) ws: String,
+    pub(crate) ws: String,
+    /// The main port (WebSocket upgrades).
+    pub(crate) addr: SocketAddr,
+    /// The admin port (`/metrics`).
+    pub(crate) admin: SocketAddr,
 }
 
 impl Drop for Service {
@@ -34,27 +39,49 @@ impl Drop for Service {
 }
 
 impl Service {
+    /// `amqp_bench`'s service: its prefetch, queue bound and a large send queue.
     pub(super) async fn start(bin: &Path, args: &Args, exchange: &str) -> anyhow::Result<Self> {
+        let extra = [
+            "--prefetch".to_owned(),
+            args.prefetch.to_string(),
+            "--queue-max-length".to_owned(),
+            QUEUE_MAX_LENGTH.to_string(),
+            "--send-queue-bytes".to_owned(),
+            (64 * 1024 * 1024).to_string(),
+        ];
+        Self::spawn(bin, &args.amqp_url, exchange, &extra).await
+    }
+
+    /// Starts `bin --source amqp --declare-exchange true` on `exchange` with `extra` flags and
+    /// waits until it is ready.
+    pub(crate) async fn spawn(
+        bin: &Path,
+        amqp_url: &str,
+        exchange: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         for attempt in 1..=START_ATTEMPTS {
             let [port, admin] = free_ports::<2>().context("finding free ports")?;
             let child = tokio::process::Command::new(bin)
                 .args(["--source", "amqp", "--declare-exchange", "true"])
-                .args(["--amqp-url", &args.amqp_url, "--exchange", exchange])
+                .args(["--amqp-url", amqp_url, "--exchange", exchange])
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-                .args(["--prefetch", &args.prefetch.to_string()])
-                .args(["--queue-max-length", &QUEUE_MAX_LENGTH.to_string()])
-                .args(["--send-queue-bytes", &(64 * 1024 * 1024).to_string()])
                 .args(["--drain-duration", "0s", "--log", "warn"])
+                .args(extra)
                 .stdin(Stdio::null())
+                // Its log goes to stderr, so stdout stays the benchmark's report.
+                .stdout(stderr()?)
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", bin.display()))?;
             let mut service = Self {
                 child,
                 ws: format!("ws://127.0.0.1:{port}/ws"),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             };
-            let http = SocketAddr::from(([127, 0, 0, 1], port));
+            let http = service.addr;
             let deadline = Instant::now() + READY_TIMEOUT;
             loop {
                 if readyz(http).await {
@@ -73,15 +100,30 @@ impl Service {
         bail!("the event service did not start in {START_ATTEMPTS} attempts")
     }
 
+    /// The service's process id (while it runs).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// CPU time (user + system) the service has used so far.
-    pub(super) fn cpu_time(&self) -> Option<Duration> {
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
         let pid = self.child.id()?;
         procfs::cpu_seconds(pid).ok().map(Duration::from_secs_f64)
     }
 }
 
+/// A handle on this process's stderr for a child's output.
+fn stderr() -> anyhow::Result<Stdio> {
+    use std::os::fd::AsFd as _;
+    let fd = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stderr")?;
+    Ok(Stdio::from(fd))
+}
+
 /// CPU time (user + system) this benchmark process has used so far.
-pub(super) fn own_cpu_time() -> Option<Duration> {
+pub(crate) fn own_cpu_time() -> Option<Duration> {
     procfs::cpu_seconds(std::process::id())
         .ok()
         .map(Duration::from_secs_f64)
