@@ -13,6 +13,7 @@
 //! - [`fanout`] — the fan-out throughput scenario.
 //! - [`report`] — the human summaries.
 //! - [`amqp_bench`] — the RabbitMQ benchmark: the service against a bare lapin consumer.
+//! - [`recovery_bench`] — many clients recovering missed events from the RabbitMQ stream at once.
 //! - [`sys`] — raising `RLIMIT_NOFILE` (the `rlimit` crate).
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod idle;
 pub mod metrics;
 pub mod open;
 pub mod procfs;
+pub mod recovery_bench;
 pub mod report;
 pub mod sys;
 pub mod ws;
