@@ -23,7 +23,10 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
     config::SlowConsumerPolicy,
-    history::merge::{Admit, Hold},
+    history::{
+        Kept, id_hash,
+        merge::{Admit, Hold},
+    },
     rebalance::Candidate,
 };
 
@@ -88,7 +91,21 @@ struct OutQueue {
     /// Set while a recovery runs on this connection (and shortly after); boxed, as almost no
     /// connection ever has one.
     hold: Option<Box<Hold>>,
+    /// Missed events the writer takes before the frames queued after the recovery finished.
+    replay: Option<Box<Replay>>,
 }
+
+/// Replayed events taken by the writer a slice at a time (see [`ConnShared::finish_hold`]).
+struct Replay {
+    events: Vec<Arc<Kept>>,
+    /// The next event to take.
+    next: usize,
+    /// Frames at the queue's front that were queued before the replay (they go first).
+    before: usize,
+}
+
+/// Replayed events the writer takes at a time.
+pub const REPLAY_SLICE: usize = 256;
 
 /// The latest samples of one connection's queues, in bytes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -221,6 +238,7 @@ impl ConnShared {
     fn overflow(&self, q: &mut MutexGuard<'_, OutQueue>) {
         q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
         q.frames = VecDeque::new();
+        q.replay = None;
         q.closed = true;
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
         self.request_close(CloseRequest::SlowConsumer);
@@ -276,33 +294,57 @@ impl ConnShared {
         q.hold.get_or_insert_with(Box::default).start();
     }
 
-    /// A recovery ends: queues the held events the history did not replay (under the bound, in
-    /// arrival order) and drops `late` replayed ids arriving live until `late_until`. Returns
+    /// A recovery ends. Queues `reply` (the `subscribed` answer), then hands the writer `replay`
+    /// (the missed events, written after every frame queued so far and before anything queued
+    /// later), then queues the held events the replay does not contain (under the bound, in
+    /// arrival order), and drops `late` replayed ids arriving live until `late_until`. Returns
     /// what each push did, for the caller's counters.
+    ///
+    /// The replay is not copied into the queue: the writer takes it a slice at a time straight
+    /// from the shared history entries (8 bytes per event here), so a long replay neither
+    /// counts against `--send-queue-bytes` nor needs pacing, and live events queue behind it
+    /// under the usual bound.
     pub(crate) fn finish_hold(
         &self,
-        replayed: &[u64],
+        reply: Option<Outgoing>,
+        replay: Vec<Arc<Kept>>,
         late: Vec<u64>,
         late_until: Instant,
         limits: QueueLimits,
     ) -> Vec<Pushed> {
+        let replayed: Vec<u64> = replay.iter().map(|e| id_hash(&e.id)).collect();
         let mut q = lock(&self.queue);
-        let Some(hold) = q.hold.as_mut() else {
-            return Vec::new();
-        };
-        let rest = hold.finish(replayed, late, late_until);
-        if hold.is_idle() {
-            q.hold = None;
-        }
         let mut wake = false;
-        let pushed = rest
-            .into_iter()
-            .map(|out| {
-                let (p, w) = self.push_locked(&mut q, out, limits);
-                wake |= w;
-                p
-            })
-            .collect();
+        let mut pushed = Vec::new();
+        if let Some(reply) = reply {
+            let (p, w) = self.push_locked(&mut q, reply, limits);
+            wake |= w;
+            pushed.push(p);
+        }
+        if !replay.is_empty() && !q.closed {
+            let before = q.frames.len();
+            q.replay = Some(Box::new(Replay {
+                events: replay,
+                next: 0,
+                before,
+            }));
+            wake = true;
+        }
+        let rest = match q.hold.as_mut() {
+            Some(hold) => {
+                let rest = hold.finish(&replayed, late, late_until);
+                if hold.is_idle() {
+                    q.hold = None;
+                }
+                rest
+            }
+            None => Vec::new(),
+        };
+        for out in rest {
+            let (p, w) = self.push_locked(&mut q, out, limits);
+            wake |= w;
+            pushed.push(p);
+        }
         drop(q);
         if wake {
             self.waker.wake();
@@ -310,20 +352,59 @@ impl ConnShared {
         pushed
     }
 
-    /// Bytes queued plus bytes a recovery holds (what a replay waits on to fit the bound).
+    /// Bytes queued plus bytes a recovery holds.
+    #[cfg(test)]
     pub(crate) fn queued_and_held_bytes(&self) -> usize {
         let q = lock(&self.queue);
         q.bytes + q.hold.as_ref().map_or(0, |h| h.held_bytes())
     }
 
+    /// Events of a replay not yet taken by the writer.
+    #[cfg(test)]
+    pub(crate) fn replay_left(&self) -> usize {
+        lock(&self.queue)
+            .replay
+            .as_ref()
+            .map_or(0, |r| r.events.len() - r.next)
+    }
+
     /// Moves every queued frame into `batch` (which the writer owns). The bytes stay counted
-    /// until [`ConnShared::written`] reports them handed to the socket.
-    pub(crate) fn take_all(&self, batch: &mut VecDeque<Outgoing>) {
+    /// until [`ConnShared::written`] reports them handed to the socket. During a replay it takes
+    /// the frames queued before the replay, then at most [`REPLAY_SLICE`] replayed events, and
+    /// returns true while more of the replay is left (take again once the batch is written).
+    pub(crate) fn take_all(&self, batch: &mut VecDeque<Outgoing>) -> bool {
         let mut q = lock(&self.queue);
-        if batch.is_empty() {
-            std::mem::swap(&mut q.frames, batch);
+        let Some(mut replay) = q.replay.take() else {
+            if batch.is_empty() {
+                std::mem::swap(&mut q.frames, batch);
+            } else {
+                batch.extend(q.frames.drain(..));
+            }
+            return false;
+        };
+        let first = replay.before.min(q.frames.len());
+        batch.extend(q.frames.drain(..first));
+        replay.before = 0;
+        let end = (replay.next + REPLAY_SLICE).min(replay.events.len());
+        let mut bytes = 0;
+        for event in &replay.events[replay.next..end] {
+            bytes += event.frame.len();
+            batch.push_back(Outgoing {
+                frame: event.frame.clone(),
+                published: None,
+            });
+        }
+        replay.next = end;
+        q.bytes += bytes;
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        if replay.next < replay.events.len() {
+            q.replay = Some(replay);
+            true
         } else {
+            // The replay is done: what was queued after it follows in the same batch (nothing
+            // else would wake the writer for frames queued while the replay was pending).
             batch.extend(q.frames.drain(..));
+            false
         }
     }
 
@@ -352,7 +433,11 @@ impl ConnShared {
     pub(crate) fn close_queue(&self) -> u64 {
         let mut q = lock(&self.queue);
         q.closed = true;
-        let n = q.frames.len() as u64 + q.hold.take().map_or(0, |mut h| h.discard());
+        let n = q.frames.len() as u64
+            + q.hold.take().map_or(0, |mut h| h.discard())
+            + q.replay
+                .take()
+                .map_or(0, |r| (r.events.len() - r.next) as u64);
         q.frames = VecDeque::new();
         q.bytes = 0;
         self.outbound_bytes.store(0, Ordering::Relaxed);
@@ -549,7 +634,8 @@ mod tests {
             Pushed::Queued { dropped_oldest: 1 }
         );
         let rest = c.finish_hold(
-            &[],
+            None,
+            Vec::new(),
             Vec::new(),
             Instant::now(),
             limits(SlowConsumerPolicy::DropOldest),
@@ -569,13 +655,24 @@ mod tests {
         };
         let c = conn();
         c.start_hold();
+        let seven = Arc::new(Kept {
+            name: "a".into(),
+            id: "seven".into(),
+            time: std::time::SystemTime::now(),
+            frame: "seven".into(),
+        });
         c.finish_hold(
-            &[7],
-            vec![7],
+            None,
+            vec![seven],
+            vec![id_hash("seven")],
             Instant::now() + std::time::Duration::from_secs(10),
             limits,
         );
-        assert_eq!(c.push_event(out("seven"), 7, limits), Pushed::Duplicate);
+        assert_eq!(c.replay_left(), 1);
+        assert_eq!(
+            c.push_event(out("seven"), id_hash("seven"), limits),
+            Pushed::Duplicate
+        );
         assert_eq!(
             c.push_event(out("eight"), 8, limits),
             Pushed::Queued { dropped_oldest: 0 }

@@ -360,7 +360,10 @@ pub fn error(id: Option<&RequestId>, code: ErrorCode, message: &str, events: &[S
 /// instance, so it is never re-parsed here.
 pub fn event_frame(event: &Event) -> Bytes {
     let time = event.time_rfc3339();
-    let mut out = Vec::with_capacity(64 + event.name.len() + event.id.len() + event.data.len());
+    // The fixed parts are 75 bytes (keys, quotes, the 24-byte time); room for a few escapes.
+    // An estimate that is too small would grow the buffer to twice its size, and the shared
+    // frame would keep that allocation for every recipient and in the history.
+    let mut out = Vec::with_capacity(96 + event.name.len() + event.id.len() + event.data.len());
     out.extend_from_slice(b"{\"op\":\"event\",\"event\":");
     write_json_string(&mut out, &event.name);
     out.extend_from_slice(b",\"id\":");

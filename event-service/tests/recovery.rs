@@ -225,3 +225,37 @@ async fn a_bad_since_is_an_invalid_request() {
     assert_eq!(status, 202);
     c.expect_silence(Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn a_replay_larger_than_the_queue_bound_reaches_a_reading_client() {
+    let server = start(|c| c.send_queue_bytes = 16 * 1024).await;
+    let mut c = Client::connect(&server).await;
+    c.subscribe(1, &["big"]).await;
+    publish_event(&server, "big", json!({"n": 0})).await;
+    let (_, since) = next_n(&mut c).await;
+    drop(c);
+    // 2,000 missed events of ~250 bytes: 30 times the 16 KiB bound.
+    let pad = "p".repeat(150);
+    let events: Vec<Value> = (1..=2000)
+        .map(|n| json!({"event":"big","data":{"n":n,"pad":pad}}))
+        .collect();
+    let (status, _) = publish(&server, Value::Array(events).to_string()).await;
+    assert_eq!(status, 202);
+    let mut c = Client::connect(&server).await;
+    let reply = subscribe_since(&mut c, 2, &["big"], &since).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    for n in 1..=2000 {
+        assert_eq!(next_n(&mut c).await.0, n);
+    }
+    publish_event(&server, "big", json!({"n": 2001})).await;
+    assert_eq!(next_n(&mut c).await.0, 2001, "then live");
+    assert_eq!(
+        metric(
+            &server,
+            "eventrouter_disconnects_total",
+            "reason=\"slow_consumer\""
+        )
+        .await,
+        0.0
+    );
+}

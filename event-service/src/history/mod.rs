@@ -236,6 +236,8 @@ mod tests {
         // 0: nothing yet, 1: holding, 2: bound (index has the connection), 3: read, 4: finished.
         let mut step = 0;
         let mut read: Option<Vec<Arc<Kept>>> = None;
+        // What the connection's writer took so far (it takes whenever it runs).
+        let mut frames: Vec<String> = Vec::new();
         let mut choices = choices
             .iter()
             .copied()
@@ -248,7 +250,13 @@ mod tests {
             if !can_publish && !can_arrive && !can_step {
                 break;
             }
-            let pick = choices.next().unwrap_or(0) % 3;
+            let pick = choices.next().unwrap_or(0) % 4;
+            if pick == 3 {
+                let mut batch = VecDeque::new();
+                conn.take_all(&mut batch);
+                frames.extend(batch.iter().map(|o| o.frame.to_string()));
+                continue;
+            }
             if pick == 0 && can_publish || (!can_arrive && !can_step) {
                 // Kept in the history first, then on its way to this instance's queue: only
                 // when the pattern is bound here (by this client, or already by another).
@@ -288,30 +296,18 @@ mod tests {
                         let Lookup::Found(events) = found else {
                             panic!("since is kept: {found:?}");
                         };
-                        conn.push(
-                            Outgoing {
-                                frame: "subscribed".into(),
-                                published: None,
-                            },
-                            LIMITS,
-                        );
-                        for e in &events {
-                            conn.push(
-                                Outgoing {
-                                    frame: e.frame.clone(),
-                                    published: None,
-                                },
-                                LIMITS,
-                            );
-                        }
                         read = Some(events);
                     }
                     _ => {
                         let events = read.take().unwrap_or_default();
                         let ids: Vec<u64> = events.iter().map(|e| super::id_hash(&e.id)).collect();
                         conn.finish_hold(
-                            &ids,
-                            ids.clone(),
+                            Some(Outgoing {
+                                frame: "subscribed".into(),
+                                published: None,
+                            }),
+                            events,
+                            ids,
                             Instant::now() + Duration::from_secs(60),
                             LIMITS,
                         );
@@ -320,9 +316,15 @@ mod tests {
                 step += 1;
             }
         }
-        let mut batch = VecDeque::new();
-        conn.take_all(&mut batch);
-        let frames: Vec<String> = batch.iter().map(|o| o.frame.to_string()).collect();
+        // The writer's view: take until nothing is left (a replay comes a slice at a time).
+        loop {
+            let mut batch = VecDeque::new();
+            let more = conn.take_all(&mut batch);
+            frames.extend(batch.iter().map(|o| o.frame.to_string()));
+            if !more {
+                break;
+            }
+        }
         let after = frames
             .iter()
             .position(|f| f == "subscribed")

@@ -60,6 +60,9 @@ pub const MAX_INVALID_IN_ROW: u32 = 10;
 /// the `busy` error op.
 pub const MAX_PENDING_REQUESTS: usize = 32;
 
+/// Replay slices the writer takes in one wake-up before yielding to the reader.
+const REPLAY_ROUNDS_PER_WAKE: usize = 8;
+
 /// How long the server waits for the client's close reply after sending a close frame.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -131,6 +134,7 @@ pub async fn run(
         settings,
         batch: VecDeque::new(),
         unflushed: false,
+        replay_more: false,
         oldest_unflushed: None,
         inflight: None,
         pending: VecDeque::new(),
@@ -179,6 +183,8 @@ struct Session {
     /// Frames taken from the queue and not yet handed to the WebSocket.
     batch: VecDeque<Outgoing>,
     unflushed: bool,
+    /// The last take left part of a replay to take.
+    replay_more: bool,
     oldest_unflushed: Option<SystemTime>,
     last_rx: Instant,
     next_ping: Instant,
@@ -294,25 +300,36 @@ impl Session {
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
         self.conn.register_waker(cx.waker());
         if self.closing.is_none() {
-            if self.batch.is_empty() {
-                self.conn.take_all(&mut self.batch);
-            }
             let mut handed = 0usize;
-            while !self.batch.is_empty() {
-                match self.ws.poll_ready_unpin(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => break,
+            // A replay is taken a slice at a time: take again while the socket takes the bytes
+            // (a bounded number of times, then yield so the reader gets its turn).
+            for round in 0..REPLAY_ROUNDS_PER_WAKE {
+                if self.batch.is_empty() {
+                    self.replay_more = self.conn.take_all(&mut self.batch);
                 }
-                let Some(out) = self.batch.pop_front() else {
+                while !self.batch.is_empty() {
+                    match self.ws.poll_ready_unpin(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Err(e),
+                        Poll::Pending => break,
+                    }
+                    let Some(out) = self.batch.pop_front() else {
+                        break;
+                    };
+                    handed += out.frame.len();
+                    if let Some(t) = out.published {
+                        self.oldest_unflushed = Some(self.oldest_unflushed.map_or(t, |o| o.min(t)));
+                    }
+                    self.ws.start_send_unpin(Message::Text(out.frame))?;
+                    self.unflushed = true;
+                }
+                // Socket full (woken when writable), or nothing left to take.
+                if !self.replay_more || !self.batch.is_empty() {
                     break;
-                };
-                handed += out.frame.len();
-                if let Some(t) = out.published {
-                    self.oldest_unflushed = Some(self.oldest_unflushed.map_or(t, |o| o.min(t)));
                 }
-                self.ws.start_send_unpin(Message::Text(out.frame))?;
-                self.unflushed = true;
+                if round + 1 == REPLAY_ROUNDS_PER_WAKE {
+                    cx.waker().wake_by_ref();
+                }
             }
             if handed > 0 {
                 self.conn.written(handed);

@@ -2,10 +2,11 @@
 //! duplicate across the switch (see `history` for the merge and why it is exact).
 //!
 //! The order of one recovery: wait for a turn (`--recovery-max-concurrent`), hold the
-//! connection's live events, bind the patterns, read the history after `since`, answer
-//! `subscribed` with `recovered`, queue the replayed events (paced by the client's reading, under
-//! its outbound bound), then the held live events the history did not contain, and let live
-//! events through again.
+//! connection's live events, bind the patterns, read the history after `since`, then at once:
+//! queue `subscribed` with `recovered`, hand the writer the replayed events (taken from the shared
+//! history a slice at a time, ahead of anything queued later), queue the held live events the
+//! history did not contain, and let live events through again. The turn ends there: the replay
+//! drains at the client's own pace without holding one.
 
 use std::{
     sync::Arc,
@@ -18,10 +19,9 @@ use super::{
 };
 use crate::{
     connection::{ConnShared, Outgoing},
-    history::{History, Kept, LATE_DUPLICATE_LOOKBACK, LATE_DUPLICATE_WINDOW, Lookup, id_hash},
+    history::{History, LATE_DUPLICATE_LOOKBACK, LATE_DUPLICATE_WINDOW, Lookup, id_hash},
     hub::Hub,
     protocol::{self, ErrorCode, RequestId},
-    source::BACKLOG_STALL,
     topics,
 };
 
@@ -57,6 +57,10 @@ pub(super) async fn subscribe_since(
         );
         return;
     };
+    // The client left while waiting for its turn: nothing to do.
+    if conn.is_closing() {
+        return;
+    }
     // Patterns the connection already holds are live already: only new ones are replayed.
     let fresh: Vec<String> = {
         let held = crate::connection::lock(&conn.patterns);
@@ -89,7 +93,8 @@ pub(super) async fn subscribe_since(
                 .await,
         )
     };
-    let mut replayed = Vec::new();
+    let mut reply = None;
+    let mut replay = Vec::new();
     let mut late = Vec::new();
     if let Some(lookup) = lookup {
         metrics
@@ -104,29 +109,29 @@ pub(super) async fn subscribe_since(
             Lookup::Found(events) => Some(events),
             _ => None,
         };
-        hub.reply(
-            conn,
-            protocol::subscribed_since(id, &sent, events.is_some()),
-        );
+        reply = Some(Outgoing {
+            frame: protocol::subscribed_since(id, &sent, events.is_some()).into(),
+            published: None,
+        });
         if let Some(events) = events {
             // Only a stream's events can still be on their way through this instance's queue.
             let lookback = bound_wall
                 .checked_sub(LATE_DUPLICATE_LOOKBACK)
                 .unwrap_or(bound_wall);
-            let stream = matches!(history, History::Stream(_));
-            for event in &events {
-                let h = id_hash(&event.id);
-                replayed.push(h);
-                if stream && event.time >= lookback {
-                    late.push(h);
-                }
+            if matches!(history, History::Stream(_)) {
+                late = events
+                    .iter()
+                    .filter(|e| e.time >= lookback)
+                    .map(|e| id_hash(&e.id))
+                    .collect();
             }
-            let n = replay(hub, conn, &events).await;
-            metrics.recovered_events.inc_by(n);
+            metrics.recovered_events.inc_by(events.len() as u64);
+            replay = events;
         }
     }
     let pushed = conn.finish_hold(
-        &replayed,
+        reply,
+        replay,
         late,
         Instant::now() + LATE_DUPLICATE_WINDOW,
         hub.limits(),
@@ -136,55 +141,4 @@ pub(super) async fn subscribe_since(
         .recovery_seconds
         .observe(started.elapsed().as_secs_f64());
     reply_bind_error(hub, conn, id, &bound);
-}
-
-/// Queues the replayed events in order, each once the connection's queue (plus what the
-/// recovery holds) has room for it, so a long replay is paced by the client's reading instead of
-/// overflowing its queue. A client that reads nothing for [`BACKLOG_STALL`] gets the rest pushed
-/// at once: its outbound bound then decides (close 4000, or drop-oldest). Returns how many were
-/// queued.
-async fn replay(hub: &Hub, conn: &ConnShared, events: &[Arc<Kept>]) -> u64 {
-    let max = hub.limits().max_bytes;
-    let mut queued = 0u64;
-    let mut stalled = false;
-    for event in events {
-        let len = event.frame.len();
-        if !stalled {
-            let mut last = usize::MAX;
-            let mut progress_at = tokio::time::Instant::now();
-            let mut polls = 0u32;
-            loop {
-                let used = conn.queued_and_held_bytes();
-                if used == 0 || used + len <= max || conn.is_closing() {
-                    break;
-                }
-                let now = tokio::time::Instant::now();
-                if used < last {
-                    last = used;
-                    progress_at = now;
-                } else if now.duration_since(progress_at) >= BACKLOG_STALL {
-                    stalled = true;
-                    break;
-                }
-                polls += 1;
-                if polls <= 16 {
-                    tokio::task::yield_now().await;
-                } else {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-            }
-        }
-        let pushed = conn.push(
-            Outgoing {
-                frame: event.frame.clone(),
-                published: None,
-            },
-            hub.limits(),
-        );
-        if hub.count_pushes([pushed]) == 0 {
-            break;
-        }
-        queued += 1;
-    }
-    queued
 }
