@@ -58,6 +58,8 @@ pub(super) struct Progress {
     pub caught_up: AtomicUsize,
     pub live: AtomicUsize,
     pub failed: AtomicUsize,
+    /// Local ports of the live subscribers' connections (to find their sockets' queues).
+    pub live_ports: std::sync::Mutex<Vec<u16>>,
 }
 
 /// What every client needs to know.
@@ -110,6 +112,32 @@ struct Tracker {
     /// in `skipped`, not as a gap.
     resync: bool,
     skipped: u64,
+    /// Which connection of the client this is, and events received on it so far.
+    connection: u32,
+    on_conn: u64,
+    anomalies: Vec<Anomaly>,
+}
+
+/// Gaps and duplicates kept per client, with where they happened.
+const MAX_ANOMALIES: usize = 64;
+
+/// One gap or duplicate, for the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Anomaly {
+    pub kind: &'static str,
+    /// The sequence number received, and the last one before it.
+    pub seq: u64,
+    pub last: u64,
+    /// The client's connection it arrived on (0: before the drop, 1: the reconnect, 2 and on:
+    /// reconnects after the service closed the connection), and events received on that
+    /// connection before it (the replay comes first).
+    pub connection: u32,
+    pub on_connection: u64,
+}
+
+impl Anomaly {
+    const DUPLICATE: &'static str = "duplicate";
+    const GAP: &'static str = "gap";
 }
 
 impl Default for Tracker {
@@ -121,15 +149,21 @@ impl Default for Tracker {
             order: Order::default(),
             resync: false,
             skipped: 0,
+            connection: 0,
+            on_conn: 0,
+            anomalies: Vec::new(),
         }
     }
 }
 
 impl Tracker {
     fn on_event(&mut self, seq: u64, id: &[u8]) {
+        let before = self.on_conn;
+        self.on_conn += 1;
         if let Some(last) = self.last {
             if seq <= last {
                 self.order.duplicates += 1;
+                self.note(Anomaly::DUPLICATE, seq, last, before);
                 return;
             }
             if seq > last + 1 {
@@ -138,6 +172,7 @@ impl Tracker {
                 } else {
                     self.order.gaps += 1;
                     self.order.missing += seq - last - 1;
+                    self.note(Anomaly::GAP, seq, last, before);
                 }
             }
         }
@@ -146,6 +181,24 @@ impl Tracker {
         self.order.received += 1;
         self.id_len = id.len().min(MAX_ID_LEN);
         self.id[..self.id_len].copy_from_slice(&id[..self.id_len]);
+    }
+
+    fn note(&mut self, kind: &'static str, seq: u64, last: u64, on_connection: u64) {
+        if self.anomalies.len() < MAX_ANOMALIES {
+            self.anomalies.push(Anomaly {
+                kind,
+                seq,
+                last,
+                connection: self.connection,
+                on_connection,
+            });
+        }
+    }
+
+    /// A new connection starts (0: the first one, 1: the first after the drop, ...).
+    fn new_connection(&mut self) {
+        self.connection += 1;
+        self.on_conn = 0;
     }
 
     fn last_id(&self) -> Option<String> {
@@ -189,6 +242,8 @@ pub(super) struct RecoveringReport {
     pub last_seq: Option<u64>,
     /// Event frames whose tail or id was not the benchmark's.
     pub unreadable: u64,
+    /// The first gaps and duplicates, with where they happened.
+    pub anomalies: Vec<Anomaly>,
     pub error: Option<String>,
 }
 
@@ -466,6 +521,7 @@ pub(super) async fn recovering(
     .await;
     report.after = tracker.order;
     report.unrecovered_skipped = tracker.skipped;
+    report.anomalies = std::mem::take(&mut tracker.anomalies);
     report.last_seq = tracker.last;
     if let Err(error) = outcome {
         report.error = Some(error.to_string());
@@ -561,6 +617,7 @@ async fn reconnected(
 ) -> Result<(), Failure> {
     let since = tracker.last_id();
     let op = subscribe_op(&settings.pattern, since.as_deref());
+    tracker.new_connection();
     let mut conn = Conn::open(settings, &op).await?;
     let live_lag_us = u64::try_from(settings.live_lag.as_micros()).unwrap_or(u64::MAX);
     let first_answer = report.ack.is_none();
@@ -667,6 +724,9 @@ async fn run_live(
     tracker: &mut Tracker,
 ) -> Result<(), Failure> {
     let mut conn = subscribe(settings, phase, tracker).await?;
+    if let (Ok(addr), Ok(mut ports)) = (conn.stream.local_addr(), progress.live_ports.lock()) {
+        ports.push(addr.port());
+    }
     progress.subscribed.fetch_add(1, Ordering::Relaxed);
     let mut finish: Option<(u64, tokio::time::Instant)> = None;
     loop {
@@ -722,6 +782,20 @@ mod tests {
             }
         );
         assert_eq!(t.last, Some(12));
+        let kinds: Vec<(&str, u64, u64, u64)> = t
+            .anomalies
+            .iter()
+            .map(|a| (a.kind, a.seq, a.last, a.on_connection))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("duplicate", 7, 7, 3),
+                ("gap", 9, 7, 4),
+                ("duplicate", 8, 9, 5),
+                ("gap", 12, 9, 6)
+            ]
+        );
     }
 
     #[test]

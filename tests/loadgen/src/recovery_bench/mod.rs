@@ -186,6 +186,8 @@ struct Marks {
     reconnect: Cpu,
     all_caught_up: Option<Cpu>,
     all_live: Option<Cpu>,
+    /// When the wait for all live ended (all live, or `--recovery-timeout`).
+    watched: Cpu,
     end: Cpu,
 }
 
@@ -199,6 +201,37 @@ pub struct QueueSamples {
     pub client_recv_q_mean: f64,
     /// Largest total of the service's unsent bytes (Send-Q of its sockets to the clients).
     pub service_send_q_max: u64,
+    /// The same two for the live subscribers' sockets alone: unread by them, unsent to them.
+    pub live_recv_q_max: u64,
+    pub live_send_q_max: u64,
+}
+
+impl QueueSamples {
+    /// Adds one reading of the TCP table.
+    fn sample(&mut self, port: u16, live_ports: &[u16]) -> std::io::Result<()> {
+        let mut entries = ::procfs::net::tcp().map_err(std::io::Error::other)?;
+        if let Ok(v6) = ::procfs::net::tcp6() {
+            entries.extend(v6);
+        }
+        let sockets: Vec<procfs::SocketQueues> =
+            entries.iter().map(procfs::SocketQueues::from).collect();
+        let all = procfs::accumulate_port_queues(sockets.iter().copied(), port);
+        let (mut live_recv, mut live_send) = (0, 0);
+        for s in sockets.iter().filter(|s| s.established) {
+            if s.remote_port == port && live_ports.contains(&s.local_port) {
+                live_recv += s.rx_queue;
+            } else if s.local_port == port && live_ports.contains(&s.remote_port) {
+                live_send += s.tx_queue;
+            }
+        }
+        self.samples += 1;
+        self.client_recv_q_mean += all.client_side.recv_q as f64;
+        self.client_recv_q_max = self.client_recv_q_max.max(all.client_side.recv_q);
+        self.service_send_q_max = self.service_send_q_max.max(all.server_side.send_q);
+        self.live_recv_q_max = self.live_recv_q_max.max(live_recv);
+        self.live_send_q_max = self.live_send_q_max.max(live_send);
+        Ok(())
+    }
 }
 
 /// Runs the benchmark and returns its report.
@@ -329,7 +362,7 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
         published: published.load(Ordering::Acquire),
     };
     phase_tx.send_replace(Phase::Reconnect(mark));
-    let (all_caught_up, all_live, queues, timeline) =
+    let (all_caught_up, all_live, watched, queues, timeline) =
         watch_recovery(args, service, &progress).await;
 
     tokio::time::sleep(args.tail).await;
@@ -362,6 +395,7 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
         reconnect,
         all_caught_up,
         all_live,
+        watched,
         end,
     };
     Ok(report::build(
@@ -383,11 +417,10 @@ async fn watch_recovery(
     args: &Args,
     service: &Service,
     progress: &Progress,
-) -> (Option<Cpu>, Option<Cpu>, QueueSamples, Vec<Step>) {
+) -> (Option<Cpu>, Option<Cpu>, Cpu, QueueSamples, Vec<Step>) {
     let deadline = Instant::now() + args.recovery_timeout;
     let port = service.addr.port();
     let mut queues = QueueSamples::default();
-    let mut recv_q_sum = 0u64;
     let mut next_sample = Instant::now();
     let mut next_print = Instant::now() + Duration::from_secs(1);
     let mut all_caught_up = None;
@@ -430,20 +463,26 @@ async fn watch_recovery(
         }
         if now >= next_sample {
             next_sample = now + args.queue_sample_interval;
-            if let Ok(Ok(q)) = tokio::task::spawn_blocking(move || procfs::port_queues(port)).await
+            let live_ports = progress
+                .live_ports
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            if let Ok(Ok(q)) = tokio::task::spawn_blocking(move || {
+                queues.sample(port, &live_ports).map(|()| queues)
+            })
+            .await
             {
-                queues.samples += 1;
-                recv_q_sum += q.client_side.recv_q;
-                queues.client_recv_q_max = queues.client_recv_q_max.max(q.client_side.recv_q);
-                queues.service_send_q_max = queues.service_send_q_max.max(q.server_side.send_q);
+                queues = q;
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     if queues.samples > 0 {
-        queues.client_recv_q_mean = recv_q_sum as f64 / queues.samples as f64;
+        queues.client_recv_q_mean /= queues.samples as f64;
     }
-    (all_caught_up, all_live, queues, timeline)
+    let watched = Cpu::now(service, args.broker_pid);
+    (all_caught_up, all_live, watched, queues, timeline)
 }
 
 /// The recovering clients' progress once a second after the reconnect.

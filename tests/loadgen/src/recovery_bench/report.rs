@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     Args, Cpu, Marks, QueueSamples, ServiceCounters, Step,
-    client::{LiveReport, Mark, Order, RecoveringReport},
+    client::{Anomaly, LiveReport, Mark, Order, RecoveringReport},
     publisher::Published,
     service_counters,
 };
@@ -69,9 +69,9 @@ pub struct CpuWindows {
     pub warmup: CpuWindow,
     /// Only the live subscribers connected (`--gap`).
     pub gap: CpuWindow,
-    /// From the reconnect until every client is caught up.
+    /// From the reconnect until every client is caught up (or the wait gave up).
     pub recovery: CpuWindow,
-    /// From the reconnect until every client is live.
+    /// From the reconnect until every client is live (or the wait gave up).
     pub to_live: CpuWindow,
     /// From all live to the end of `--tail`.
     pub tail: CpuWindow,
@@ -146,6 +146,11 @@ pub struct Report {
     /// Ordering of the recovering clients before the drop and from the reconnect to the end.
     pub before: Order,
     pub after: Order,
+    /// Clients with a gap, clients with a duplicate, and the first few of either (client index,
+    /// what and where).
+    pub clients_with_gaps: usize,
+    pub clients_with_duplicates: usize,
+    pub anomalies: Vec<(usize, Anomaly)>,
     /// Recovered clients whose first event after the reconnect was the one after their last.
     pub continued_exactly: usize,
     /// Clients that ended on the last event published.
@@ -214,10 +219,11 @@ pub(super) fn build(
                 .collect(),
         )
     };
-    let recovery = marks
-        .all_caught_up
-        .map(|c| CpuWindow::between(&marks.reconnect, &c))
-        .unwrap_or_default();
+    // Until all were caught up; when they never were, until the wait gave up.
+    let recovery = CpuWindow::between(
+        &marks.reconnect,
+        marks.all_caught_up.as_ref().unwrap_or(&marks.watched),
+    );
     let service = match (&scrape_before, &scrape_after) {
         (Some(b), Some(a)) => Some(service_counters(b, a)),
         _ => None,
@@ -305,6 +311,14 @@ pub(super) fn build(
         replayed,
         before,
         after,
+        clients_with_gaps: recovering.iter().filter(|r| r.after.gaps > 0).count(),
+        clients_with_duplicates: recovering.iter().filter(|r| r.after.duplicates > 0).count(),
+        anomalies: recovering
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.anomalies.iter().map(move |a| (i, a.clone())))
+            .take(256)
+            .collect(),
         continued_exactly: recovering
             .iter()
             .filter(|r| {
@@ -337,10 +351,10 @@ pub(super) fn build(
             warmup: CpuWindow::between(&marks.warmup, &marks.drop),
             gap: CpuWindow::between(&marks.drop, &marks.reconnect),
             recovery,
-            to_live: marks
-                .all_live
-                .map(|l| CpuWindow::between(&marks.reconnect, &l))
-                .unwrap_or_default(),
+            to_live: CpuWindow::between(
+                &marks.reconnect,
+                marks.all_live.as_ref().unwrap_or(&marks.watched),
+            ),
             tail: CpuWindow::between(&window_end, &marks.end),
         },
         service,
@@ -469,6 +483,20 @@ impl std::fmt::Display for Report {
             self.complete,
             self.clients
         );
+        if !self.anomalies.is_empty() {
+            let _ = writeln!(
+                o,
+                "  clients with gaps {}, with duplicates {}; first ones (client: kind seq after last, connection, events on it before):",
+                self.clients_with_gaps, self.clients_with_duplicates
+            );
+            for (client, a) in self.anomalies.iter().take(12) {
+                let _ = writeln!(
+                    o,
+                    "    {client}: {} {} after {}, connection {}, {} events before",
+                    a.kind, a.seq, a.last, a.connection, a.on_connection
+                );
+            }
+        }
         let _ = writeln!(
             o,
             "  before the drop: {} gaps, {} duplicates; replayed (client side) {}, service counted {}; unreadable frames {}",
@@ -534,10 +562,12 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(
             o,
-            "  client Recv-Q during recovery: max {} B, mean {:.0} B; service Send-Q max {} B ({} samples)",
+            "  client Recv-Q during recovery: max {} B, mean {:.0} B; service Send-Q max {} B; live subscribers: Recv-Q max {} B, service Send-Q max {} B ({} samples)",
             self.queues.client_recv_q_max,
             self.queues.client_recv_q_mean,
             self.queues.service_send_q_max,
+            self.queues.live_recv_q_max,
+            self.queues.live_send_q_max,
             self.queues.samples
         );
         f.write_str(&o)
