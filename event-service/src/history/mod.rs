@@ -219,7 +219,13 @@ mod tests {
     }
 
     /// Runs one interleaving; returns the event numbers the client received after `since`.
-    fn run(total: usize, since: usize, already_bound: bool, choices: &[u8]) -> Vec<usize> {
+    fn run(
+        total: usize,
+        since: usize,
+        already_bound: bool,
+        embedded: bool,
+        choices: &[u8],
+    ) -> Vec<usize> {
         let ring = Ring::new(RingLimits {
             max_events: 1000,
             max_bytes: 1 << 20,
@@ -258,10 +264,11 @@ mod tests {
                 continue;
             }
             if pick == 0 && can_publish || (!can_arrive && !can_step) {
-                // Kept in the history first, then on its way to this instance's queue: only
-                // when the pattern is bound here (by this client, or already by another).
+                // Kept in the history first, then on its way to the fan-out. On the embedded
+                // bus every event reaches the fan-out; through RabbitMQ only when the pattern
+                // was bound here when it was published (by this client, or by another).
                 ring.append(kept(published));
-                if step >= 2 || already_bound {
+                if embedded || step >= 2 || already_bound {
                     in_flight.push_back(published);
                 }
                 published += 1;
@@ -342,10 +349,11 @@ mod tests {
             total in 2usize..40,
             since_frac in 0.0f64..1.0,
             already_bound: bool,
+            embedded: bool,
             choices in proptest::collection::vec(any::<u8>(), 1..200),
         ) {
             let since = ((total - 1) as f64 * since_frac) as usize;
-            let got = run(total, since, already_bound, &choices);
+            let got = run(total, since, already_bound, embedded, &choices);
             let want: Vec<usize> = (since + 1..total).collect();
             prop_assert_eq!(got, want);
         }

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     connection::{ConnShared, Outgoing},
-    history::{History, LATE_DUPLICATE_LOOKBACK, LATE_DUPLICATE_WINDOW, Lookup, id_hash},
+    history::{LATE_DUPLICATE_LOOKBACK, LATE_DUPLICATE_WINDOW, Lookup, id_hash},
     hub::Hub,
     protocol::{self, ErrorCode, RequestId},
     topics,
@@ -114,17 +114,16 @@ pub(super) async fn subscribe_since(
             published: None,
         });
         if let Some(events) = events {
-            // Only a stream's events can still be on their way through this instance's queue.
+            // A replayed event may still be on its way to this connection live: through this
+            // instance's queue (RabbitMQ), or between the ring and the fan-out (embedded).
             let lookback = bound_wall
                 .checked_sub(LATE_DUPLICATE_LOOKBACK)
                 .unwrap_or(bound_wall);
-            if matches!(history, History::Stream(_)) {
-                late = events
-                    .iter()
-                    .filter(|e| e.time >= lookback)
-                    .map(|e| id_hash(&e.id))
-                    .collect();
-            }
+            late = events
+                .iter()
+                .filter(|e| e.time >= lookback)
+                .map(|e| id_hash(&e.id))
+                .collect();
             metrics.recovered_events.inc_by(events.len() as u64);
             replay = events;
         }
