@@ -60,6 +60,25 @@ pub struct ReadLimits {
     pub max_bytes: usize,
 }
 
+/// The events of `after` (the history following `since`, oldest first) that `wanted` accepts,
+/// or [`Lookup::TooMany`] once they exceed `limits`.
+fn collect<'a>(
+    after: impl Iterator<Item = &'a Arc<Kept>>,
+    wanted: &(dyn Fn(&str) -> bool + Sync),
+    limits: ReadLimits,
+) -> Lookup {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for event in after.filter(|e| wanted(&e.name)) {
+        bytes += event.frame.len();
+        if out.len() == limits.max_events || bytes > limits.max_bytes {
+            return Lookup::TooMany;
+        }
+        out.push(event.clone());
+    }
+    Lookup::Found(out)
+}
+
 /// What a history read found after `since`.
 #[derive(Debug)]
 pub enum Lookup {

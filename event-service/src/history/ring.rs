@@ -111,19 +111,7 @@ impl Ring {
         if inner.events.get(at).is_none_or(|e| &*e.id != since) {
             return Lookup::Unknown;
         }
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for event in inner.events.range(at + 1..) {
-            if !wanted(&event.name) {
-                continue;
-            }
-            bytes += event.frame.len();
-            if out.len() == limits.max_events || bytes > limits.max_bytes {
-                return Lookup::TooMany;
-            }
-            out.push(event.clone());
-        }
-        Lookup::Found(out)
+        super::collect(inner.events.range(at + 1..), wanted, limits)
     }
 }
 

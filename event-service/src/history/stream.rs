@@ -311,19 +311,11 @@ impl StreamHistory {
                 Lookup::Unknown
             };
         };
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for (_, event) in window.events.range(at + 1..) {
-            if !wanted(&event.name) {
-                continue;
-            }
-            bytes += event.frame.len();
-            if out.len() == limits.max_events || bytes > limits.max_bytes {
-                return Lookup::TooMany;
-            }
-            out.push(event.clone());
-        }
-        Lookup::Found(out)
+        super::collect(
+            window.events.range(at + 1..).map(|(_, e)| e),
+            wanted,
+            limits,
+        )
     }
 
     /// Reads the stream from `start` up to a marker, into the window. A read that continues
