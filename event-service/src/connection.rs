@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::{
     config::SlowConsumerPolicy,
     history::{
-        Kept, id_hash,
+        Kept, Turn, id_hash,
         merge::{Admit, Hold},
     },
     rebalance::Candidate,
@@ -98,6 +98,9 @@ struct OutQueue {
 /// Replayed events taken by the writer a slice at a time (see [`ConnShared::finish_hold`]).
 struct Replay {
     events: Vec<Arc<Kept>>,
+    /// The recovery's turn (`--recovery-max-concurrent`): it lasts until the writer has taken
+    /// the last replayed event, so at most that many replays drain at once.
+    _turn: Option<Turn>,
     /// The next event to take.
     next: usize,
     /// Frames at the queue's front that were queued before the replay (they go first).
@@ -298,7 +301,8 @@ impl ConnShared {
     /// (the missed events, written after every frame queued so far and before anything queued
     /// later), then queues the held events the replay does not contain (under the bound, in
     /// arrival order), and drops `late` replayed ids arriving live until `late_until`. Returns
-    /// what each push did, for the caller's counters.
+    /// what each push did, for the caller's counters. `turn` is kept until the writer has taken
+    /// the last replayed event (released at once when nothing is replayed).
     ///
     /// The replay is not copied into the queue: the writer takes it a slice at a time straight
     /// from the shared history entries (8 bytes per event here), so a long replay neither
@@ -311,6 +315,7 @@ impl ConnShared {
         late: Vec<u64>,
         late_until: Instant,
         limits: QueueLimits,
+        turn: Option<Turn>,
     ) -> Vec<Pushed> {
         let replayed: Vec<u64> = replay.iter().map(|e| id_hash(&e.id)).collect();
         let mut q = lock(&self.queue);
@@ -325,6 +330,7 @@ impl ConnShared {
             let before = q.frames.len();
             q.replay = Some(Box::new(Replay {
                 events: replay,
+                _turn: turn,
                 next: 0,
                 before,
             }));
@@ -639,12 +645,86 @@ mod tests {
             Vec::new(),
             Instant::now(),
             limits(SlowConsumerPolicy::DropOldest),
+            None,
         );
         assert_eq!(rest, [Pushed::Queued { dropped_oldest: 0 }]);
         let mut batch = VecDeque::new();
         c.take_all(&mut batch);
         let frames: Vec<&str> = batch.iter().map(|o| o.frame.as_str()).collect();
         assert_eq!(frames, ["rply", "ev02"]);
+    }
+
+    #[tokio::test]
+    async fn a_recovery_keeps_its_turn_until_the_writer_took_its_last_replayed_event() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::service_metrics::ServiceMetrics::register(&registry).expect("metrics");
+        let recovery = crate::history::Recovery::new(
+            crate::history::ReadLimits {
+                max_events: 10_000,
+                max_bytes: 1 << 20,
+            },
+            1,
+        );
+        let limits = QueueLimits {
+            max_bytes: 1 << 20,
+            policy: SlowConsumerPolicy::Disconnect,
+        };
+        let replay: Vec<Arc<Kept>> = (0..REPLAY_SLICE + 1)
+            .map(|i| {
+                Arc::new(Kept {
+                    name: "a".into(),
+                    id: format!("e{i}").into(),
+                    time: std::time::SystemTime::now(),
+                    frame: "e".into(),
+                })
+            })
+            .collect();
+        let c = conn();
+        c.start_hold();
+        let turn = recovery.turn(&metrics).await.expect("a turn");
+        c.finish_hold(None, replay, Vec::new(), Instant::now(), limits, Some(turn));
+        assert_eq!(metrics.recoveries_active.get(), 1);
+        let mut batch = VecDeque::new();
+        assert!(c.take_all(&mut batch), "one slice taken, one event left");
+        assert_eq!(
+            recovery.available(),
+            0,
+            "the turn is held while the replay drains"
+        );
+        batch.clear();
+        assert!(!c.take_all(&mut batch));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            recovery.available(),
+            1,
+            "the last event taken ends the turn"
+        );
+        assert_eq!(metrics.recoveries_active.get(), 0);
+
+        // Nothing replayed: the turn ends with the recovery; a closed connection ends it too.
+        let turn = recovery.turn(&metrics).await.expect("a turn");
+        conn().finish_hold(
+            None,
+            Vec::new(),
+            Vec::new(),
+            Instant::now(),
+            limits,
+            Some(turn),
+        );
+        assert_eq!(recovery.available(), 1);
+        let c = conn();
+        c.start_hold();
+        let turn = recovery.turn(&metrics).await.expect("a turn");
+        let one = vec![Arc::new(Kept {
+            name: "a".into(),
+            id: "one".into(),
+            time: std::time::SystemTime::now(),
+            frame: "one".into(),
+        })];
+        c.finish_hold(None, one, Vec::new(), Instant::now(), limits, Some(turn));
+        assert_eq!(recovery.available(), 0);
+        c.close_queue();
+        assert_eq!(recovery.available(), 1);
     }
 
     #[test]
@@ -667,6 +747,7 @@ mod tests {
             vec![id_hash("seven")],
             Instant::now() + std::time::Duration::from_secs(10),
             limits,
+            None,
         );
         assert_eq!(c.replay_left(), 1);
         assert_eq!(

@@ -13,7 +13,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, OnceLock, RwLock},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -47,6 +50,8 @@ pub struct Hub {
     limits: QueueLimits,
     received_memory: IntCounter,
     received_amqp: IntCounter,
+    /// Publish time (ms since the epoch) of the last event dispatched; 0 before the first.
+    dispatched_ms: AtomicU64,
 }
 
 impl Hub {
@@ -64,6 +69,16 @@ impl Hub {
                 .with_label_values(&[Origin::Amqp.as_str()]),
             metrics,
             limits,
+            dispatched_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The publish time of the last event dispatched to subscribers (how far the live path has
+    /// got), `None` before the first.
+    pub fn dispatched_up_to(&self) -> Option<SystemTime> {
+        match self.dispatched_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)),
         }
     }
 
@@ -335,6 +350,13 @@ impl EventSink for Hub {
         }
         let mut heavy = Vec::new();
         let delivered = self.fan_out(&event.name, id, &frame, event.time, &mut heavy);
+        let ms = event
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            });
+        self.dispatched_ms.store(ms, Ordering::Relaxed);
         self.metrics.deliveries.inc_by(delivered);
         Dispatched {
             delivered,

@@ -303,7 +303,10 @@ impl ServiceMetrics {
                 names::RECOVERED_EVENTS,
                 "Events replayed to recovering clients.",
             )?,
-            recoveries_active: gauge(names::RECOVERIES_ACTIVE, "Recoveries running now.")?,
+            recoveries_active: gauge(
+                names::RECOVERIES_ACTIVE,
+                "Recoveries running now, from their turn until the writer has taken their last replayed event.",
+            )?,
             recoveries_waiting: gauge(
                 names::RECOVERIES_WAITING,
                 "Recoveries waiting for a turn (--recovery-max-concurrent).",

@@ -136,12 +136,54 @@ impl History {
 /// Waiting recoveries allowed per running one; beyond that a recovery is refused with `busy`.
 pub const WAITING_PER_SLOT: usize = 16;
 
-/// How long after a recovery from RabbitMQ replayed ids are dropped when they arrive live (the
-/// instance's own queue can deliver an event the stream already gave).
+/// How long after a recovery replayed ids are dropped when they arrive live (the instance's own
+/// queue can deliver an event the stream already gave), on top of the live path's lag.
 pub const LATE_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How far before the binding a replayed event may have been published and still arrive live.
+/// Clock difference allowed between publishers: how much older than the newest event the live
+/// path dispatched a replayed event may be and still arrive live.
 pub const LATE_DUPLICATE_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Most replayed ids one connection keeps to drop late live copies of (8 bytes each).
+pub const LATE_DUPLICATE_MAX_IDS: usize = 8192;
+
+/// Longest live-path lag the late-duplicate window stretches by.
+const LATE_DUPLICATE_MAX_LAG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The replayed events that may still arrive live, and until when to watch for them.
+///
+/// The live path delivers events in queue order (per publisher, publish order), so a replayed
+/// event can still come live only if it is no older than what the live path has reached: the
+/// publish time of the last event it dispatched (`dispatched`), or the binding when that is
+/// later, less [`LATE_DUPLICATE_LOOKBACK`] for clocks. When the live path lags, that reaches
+/// further back, and the watch lasts [`LATE_DUPLICATE_WINDOW`] plus the lag. At most
+/// [`LATE_DUPLICATE_MAX_IDS`] of the newest are kept.
+pub fn late_ids(
+    replay: &[Arc<Kept>],
+    bound_wall: SystemTime,
+    dispatched: Option<SystemTime>,
+    now: Instant,
+) -> (Vec<u64>, Instant) {
+    let reached = dispatched.map_or(SystemTime::UNIX_EPOCH, |d| d.min(bound_wall));
+    let from = reached
+        .checked_sub(LATE_DUPLICATE_LOOKBACK)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    // Nothing dispatched yet: every replayed event may still come, but there is no lag to add.
+    let lag = dispatched.map_or(std::time::Duration::ZERO, |_| {
+        bound_wall
+            .duration_since(reached)
+            .unwrap_or_default()
+            .min(LATE_DUPLICATE_MAX_LAG)
+    });
+    let ids = replay
+        .iter()
+        .rev()
+        .filter(|e| e.time >= from)
+        .take(LATE_DUPLICATE_MAX_IDS)
+        .map(|e| id_hash(&e.id))
+        .collect();
+    (ids, now + LATE_DUPLICATE_WINDOW + lag)
+}
 
 /// The recovery settings and the instance-wide bound on concurrent recoveries.
 #[derive(Debug)]
@@ -196,6 +238,54 @@ impl Recovery {
             _permit: permit,
             active: metrics.recoveries_active.clone(),
         })
+    }
+
+    /// Turns free now.
+    #[cfg(test)]
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod late_tests {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use super::*;
+
+    fn at(secs: u64) -> Arc<Kept> {
+        Arc::new(Kept {
+            name: "a".into(),
+            id: format!("e{secs}").into(),
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            frame: "e".into(),
+        })
+    }
+
+    #[test]
+    fn late_ids_reach_back_as_far_as_the_live_path_lags() {
+        let replay: Vec<Arc<Kept>> = (100..=120).map(at).collect();
+        let bound = SystemTime::UNIX_EPOCH + Duration::from_secs(121);
+        let now = Instant::now();
+        // Live path caught up: the lookback before the binding only, the plain window.
+        let (ids, until) = late_ids(&replay, bound, Some(bound), now);
+        assert_eq!(ids.len(), 2, "events at 119 and 120");
+        assert_eq!(until, now + LATE_DUPLICATE_WINDOW);
+        // The live path is 10 s behind: everything from 109 on may still come, for longer.
+        let behind = SystemTime::UNIX_EPOCH + Duration::from_secs(111);
+        let (ids, until) = late_ids(&replay, bound, Some(behind), now);
+        assert_eq!(ids.len(), 12);
+        assert!(ids.contains(&id_hash("e109")) && !ids.contains(&id_hash("e108")));
+        assert_eq!(until, now + LATE_DUPLICATE_WINDOW + Duration::from_secs(10));
+        // Nothing dispatched yet: all of them, no lag added.
+        let (ids, until) = late_ids(&replay, bound, None, now);
+        assert_eq!(ids.len(), replay.len());
+        assert_eq!(until, now + LATE_DUPLICATE_WINDOW);
+        // Bounded, keeping the newest.
+        let many: Vec<Arc<Kept>> = (0..LATE_DUPLICATE_MAX_IDS as u64 + 10).map(at).collect();
+        let (ids, _) = late_ids(&many, bound, None, now);
+        assert_eq!(ids.len(), LATE_DUPLICATE_MAX_IDS);
+        assert_eq!(ids[0], id_hash(&many[many.len() - 1].id));
     }
 }
 
@@ -336,6 +426,7 @@ mod tests {
                             ids,
                             Instant::now() + Duration::from_secs(60),
                             LIMITS,
+                            None,
                         );
                     }
                 }

@@ -100,6 +100,8 @@ struct Window {
     complete_from: Option<SystemTime>,
     /// The byte bound dropped events from the front since the window started.
     trimmed: bool,
+    /// The largest event pushed, in bytes.
+    largest: usize,
 }
 
 impl Window {
@@ -109,6 +111,7 @@ impl Window {
 
     fn push(&mut self, offset: u64, kept: Arc<Kept>, max_bytes: usize) {
         self.bytes += kept.size();
+        self.largest = self.largest.max(kept.size());
         self.by_id.insert(id_hash(&kept.id), offset);
         self.events.push_back((offset, kept));
         while self.bytes > max_bytes && self.events.len() > 1 {
@@ -142,6 +145,11 @@ impl Window {
             }
             self.complete_from = Some(time);
         }
+    }
+
+    /// The byte bound dropped events, and not one more of the largest event seen fits.
+    fn is_full(&self, max_bytes: usize) -> bool {
+        self.trimmed && self.bytes + self.largest > max_bytes
     }
 
     /// Index in `events` of the event `since`, when the window has it.
@@ -241,7 +249,14 @@ impl StreamHistory {
         limits: ReadLimits,
         bound_at: Instant,
     ) -> Lookup {
-        let mut reader = self.reader.lock().await;
+        // Waiting behind other reads counts against the same deadline as a read: a recovery
+        // holds its connection's live events meanwhile.
+        let Ok(mut reader) = tokio::time::timeout(READ_TIMEOUT, self.reader.lock()).await else {
+            return Lookup::Unavailable(format!(
+                "waited longer than {READ_TIMEOUT:?} for other reads of the stream '{}'",
+                self.stream
+            ));
+        };
         reader.window.expire(self.max_age, SystemTime::now());
         let window = &reader.window;
         let since_time = uuid_v7_time(since);
@@ -262,6 +277,12 @@ impl StreamHistory {
                 // The window holds everything from before `since` up to after the binding, and
                 // `since` is not in it: the stream never had it.
                 return Lookup::Unknown;
+            }
+            if window.is_full(self.max_bytes) && window.complete_from.is_some_and(|f| time < f) {
+                // What followed `since` already fills a window: a new one from `since` would
+                // overflow too. Answered at once, without dropping the window other recoveries
+                // are served from.
+                return Lookup::TooMany;
             }
             reader.reset();
             Some(Start::Timestamp(
@@ -627,5 +648,15 @@ mod tests {
         assert_eq!(w.position("e9"), Some(w.events.len() - 1));
         let from = w.complete_from.expect("set");
         assert!(from > SystemTime::UNIX_EPOCH);
+        assert!(w.is_full(300), "{} bytes of 300", w.bytes);
+        // Events expiring by age make room again.
+        w.expire(
+            Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(9),
+        );
+        assert!(!w.is_full(300), "{} bytes of 300", w.bytes);
+        let mut fresh = Window::default();
+        fresh.push(0, kept("a", 1), 300);
+        assert!(!fresh.is_full(300));
     }
 }

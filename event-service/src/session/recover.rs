@@ -5,8 +5,10 @@
 //! connection's live events, bind the patterns, read the history after `since`, then at once:
 //! queue `subscribed` with `recovered`, hand the writer the replayed events (taken from the shared
 //! history a slice at a time, ahead of anything queued later), queue the held live events the
-//! history did not contain, and let live events through again. The turn ends there: the replay
-//! drains at the client's own pace without holding one.
+//! history did not contain, and let live events through again. The turn ends when the writer has
+//! taken the last replayed event: at most `--recovery-max-concurrent` replays drain at once, so
+//! each drains fast and keeps ahead of the live events queued behind it, while the clients still
+//! waiting hold nothing (their hold starts with their turn).
 
 use std::{
     sync::Arc,
@@ -19,7 +21,7 @@ use super::{
 };
 use crate::{
     connection::{ConnShared, Outgoing},
-    history::{LATE_DUPLICATE_LOOKBACK, LATE_DUPLICATE_WINDOW, Lookup, id_hash},
+    history::{Lookup, late_ids},
     hub::Hub,
     protocol::{self, ErrorCode, RequestId},
     topics,
@@ -42,7 +44,7 @@ pub(super) async fn subscribe_since(
         );
         return;
     }
-    let Some(_turn) = settings.recovery.turn(metrics).await else {
+    let Some(turn) = settings.recovery.turn(metrics).await else {
         metrics.recoveries.with_label_values(&["busy"]).inc();
         let sent: Vec<String> = patterns.into_iter().map(|(s, _)| s).collect();
         hub.reply(
@@ -96,6 +98,7 @@ pub(super) async fn subscribe_since(
     let mut reply = None;
     let mut replay = Vec::new();
     let mut late = Vec::new();
+    let mut late_until = Instant::now();
     if let Some(lookup) = lookup {
         metrics
             .recoveries
@@ -116,25 +119,13 @@ pub(super) async fn subscribe_since(
         if let Some(events) = events {
             // A replayed event may still be on its way to this connection live: through this
             // instance's queue (RabbitMQ), or between the ring and the fan-out (embedded).
-            let lookback = bound_wall
-                .checked_sub(LATE_DUPLICATE_LOOKBACK)
-                .unwrap_or(bound_wall);
-            late = events
-                .iter()
-                .filter(|e| e.time >= lookback)
-                .map(|e| id_hash(&e.id))
-                .collect();
+            (late, late_until) =
+                late_ids(&events, bound_wall, hub.dispatched_up_to(), Instant::now());
             metrics.recovered_events.inc_by(events.len() as u64);
             replay = events;
         }
     }
-    let pushed = conn.finish_hold(
-        reply,
-        replay,
-        late,
-        Instant::now() + LATE_DUPLICATE_WINDOW,
-        hub.limits(),
-    );
+    let pushed = conn.finish_hold(reply, replay, late, late_until, hub.limits(), Some(turn));
     hub.count_pushes(pushed);
     metrics
         .recovery_seconds
