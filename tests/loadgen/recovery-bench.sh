@@ -2,10 +2,11 @@
 # The event service on RabbitMQ: many clients recovering missed events at once.
 # Builds the release binaries and, for each run, waits for a quiet machine, starts a fresh
 # dedicated RabbitMQ node, runs `recovery_bench` against it (a fresh event service with the
-# history stream, a publisher at RATE events/s for the whole run, CLIENTS clients that drop
-# their connections after WARMUP and reconnect all at once with `since` after GAP, LIVE live
-# subscribers sampling latency) and stops the node. Prints each run's summary, then every
-# figure as median (min–max) over the runs, with the load average before each run.
+# history stream, a publisher at RATE events/s for the whole run spread over TOPICS topics,
+# CLIENTS clients, each on one topic, that drop their connections after WARMUP and reconnect all
+# at once with `since` after GAP, LIVE live subscribers sampling latency) and stops the node.
+# Prints each run's summary, then every figure as median (min–max) over the runs, with the load
+# average before each run.
 #
 # Usage: tests/loadgen/recovery-bench.sh
 #
@@ -13,6 +14,10 @@
 #   RUNS=3                   runs (a fresh broker node and service each)
 #   CLIENTS=1000 LIVE=8      recovering clients, live subscribers
 #   RATE=1000 GAP=10s WARMUP=5s TAIL=5s
+#   TOPICS=10                topics the events are spread over (event n on bench.<n % TOPICS>,
+#                            client i on bench.<i % TOPICS>); the steady state is
+#                            RATE × (CLIENTS + LIVE) / TOPICS deliveries/s. 1: every client
+#                            receives every event
 #   MAX_LOAD=1.5             wait until the 1-minute load average is at most this before a run
 #   LOAD_WAIT=900            ... for at most this many seconds, then run anyway (and say so)
 #   AMQP_PORT=5693 MGMT_PORT=15693   loopback ports of the dedicated RabbitMQ node
@@ -26,6 +31,7 @@ RUNS="${RUNS:-3}"
 CLIENTS="${CLIENTS:-1000}"
 LIVE="${LIVE:-8}"
 RATE="${RATE:-1000}"
+TOPICS="${TOPICS:-10}"
 GAP="${GAP:-10s}"
 WARMUP="${WARMUP:-5s}"
 TAIL="${TAIL:-5s}"
@@ -83,7 +89,7 @@ for i in $(seq 1 "$RUNS"); do
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   "$bench_bin" --json --amqp-url "amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" \
     --broker-pid "$broker_pid" --clients "$CLIENTS" --live "$LIVE" --rate "$RATE" \
-    --gap "$GAP" --warmup "$WARMUP" --tail "$TAIL" $BENCH_ARGS >"$out"
+    --topics "$TOPICS" --gap "$GAP" --warmup "$WARMUP" --tail "$TAIL" $BENCH_ARGS >"$out"
   jq --arg load "$load" '. + {load_before: $load}' "$out" >"$out.tmp" && mv "$out.tmp" "$out"
   "$rabbitmq" stop "$node" >/dev/null 2>&1
   files+=("$out")
@@ -106,7 +112,7 @@ each() {
 }
 
 echo
-echo "recovery: $CLIENTS clients reconnecting at once with since after $GAP at $RATE events/s, $LIVE live subscribers, $RUNS runs"
+echo "recovery: $CLIENTS clients reconnecting at once with since after $GAP at $RATE events/s over $TOPICS topics ($((RATE * (CLIENTS + LIVE) / TOPICS)) deliveries/s steady state), $LIVE live subscribers, $RUNS runs"
 echo "machine: $(nproc) CPUs; load average before each run: $(printf '[%s] ' "${loads[@]}")"
 echo "  median (min–max) over the runs; 'each' lists the runs in order"
 echo "  all caught up (s)          $(stat all_caught_up_s 2)   each $(each all_caught_up_s 2)"
@@ -119,7 +125,7 @@ echo "  recovered / false / failed $(each recovered 0) | $(each not_recovered 0)
 echo "  busy retries               $(each busy_retries 0)"
 echo "  closed by the service, reconnected  $(jq -rs 'map(.closes | to_entries | map("\(.key):\(.value)") | join(",") | if . == "" then "0" else . end) | join(" / ")' "${files[@]}")"
 echo "  gaps / duplicates after    $(each after.gaps 0) | $(each after.duplicates 0)"
-echo "  ended on the last event    $(each complete 0) of $CLIENTS"
+echo "  ended on the last event    $(each complete 0) of $CLIENTS (the last of each client's topic)"
 echo "  live p50 / p99 / max, warm-up (ms)   $(stat latency_ms.warmup.p50 2) / $(stat latency_ms.warmup.p99 2) / $(stat latency_ms.warmup.max 2)"
 echo "  live p50 / p99 / max, recovery (ms)  $(stat latency_ms.recovery.p50 2) / $(stat latency_ms.recovery.p99 2) / $(stat latency_ms.recovery.max 2)"
 echo "  live gaps / duplicates     $(each live_order.gaps 0) | $(each live_order.duplicates 0)"

@@ -4,8 +4,9 @@
 //! Every client keeps the bare socket after the upgrade and captures each frame's payload with
 //! the load generator's frame scanner (`crate::frame`), then reads only what it needs from it
 //! (`super::wire`): the sequence number and publish time from the tail, the id from the head.
-//! Each client checks its own sequence numbers: a number that skips ahead is a gap, one at or
-//! below the last is a duplicate.
+//! Each client subscribes to one topic (`super::publisher::Topic`) and so receives every
+//! `topics`-th sequence number; it checks them: a number that skips more than one of its topic's
+//! events is a gap, one at or below the last is a duplicate.
 
 use std::{
     sync::{
@@ -21,7 +22,10 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-use super::wire::{self, MAX_ID_LEN, Message};
+use super::{
+    publisher::Topic,
+    wire::{self, MAX_ID_LEN, Message},
+};
 use crate::{
     frame::{self, Scanner, opcode},
     ws::{self, Target},
@@ -38,8 +42,9 @@ pub(super) enum Phase {
     Drop,
     /// The recovering clients reconnect with `since`.
     Reconnect(Mark),
-    /// The publisher stopped after event `last`: read up to it and end.
-    Finish { last: u64 },
+    /// The publisher stopped after `published` events: read up to the last one of your topic
+    /// and end.
+    Finish { published: u64 },
 }
 
 /// The reconnect instant and how many events had been published by then.
@@ -66,7 +71,6 @@ pub(super) struct Progress {
 #[derive(Clone, Debug)]
 pub(super) struct ClientSettings {
     pub target: Target,
-    pub pattern: String,
     pub handshake_timeout: Duration,
     pub read_buffer: usize,
     /// A caught-up client is live once an event reaches it within this of its publish time.
@@ -84,9 +88,9 @@ pub(super) struct ClientSettings {
 pub struct Order {
     /// Events in order.
     pub received: u64,
-    /// Times the sequence skipped ahead.
+    /// Times the sequence skipped ahead (past the next event of the client's topic).
     pub gaps: u64,
-    /// Sequence numbers skipped.
+    /// Events of the client's topic skipped.
     pub missing: u64,
     /// Events at or below the last sequence number already received.
     pub duplicates: u64,
@@ -104,6 +108,8 @@ impl Order {
 /// The last event a client received and its ordering counters.
 #[derive(Debug)]
 struct Tracker {
+    /// The distance between two events of the client's topic (the number of topics).
+    stride: u64,
     last: Option<u64>,
     id: [u8; MAX_ID_LEN],
     id_len: usize,
@@ -125,7 +131,8 @@ const MAX_ANOMALIES: usize = 64;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Anomaly {
     pub kind: &'static str,
-    /// The sequence number received, and the last one before it.
+    /// The sequence number received, and the last one before it (on a client's topic they
+    /// follow each other at a distance of the number of topics).
     pub seq: u64,
     pub last: u64,
     /// The client's connection it arrived on (0: before the drop, 1: the reconnect, 2 and on:
@@ -141,8 +148,17 @@ impl Anomaly {
 }
 
 impl Default for Tracker {
+    /// A tracker for one topic carrying every event.
     fn default() -> Self {
+        Self::new(1)
+    }
+}
+
+impl Tracker {
+    /// A tracker for a topic carrying every `stride`-th event (at least 1).
+    fn new(stride: u64) -> Self {
         Self {
+            stride: stride.max(1),
             last: None,
             id: [0; MAX_ID_LEN],
             id_len: 0,
@@ -154,9 +170,7 @@ impl Default for Tracker {
             anomalies: Vec::new(),
         }
     }
-}
 
-impl Tracker {
     fn on_event(&mut self, seq: u64, id: &[u8]) {
         let before = self.on_conn;
         self.on_conn += 1;
@@ -166,12 +180,13 @@ impl Tracker {
                 self.note(Anomaly::DUPLICATE, seq, last, before);
                 return;
             }
-            if seq > last + 1 {
+            if seq > last.saturating_add(self.stride) {
+                let skipped = (seq - last) / self.stride - 1;
                 if self.resync {
-                    self.skipped += seq - last - 1;
+                    self.skipped += skipped;
                 } else {
                     self.order.gaps += 1;
-                    self.order.missing += seq - last - 1;
+                    self.order.missing += skipped;
                     self.note(Anomaly::GAP, seq, last, before);
                 }
             }
@@ -209,6 +224,8 @@ impl Tracker {
 /// What one recovering client saw.
 #[derive(Debug, Default)]
 pub(super) struct RecoveringReport {
+    /// The topic the client subscribed to.
+    pub topic: Topic,
     /// Sequence number of the last event before the drop.
     pub last_before_drop: Option<u64>,
     /// The `recovered` field of the reply to the `subscribe` with `since`.
@@ -231,12 +248,14 @@ pub(super) struct RecoveringReport {
     pub live: Option<Duration>,
     /// Events received after the reconnect that were published before it (the replay).
     pub replayed: u64,
-    /// The first sequence number received after the reconnect.
+    /// The first sequence number received after the reconnect (recovered exactly: the last one
+    /// before the drop plus the number of topics).
     pub first_after: Option<u64>,
     /// Ordering before the drop and after the reconnect.
     pub before: Order,
     pub after: Order,
-    /// Events skipped after `recovered: false` (expected: nothing was replayed).
+    /// Events of the client's topic skipped after `recovered: false` (expected: nothing was
+    /// replayed).
     pub unrecovered_skipped: u64,
     /// The last sequence number received by the end.
     pub last_seq: Option<u64>,
@@ -250,6 +269,8 @@ pub(super) struct RecoveringReport {
 /// What one live subscriber saw.
 #[derive(Debug, Default)]
 pub(super) struct LiveReport {
+    /// The topic the subscriber subscribed to.
+    pub topic: Topic,
     pub order: Order,
     pub last_seq: Option<u64>,
     /// (receive time, publish → receive latency), both in µs.
@@ -457,14 +478,15 @@ fn subscribe_op(pattern: &str, since: Option<&str>) -> String {
     }
 }
 
-/// Opens a connection and waits for the reply to a plain `subscribe`, tracking any event that
-/// follows it in the same read.
+/// Opens a connection and waits for the reply to a plain `subscribe` to `pattern`, tracking any
+/// event that follows it in the same read.
 async fn subscribe(
     settings: &ClientSettings,
+    pattern: &str,
     phase: &mut watch::Receiver<Phase>,
     tracker: &mut Tracker,
 ) -> Result<Conn, Failure> {
-    let mut conn = Conn::open(settings, &subscribe_op(&settings.pattern, None)).await?;
+    let mut conn = Conn::open(settings, &subscribe_op(pattern, None)).await?;
     let mut acked = false;
     let mut refused = false;
     let subscribed = async {
@@ -500,18 +522,23 @@ async fn subscribe(
     Ok(conn)
 }
 
-/// One recovering client: live through the warm-up, drops its connection at `Drop`, reconnects
-/// with `since` at `Reconnect`, reads until the last event at `Finish`.
+/// One recovering client on `topic`: live through the warm-up, drops its connection at `Drop`,
+/// reconnects with `since` at `Reconnect`, reads until its topic's last event at `Finish`.
 pub(super) async fn recovering(
     settings: Arc<ClientSettings>,
+    topic: Topic,
     mut phase: watch::Receiver<Phase>,
     progress: Arc<Progress>,
     connect_permits: Arc<Semaphore>,
 ) -> RecoveringReport {
-    let mut report = RecoveringReport::default();
-    let mut tracker = Tracker::default();
+    let mut report = RecoveringReport {
+        topic,
+        ..RecoveringReport::default()
+    };
+    let mut tracker = Tracker::new(topic.count);
     let outcome = run_recovering(
         &settings,
+        topic,
         &mut phase,
         &progress,
         &connect_permits,
@@ -532,6 +559,7 @@ pub(super) async fn recovering(
 
 async fn run_recovering(
     settings: &ClientSettings,
+    topic: Topic,
     phase: &mut watch::Receiver<Phase>,
     progress: &Progress,
     connect_permits: &Semaphore,
@@ -542,7 +570,8 @@ async fn run_recovering(
         .acquire()
         .await
         .map_err(|_| "the run ended".to_owned())?;
-    let mut conn = subscribe(settings, phase, tracker).await?;
+    let pattern = topic.pattern();
+    let mut conn = subscribe(settings, &pattern, phase, tracker).await?;
     drop(permit);
     progress.subscribed.fetch_add(1, Ordering::Relaxed);
 
@@ -584,6 +613,8 @@ async fn run_recovering(
     loop {
         let outcome = reconnected(
             settings,
+            topic,
+            &pattern,
             phase,
             progress,
             report,
@@ -604,10 +635,13 @@ async fn run_recovering(
     }
 }
 
-/// One connection after the reconnect: `subscribe` with `since` (repeated after `busy`), then
-/// the replay and live events, until the last event after `Finish`.
+/// One connection after the reconnect: `subscribe` to `pattern` with `since` (repeated after
+/// `busy`), then the replay and live events, until the topic's last event after `Finish`.
+#[allow(clippy::too_many_arguments)]
 async fn reconnected(
     settings: &ClientSettings,
+    topic: Topic,
+    pattern: &str,
     phase: &mut watch::Receiver<Phase>,
     progress: &Progress,
     report: &mut RecoveringReport,
@@ -616,7 +650,7 @@ async fn reconnected(
     finish: &mut Option<(u64, tokio::time::Instant)>,
 ) -> Result<(), Failure> {
     let since = tracker.last_id();
-    let op = subscribe_op(&settings.pattern, since.as_deref());
+    let op = subscribe_op(pattern, since.as_deref());
     tracker.new_connection();
     let mut conn = Conn::open(settings, &op).await?;
     let live_lag_us = u64::try_from(settings.live_lag.as_micros()).unwrap_or(u64::MAX);
@@ -687,26 +721,53 @@ async fn reconnected(
         }
         match wake {
             Wake::Done => return Ok(()),
-            Wake::Phase(Phase::Finish { last }) => {
-                if tracker.last.is_some_and(|l| l >= last) {
-                    return Ok(());
+            Wake::Phase(Phase::Finish { published }) => {
+                match finish_at(topic, published, tracker, settings.finish_timeout) {
+                    Some(until) => *finish = Some(until),
+                    None => return Ok(()),
                 }
-                *finish = Some((last, tokio::time::Instant::now() + settings.finish_timeout));
             }
             Wake::Phase(_) => {}
         }
     }
 }
 
-/// One live subscriber: subscribed throughout, sampling the latency of every event.
+/// After `Finish` with `published` events in all: the last event of `topic` the client still
+/// waits for and until when, or `None` when it has it already (or none was published on it).
+fn finish_at(
+    topic: Topic,
+    published: u64,
+    tracker: &Tracker,
+    timeout: Duration,
+) -> Option<(u64, tokio::time::Instant)> {
+    let last = topic.last_of(published)?;
+    if tracker.last.is_some_and(|l| l >= last) {
+        return None;
+    }
+    Some((last, tokio::time::Instant::now() + timeout))
+}
+
+/// One live subscriber on `topic`: subscribed throughout, sampling the latency of every event.
 pub(super) async fn live(
     settings: Arc<ClientSettings>,
+    topic: Topic,
     mut phase: watch::Receiver<Phase>,
     progress: Arc<Progress>,
 ) -> LiveReport {
-    let mut report = LiveReport::default();
-    let mut tracker = Tracker::default();
-    let outcome = run_live(&settings, &mut phase, &progress, &mut report, &mut tracker).await;
+    let mut report = LiveReport {
+        topic,
+        ..LiveReport::default()
+    };
+    let mut tracker = Tracker::new(topic.count);
+    let outcome = run_live(
+        &settings,
+        topic,
+        &mut phase,
+        &progress,
+        &mut report,
+        &mut tracker,
+    )
+    .await;
     report.order = tracker.order;
     report.last_seq = tracker.last;
     if let Err(error) = outcome {
@@ -718,12 +779,13 @@ pub(super) async fn live(
 
 async fn run_live(
     settings: &ClientSettings,
+    topic: Topic,
     phase: &mut watch::Receiver<Phase>,
     progress: &Progress,
     report: &mut LiveReport,
     tracker: &mut Tracker,
 ) -> Result<(), Failure> {
-    let mut conn = subscribe(settings, phase, tracker).await?;
+    let mut conn = subscribe(settings, &topic.pattern(), phase, tracker).await?;
     if let (Ok(addr), Ok(mut ports)) = (conn.stream.local_addr(), progress.live_ports.lock()) {
         ports.push(addr.port());
     }
@@ -751,11 +813,11 @@ async fn run_live(
         };
         match wake {
             Wake::Done => return Ok(()),
-            Wake::Phase(Phase::Finish { last }) => {
-                if tracker.last.is_some_and(|l| l >= last) {
-                    return Ok(());
+            Wake::Phase(Phase::Finish { published }) => {
+                match finish_at(topic, published, tracker, settings.finish_timeout) {
+                    Some(until) => finish = Some(until),
+                    None => return Ok(()),
                 }
-                finish = Some((last, tokio::time::Instant::now() + settings.finish_timeout));
             }
             Wake::Phase(_) => {}
         }
@@ -808,6 +870,96 @@ mod tests {
         assert_eq!(t.skipped, 98);
         assert_eq!(t.order.gaps, 0);
         assert_eq!(t.last_id().as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn on_a_topic_of_every_nth_event_in_order_is_no_gap() {
+        let mut t = Tracker::new(10);
+        for seq in [3, 13, 23, 33] {
+            t.on_event(seq, b"id");
+        }
+        assert_eq!(
+            t.order,
+            Order {
+                received: 4,
+                ..Order::default()
+            }
+        );
+        assert!(t.anomalies.is_empty());
+        assert_eq!(t.last, Some(33));
+    }
+
+    #[test]
+    fn on_a_topic_of_every_nth_event_gaps_count_the_topics_events() {
+        let mut t = Tracker::new(10);
+        // 23 and 33 are missing, then 53.
+        for seq in [3, 13, 43, 63] {
+            t.on_event(seq, b"id");
+        }
+        assert_eq!(
+            t.order,
+            Order {
+                received: 4,
+                gaps: 2,
+                missing: 3,
+                duplicates: 0
+            }
+        );
+        let gaps: Vec<(&str, u64, u64)> = t
+            .anomalies
+            .iter()
+            .map(|a| (a.kind, a.seq, a.last))
+            .collect();
+        assert_eq!(gaps, vec![("gap", 43, 13), ("gap", 63, 43)]);
+    }
+
+    #[test]
+    fn on_a_topic_of_every_nth_event_a_repeat_or_an_older_event_is_a_duplicate() {
+        let mut t = Tracker::new(4);
+        for seq in [1, 5, 5, 1, 9] {
+            t.on_event(seq, b"id");
+        }
+        assert_eq!(
+            t.order,
+            Order {
+                received: 3,
+                gaps: 0,
+                missing: 0,
+                duplicates: 2
+            }
+        );
+        assert_eq!(t.last, Some(9));
+    }
+
+    #[test]
+    fn on_a_topic_of_every_nth_event_an_unrecovered_skip_counts_the_topics_events() {
+        let mut t = Tracker::new(5);
+        t.on_event(2, b"a");
+        t.resync = true;
+        // 7, 12, ..., 97 skipped: 19 events of the topic.
+        t.on_event(102, b"b");
+        t.on_event(107, b"c");
+        assert_eq!(t.skipped, 19);
+        assert_eq!(t.order.gaps, 0);
+        assert_eq!(t.order.received, 3);
+    }
+
+    #[test]
+    fn finishing_waits_for_the_last_event_of_the_clients_topic() {
+        let timeout = Duration::from_secs(1);
+        let topic = Topic { index: 2, count: 5 };
+        let mut t = Tracker::new(5);
+        // 23 events published: the topic's last is 22.
+        assert_eq!(finish_at(topic, 23, &t, timeout).map(|(l, _)| l), Some(22));
+        t.on_event(17, b"a");
+        assert_eq!(finish_at(topic, 23, &t, timeout).map(|(l, _)| l), Some(22));
+        // 22 published: the topic's last is 17, already received.
+        assert!(finish_at(topic, 22, &t, timeout).is_none());
+        t.on_event(22, b"b");
+        assert!(finish_at(topic, 23, &t, timeout).is_none());
+        // Nothing published on the topic: nothing to wait for.
+        assert!(finish_at(topic, 2, &Tracker::new(5), timeout).is_none());
+        assert!(finish_at(topic, 0, &Tracker::new(5), timeout).is_none());
     }
 
     #[test]

@@ -5,17 +5,21 @@
 //! One release event-service (`--source amqp`, `--history-stream <exchange>.history`) runs on a
 //! dedicated RabbitMQ node. A publisher sends numbered events (`data` carries the sequence number
 //! and the publish time in µs) straight to the exchange at `--rate` for the whole run, each with a
-//! UUIDv7 `message_id` and a timestamp, so the stream can give them back. `--clients` recovering
-//! clients and `--live` live subscribers all subscribe to `bench.#`. After `--warmup` with
-//! everyone live, the recovering clients drop their connections at once (each remembers the id
-//! and sequence number of its last event), wait `--gap`, and reconnect at once with `since`.
+//! UUIDv7 `message_id` and a timestamp, so the stream can give them back. The events are spread
+//! over `--topics` N: event `n` is published as `bench.<n % N>`. `--clients` recovering clients
+//! and `--live` live subscribers subscribe to one topic each (client `i` to `bench.<i % N>`), so
+//! the steady state is `rate × (clients + live) / N` deliveries/s (with every client on every
+//! event it would be `rate × clients`, enough to saturate a small machine before any recovery
+//! starts). After `--warmup` with everyone live, the recovering clients drop their connections at
+//! once (each remembers the id and sequence number of its last event), wait `--gap`, and
+//! reconnect at once with `since`.
 //!
 //! Measured: per client, the time from the reconnect to the `subscribed` reply, to *caught up*
 //! (the first event published after the reconnect instant has arrived: the whole replay and
 //! everything up to that instant is in) and to *live* (caught up, and an event arrived within
 //! `--live-lag` of its publish time); the time until all are caught up and live; per client that
-//! the sequence numbers run on exactly from the last one before the drop (0 gaps, 0 duplicates)
-//! up to the last event published; `recovered: false` and `busy` answers; the live subscribers'
+//! the sequence numbers of its topic run on exactly (in steps of N) from the last one before the
+//! drop (0 gaps, 0 duplicates) up to the last event published on its topic; `recovered: false` and `busy` answers; the live subscribers'
 //! publish → receive latency in each phase; CPU of the service, the broker (`--broker-pid`) and
 //! this process per phase, and the kernel socket queues of the clients during the recovery (a
 //! client Recv-Q near zero says the clients keep up and are not what limits the figure).
@@ -67,7 +71,7 @@ use crate::{
     ws::Target,
 };
 use client::{ClientSettings, LiveReport, Mark, Phase, Progress, RecoveringReport};
-use publisher::{PublishSettings, Published};
+use publisher::{PublishSettings, Published, Topic};
 pub use report::Report;
 
 #[derive(Clone, Debug, Parser)]
@@ -94,9 +98,14 @@ pub struct Args {
     /// Live subscribers that stay connected and sample latency.
     #[arg(long, default_value_t = 8)]
     pub live: usize,
-    /// Events per second published for the whole run.
+    /// Events per second published for the whole run (over all the topics).
     #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
+    /// Topics the events are spread over (at least 1): event `n` is published as
+    /// `bench.<n % topics>`, client `i` (and live subscriber `i`) subscribes to
+    /// `bench.<i % topics>`. 1: every client receives every event.
+    #[arg(long, default_value_t = 10)]
+    pub topics: u64,
     /// Everyone live before the drop.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
@@ -126,9 +135,10 @@ pub struct Args {
     /// After the publisher stops, how long a client may take to receive the last event.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub finish_timeout: Duration,
-    /// The service's `--recovery-max-events`. Its default (10,000) is exactly a 10 s gap at
-    /// 1,000 events/s, and a reconnect also misses what is published while it connects, so
-    /// the default would answer `recovered: false` to every client.
+    /// The service's `--recovery-max-events` (it counts the events matching a client's
+    /// subscription). Its default (10,000) is exactly a 10 s gap at 1,000 events/s on one
+    /// topic, and a reconnect also misses what is published while it connects, so with
+    /// `--topics 1` the default would answer `recovered: false` to every client.
     #[arg(long, default_value_t = 100_000)]
     pub recovery_max_events: u32,
     /// Any other event-service flag (repeat for several), e.g. `--service-arg=--recovery-max-concurrent=128`.
@@ -236,10 +246,13 @@ impl QueueSamples {
 
 /// Runs the benchmark and returns its report.
 pub async fn run(args: &Args) -> anyhow::Result<Report> {
-    let bin = service_bin(args)?;
     if args.clients == 0 || args.rate == 0 {
         bail!("--clients and --rate must be at least 1");
     }
+    if args.topics == 0 {
+        bail!("--topics must be at least 1 (1: every client receives every event)");
+    }
+    let bin = service_bin(args)?;
     let exchange = unique_name("recovery-bench");
     let stream = eventrouter_contract::history::default_stream(&exchange);
     let mut extra = vec![
@@ -264,7 +277,6 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
             addr: service.addr,
             path: WS_PATH.to_owned(),
         },
-        pattern: "bench.#".to_owned(),
         handshake_timeout: args.handshake_timeout,
         read_buffer: args.read_buffer,
         live_lag: args.live_lag,
@@ -283,6 +295,7 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
             amqp_url: args.amqp_url.clone(),
             exchange: exchange.to_owned(),
             rate: args.rate,
+            topics: args.topics,
             pad: "x".repeat(args.pad_bytes),
         },
         Arc::clone(&settings),
@@ -294,9 +307,10 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
     )?;
     let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let clients: Vec<_> = (0..args.clients)
-        .map(|_| {
+        .map(|i| {
             tokio::spawn(client::recovering(
                 Arc::clone(&settings),
+                Topic::of(i as u64, args.topics),
                 phase_rx.clone(),
                 Arc::clone(&progress),
                 Arc::clone(&permits),
@@ -306,9 +320,10 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
     drop(phase_rx);
 
     eprintln!(
-        "recovery: {} recovering clients and {} live subscribers on {} (service pid {:?}, admin {})",
+        "recovery: {} recovering clients and {} live subscribers over {} topics on {} (service pid {:?}, admin {})",
         args.clients,
         args.live,
+        args.topics,
         service.ws,
         service.pid(),
         service.admin
@@ -331,8 +346,10 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
     }
 
     eprintln!(
-        "  warm-up: everyone live for {:?} at {} events/s",
-        args.warmup, args.rate
+        "  warm-up: everyone live for {:?} at {} events/s ({:.0} deliveries/s)",
+        args.warmup,
+        args.rate,
+        report::steady_deliveries_per_s(args)
     );
     let warmup = Cpu::now(service, args.broker_pid);
     phase_tx.send_replace(Phase::Warmup);
@@ -372,10 +389,10 @@ async fn measure(args: &Args, service: &Service, exchange: &str) -> anyhow::Resu
     let total = stopped_rx
         .await
         .context("the publisher stopped before it was asked to")?;
-    eprintln!("  publisher stopped after {total} events; clients read up to the last one");
-    phase_tx.send_replace(Phase::Finish {
-        last: total.saturating_sub(1),
-    });
+    eprintln!(
+        "  publisher stopped after {total} events; clients read up to the last one of their topic"
+    );
+    phase_tx.send_replace(Phase::Finish { published: total });
 
     let mut recovering: Vec<RecoveringReport> = Vec::with_capacity(clients.len());
     for handle in clients {
@@ -512,6 +529,7 @@ fn spawn_probe(
     stopped: oneshot::Sender<u64>,
 ) -> anyhow::Result<Probe> {
     let live = args.live;
+    let topics = args.topics;
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
@@ -521,9 +539,10 @@ fn spawn_probe(
                 .context("building the publisher's runtime")?;
             runtime.block_on(async move {
                 let subscribers: Vec<_> = (0..live)
-                    .map(|_| {
+                    .map(|j| {
                         tokio::spawn(client::live(
                             Arc::clone(&settings),
+                            Topic::of(j as u64, topics),
                             phase.clone(),
                             Arc::clone(&progress),
                         ))

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{
     Args, Cpu, Marks, QueueSamples, ServiceCounters, Step,
     client::{Anomaly, LiveReport, Mark, Order, RecoveringReport},
-    publisher::Published,
+    publisher::{Published, Topic},
     service_counters,
 };
 use crate::metrics::Scrape;
@@ -102,6 +102,10 @@ pub struct Report {
     pub clients: usize,
     pub live_subscribers: usize,
     pub rate: u64,
+    /// Topics the events are spread over; each client is on one.
+    pub topics: u64,
+    /// Deliveries per second with everyone live: rate × (clients + live subscribers) / topics.
+    pub steady_deliveries_per_s: f64,
     pub warmup_s: f64,
     pub gap_s: f64,
     pub tail_s: f64,
@@ -116,9 +120,10 @@ pub struct Report {
     pub publisher_max_behind_ms: f64,
     /// Events published before the reconnect instant.
     pub published_at_reconnect: u64,
-    /// Per client, events published after its last one and before the reconnect.
+    /// Per client, events of its topic published after its last one and before the reconnect.
     pub missed: Summary,
-    /// Largest minus smallest last sequence number before the drop.
+    /// Largest minus smallest last sequence number before the drop (with several topics, up to
+    /// topics − 1 of it is only the clients being on different topics).
     pub since_spread: u64,
     /// Clients that got an answer `subscribed` after the reconnect.
     pub answered: usize,
@@ -151,13 +156,15 @@ pub struct Report {
     pub clients_with_gaps: usize,
     pub clients_with_duplicates: usize,
     pub anomalies: Vec<(usize, Anomaly)>,
-    /// Recovered clients whose first event after the reconnect was the one after their last.
+    /// Recovered clients whose first event after the reconnect was the one of their topic after
+    /// their last.
     pub continued_exactly: usize,
-    /// Clients that ended on the last event published.
+    /// Clients that ended on the last event published on their topic.
     pub complete: usize,
     pub unrecovered_skipped: u64,
     pub unreadable: u64,
     pub live_order: Order,
+    /// Live subscribers that ended on the last event published on their topic.
     pub live_complete: usize,
     pub live_failed: usize,
     pub latency_ms: LatencyWindows,
@@ -169,6 +176,21 @@ pub struct Report {
     pub queues: QueueSamples,
     /// Answered, caught-up, live and failed clients once a second after the reconnect.
     pub timeline: Vec<Step>,
+}
+
+/// Deliveries per second with everyone live: each event goes to the clients and live
+/// subscribers of its topic.
+pub(super) fn steady_deliveries_per_s(args: &Args) -> f64 {
+    args.rate as f64 * (args.clients + args.live) as f64 / args.topics.max(1) as f64
+}
+
+/// Whether a client on `topic` ended on the last event published on it (or, when none was,
+/// received nothing and did not fail).
+fn ended_on_last(topic: Topic, published: u64, last_seq: Option<u64>, failed: bool) -> bool {
+    match topic.last_of(published) {
+        Some(last) => last_seq == Some(last),
+        None => last_seq.is_none() && !failed,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -184,15 +206,17 @@ pub(super) fn build(
     (scrape_before, scrape_after): (Option<Scrape>, Option<Scrape>),
 ) -> Report {
     let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
-    let last_published = publish.events.checked_sub(1);
     let lasts: Vec<u64> = recovering
         .iter()
         .filter_map(|r| r.last_before_drop)
         .collect();
     let missed = Summary::of(
-        lasts
+        recovering
             .iter()
-            .map(|l| mark.published.saturating_sub(l + 1) as f64)
+            .filter_map(|r| {
+                let last = r.last_before_drop?;
+                Some(r.topic.events_between(last + 1, mark.published) as f64)
+            })
             .collect(),
     );
     let mut before = Order::default();
@@ -238,6 +262,8 @@ pub(super) fn build(
         clients: args.clients,
         live_subscribers: args.live,
         rate: args.rate,
+        topics: args.topics,
+        steady_deliveries_per_s: steady_deliveries_per_s(args),
         warmup_s: args.warmup.as_secs_f64(),
         gap_s: args.gap.as_secs_f64(),
         tail_s: args.tail.as_secs_f64(),
@@ -325,12 +351,12 @@ pub(super) fn build(
                 r.recovered == Some(true)
                     && r.last_before_drop
                         .zip(r.first_after)
-                        .is_some_and(|(last, first)| first == last + 1)
+                        .is_some_and(|(last, first)| first == last + r.topic.count)
             })
             .count(),
         complete: recovering
             .iter()
-            .filter(|r| r.last_seq.is_some() && r.last_seq == last_published)
+            .filter(|r| ended_on_last(r.topic, publish.events, r.last_seq, r.error.is_some()))
             .count(),
         unrecovered_skipped: recovering.iter().map(|r| r.unrecovered_skipped).sum(),
         unreadable: recovering.iter().map(|r| r.unreadable).sum::<u64>()
@@ -338,7 +364,7 @@ pub(super) fn build(
         live_order,
         live_complete: live
             .iter()
-            .filter(|l| l.last_seq.is_some() && l.last_seq == last_published)
+            .filter(|l| ended_on_last(l.topic, publish.events, l.last_seq, l.error.is_some()))
             .count(),
         live_failed: live.iter().filter(|l| l.error.is_some()).count(),
         latency_ms: LatencyWindows {
@@ -417,8 +443,14 @@ impl std::fmt::Display for Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "recovery: {} clients reconnecting at once with since after a {:.0} s gap at {} events/s ({}-byte bodies), {} live subscribers",
-            self.clients, self.gap_s, self.rate, self.body_bytes, self.live_subscribers
+            "recovery: {} clients reconnecting at once with since after a {:.0} s gap at {} events/s ({}-byte bodies) over {} topics, {} live subscribers; steady state {:.0} deliveries/s",
+            self.clients,
+            self.gap_s,
+            self.rate,
+            self.body_bytes,
+            self.topics,
+            self.live_subscribers,
+            self.steady_deliveries_per_s
         );
         let _ = writeln!(
             o,
@@ -430,7 +462,7 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(
             o,
-            "  missed per client: {} events; since spread {}",
+            "  missed per client (its topic's events): {} events; since spread {}",
             self.missed
                 .line(|v| v.map_or("-".into(), |v| format!("{v:.0}"))),
             self.since_spread
@@ -473,7 +505,7 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(
             o,
-            "  order after reconnect: {} events, {} gaps ({} missing), {} duplicates; continued exactly {}/{}; ended on the last event {}/{}",
+            "  order after reconnect: {} events, {} gaps ({} missing), {} duplicates; continued exactly {}/{}; ended on their topic's last event {}/{}",
             self.after.received,
             self.after.gaps,
             self.after.missing,
@@ -521,7 +553,7 @@ impl std::fmt::Display for Report {
         }
         let _ = writeln!(
             o,
-            "  live subscribers: {} events, {} gaps, {} duplicates, ended on the last event {}/{}",
+            "  live subscribers: {} events, {} gaps, {} duplicates, ended on their topic's last event {}/{}",
             self.live_order.received,
             self.live_order.gaps,
             self.live_order.duplicates,
@@ -571,5 +603,29 @@ impl std::fmt::Display for Report {
             self.queues.samples
         );
         f.write_str(&o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_ends_on_the_last_event_of_its_topic() {
+        let topic = Topic {
+            index: 3,
+            count: 10,
+        };
+        // 100 events published: the topic's last is 93.
+        assert!(ended_on_last(topic, 100, Some(93), false));
+        assert!(!ended_on_last(topic, 100, Some(83), false));
+        assert!(!ended_on_last(topic, 100, Some(99), false));
+        assert!(!ended_on_last(topic, 100, None, false));
+        // One topic: the last event published.
+        assert!(ended_on_last(Topic::default(), 100, Some(99), false));
+        assert!(!ended_on_last(Topic::default(), 100, Some(93), false));
+        // Nothing published on the topic: complete when nothing arrived and nothing failed.
+        assert!(ended_on_last(topic, 3, None, false));
+        assert!(!ended_on_last(topic, 3, None, true));
     }
 }
