@@ -2,12 +2,14 @@
 //!
 //! Recoveries on one instance share one reader and one in-memory *window*: a contiguous piece of
 //! the stream, every event in it (not only the ones some client wanted), bounded by
-//! `--history-max-bytes` and `--history-max-age`. A recovery whose `since` is in the window and whose bindings took effect
-//! before the window's last end marker is answered from memory. Otherwise the reader extends the
-//! window to the stream's current end, or, when `since` is not in it, starts a new window a few
-//! seconds before `since`'s time (event ids are UUIDv7: their first 48 bits are the publish
-//! time in milliseconds). So a thousand clients reconnecting after the same outage cost one read
-//! of the stream, not a thousand.
+//! `--history-max-bytes` and `--history-max-age`. A recovery whose `since` is in the window and
+//! whose bindings took effect before the window's last end marker is answered from memory, side
+//! by side with others (a shared lock; the scan asks about each distinct event name once).
+//! Otherwise, under the exclusive lock, the reader extends the window to the stream's current
+//! end, or, when `since` is not in it, starts a new window a few seconds before `since`'s time
+//! (event ids are UUIDv7: their first 48 bits are the publish time in milliseconds). So a
+//! thousand clients reconnecting after the same outage cost one read of the stream, not a
+//! thousand.
 //!
 //! The end of the stream is found with a marker: the reader publishes a message of its own to the
 //! stream (through the default exchange) after attaching, then reads until that message. Every
@@ -22,7 +24,7 @@
 //! consumer at most its prefetch, so an idle reader holds a bounded amount.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -33,7 +35,7 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use tokio::sync::Mutex;
+use tokio::sync::RwLock;
 
 use super::{Kept, Lookup, ReadLimits, id_hash};
 use crate::source::amqp::{AmqpSource, message};
@@ -72,7 +74,9 @@ pub struct StreamHistory {
     stream: String,
     max_bytes: usize,
     max_age: Duration,
-    reader: Mutex<Reader>,
+    /// Shared by recoveries answered from the window as it is; exclusive to one that extends,
+    /// restarts or expires it.
+    reader: RwLock<Reader>,
 }
 
 #[derive(Default)]
@@ -86,7 +90,13 @@ struct Reader {
 /// A contiguous piece of the stream, oldest first.
 #[derive(Default)]
 struct Window {
-    events: VecDeque<(u64, Arc<Kept>)>,
+    /// Offset, the event's name (interned: one allocation per distinct name, so a scan can tell
+    /// names apart by pointer), the event.
+    events: VecDeque<(u64, Arc<str>, Arc<Kept>)>,
+    /// The distinct names in `events` (and some that left it, pruned as the set grows).
+    names: HashSet<Arc<str>>,
+    /// `names`' size after its last pruning.
+    names_pruned_at: usize,
     /// Id hash -> offset of the newest event with that id.
     by_id: HashMap<u64, u64>,
     bytes: usize,
@@ -113,9 +123,10 @@ impl Window {
         self.bytes += kept.size();
         self.largest = self.largest.max(kept.size());
         self.by_id.insert(id_hash(&kept.id), offset);
-        self.events.push_back((offset, kept));
+        let name = self.intern(&kept.name);
+        self.events.push_back((offset, name, kept));
         while self.bytes > max_bytes && self.events.len() > 1 {
-            if let Some((old_offset, old)) = self.events.pop_front() {
+            if let Some((old_offset, _, old)) = self.events.pop_front() {
                 self.bytes -= old.size();
                 let h = id_hash(&old.id);
                 if self.by_id.get(&h) == Some(&old_offset) {
@@ -132,12 +143,12 @@ impl Window {
     /// again (which may no longer keep them), so the window never outlives the stream's own
     /// retention by more than `max_age`.
     fn expire(&mut self, max_age: Duration, now: SystemTime) {
-        while let Some((offset, first)) = self.events.front() {
+        while let Some((offset, _, first)) = self.events.front() {
             if now.duration_since(first.time).unwrap_or_default() <= max_age {
                 break;
             }
             let (offset, time, h) = (*offset, first.time, id_hash(&first.id));
-            if let Some((_, old)) = self.events.pop_front() {
+            if let Some((_, _, old)) = self.events.pop_front() {
                 self.bytes -= old.size();
             }
             if self.by_id.get(&h) == Some(&offset) {
@@ -152,6 +163,55 @@ impl Window {
         self.trimmed && self.bytes + self.largest > max_bytes
     }
 
+    /// True when [`Window::expire`] would drop events.
+    fn expires(&self, max_age: Duration, now: SystemTime) -> bool {
+        self.events.front().is_some_and(|(_, _, first)| {
+            now.duration_since(first.time).unwrap_or_default() > max_age
+        })
+    }
+
+    /// The shared copy of `name`. Names no event holds any more are pruned whenever the set
+    /// has doubled since the last pruning.
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return Arc::clone(shared);
+        }
+        if self.names.len() >= 2 * self.names_pruned_at.max(64) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.names_pruned_at = self.names.len();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.names.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// The events after index `at` whose name `wanted` accepts. `wanted` is asked once per
+    /// distinct name, not once per event: a herd of recoveries scans the same window many
+    /// times, and the scan then reads only the window's own entries.
+    fn matching<'a>(
+        &'a self,
+        at: usize,
+        wanted: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> impl Iterator<Item = &'a Arc<Kept>> + 'a {
+        let mut memo: HashMap<usize, bool> = HashMap::new();
+        let mut last: Option<(usize, bool)> = None;
+        self.events
+            .range(at + 1..)
+            .filter_map(move |(_, name, kept)| {
+                // The pointer identifies the name while the entry holds it.
+                let key = Arc::as_ptr(name).cast::<u8>() as usize;
+                let ok = match last {
+                    Some((k, ok)) if k == key => ok,
+                    _ => {
+                        let ok = *memo.entry(key).or_insert_with(|| wanted(name));
+                        last = Some((key, ok));
+                        ok
+                    }
+                };
+                ok.then_some(kept)
+            })
+    }
+
     /// Index in `events` of the event `since`, when the window has it.
     fn position(&self, since: &str) -> Option<usize> {
         let offset = *self.by_id.get(&id_hash(since))?;
@@ -161,7 +221,7 @@ impl Window {
         // back from the estimate.
         let mut i = at.min(self.events.len().saturating_sub(1));
         loop {
-            let (o, e) = &self.events[i];
+            let (o, _, e) = &self.events[i];
             if *o == offset {
                 return (&*e.id == since).then_some(i);
             }
@@ -201,7 +261,7 @@ impl StreamHistory {
             stream,
             max_bytes,
             max_age,
-            reader: Mutex::new(Reader::default()),
+            reader: RwLock::new(Reader::default()),
         }
     }
 
@@ -219,7 +279,7 @@ impl StreamHistory {
                     return;
                 };
                 // A reader busy with a recovery is not idle.
-                let Ok(mut reader) = history.reader.try_lock() else {
+                let Ok(mut reader) = history.reader.try_write() else {
                     continue;
                 };
                 let idle = reader
@@ -251,11 +311,33 @@ impl StreamHistory {
     ) -> Lookup {
         // Waiting behind other reads counts against the same deadline as a read: a recovery
         // holds its connection's live events meanwhile.
-        let Ok(mut reader) = tokio::time::timeout(READ_TIMEOUT, self.reader.lock()).await else {
-            return Lookup::Unavailable(format!(
+        let asked = Instant::now();
+        let waited_too_long = || {
+            Lookup::Unavailable(format!(
                 "waited longer than {READ_TIMEOUT:?} for other reads of the stream '{}'",
                 self.stream
-            ));
+            ))
+        };
+        // Most recoveries of a herd are answered from the window as it is, side by side.
+        {
+            let Ok(reader) = tokio::time::timeout(READ_TIMEOUT, self.reader.read()).await else {
+                return waited_too_long();
+            };
+            let window = &reader.window;
+            let current = window.covered_until.is_some_and(|c| c > bound_at)
+                && !window.expires(self.max_age, SystemTime::now());
+            if current && let Some(at) = window.position(since) {
+                let found = super::collect(window.matching(at, wanted), &|_| true, limits);
+                tracing::debug!(
+                    wait_ms = (asked.elapsed()).as_millis() as u64,
+                    window = window.events.len(),
+                    "recovery answered from the window"
+                );
+                return found;
+            }
+        }
+        let Ok(mut reader) = tokio::time::timeout(READ_TIMEOUT, self.reader.write()).await else {
+            return waited_too_long();
         };
         reader.window.expire(self.max_age, SystemTime::now());
         let window = &reader.window;
@@ -290,6 +372,12 @@ impl StreamHistory {
                     .unwrap_or(SystemTime::UNIX_EPOCH),
             ))
         };
+        let locked = Instant::now();
+        let read_kind = match read {
+            None => "none",
+            Some(Start::Offset(_)) => "extend",
+            Some(Start::Timestamp(_)) => "new window",
+        };
         if let Some(start) = read {
             let outcome =
                 tokio::time::timeout(READ_TIMEOUT, self.read(&mut reader, start, since)).await;
@@ -317,6 +405,7 @@ impl StreamHistory {
                 return Lookup::Unavailable(why);
             }
         }
+        let read_done = Instant::now();
         let window = &reader.window;
         let Some(at) = window.position(since) else {
             // Read from before `since`'s time to the end and not found: unknown, or older than
@@ -332,11 +421,16 @@ impl StreamHistory {
                 Lookup::Unknown
             };
         };
-        super::collect(
-            window.events.range(at + 1..).map(|(_, e)| e),
-            wanted,
-            limits,
-        )
+        let found = super::collect(window.matching(at, wanted), &|_| true, limits);
+        tracing::debug!(
+            wait_ms = (locked - asked).as_millis() as u64,
+            read_ms = (read_done - locked).as_millis() as u64,
+            collect_ms = read_done.elapsed().as_millis() as u64,
+            read = read_kind,
+            window = window.events.len(),
+            "recovery read the stream"
+        );
+        found
     }
 
     /// Reads the stream from `start` up to a marker, into the window. A read that continues
@@ -616,6 +710,54 @@ mod tests {
         assert_eq!(w.position("b"), Some(1));
         assert_eq!(w.position("c"), Some(2));
         assert_eq!(w.position("d"), None);
+    }
+
+    fn named(id: &str, name: &str) -> Arc<Kept> {
+        Arc::new(Kept {
+            name: name.into(),
+            id: id.into(),
+            time: SystemTime::UNIX_EPOCH,
+            frame: "{}".into(),
+        })
+    }
+
+    #[test]
+    fn a_scan_asks_about_each_distinct_name_once() {
+        let mut w = Window::default();
+        for i in 0..100u64 {
+            let name = ["order.a", "order.b", "user.c"][(i % 3) as usize];
+            w.push(i, named(&format!("e{i}"), name), 1 << 20);
+        }
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let wanted = |name: &str| {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            name.starts_with("order.")
+        };
+        let at = w.position("e9").expect("kept");
+        let ids: Vec<&str> = w.matching(at, &wanted).map(|e| &*e.id).collect();
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 3);
+        let expected: Vec<String> = (10..100u64)
+            .filter(|i| i % 3 != 2)
+            .map(|i| format!("e{i}"))
+            .collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn names_no_event_holds_are_pruned() {
+        let mut w = Window::default();
+        for i in 0..10_000u64 {
+            let id = format!("e{i}");
+            w.push(i, named(&id, &id), 2_000);
+        }
+        assert!(w.events.len() < 100, "{}", w.events.len());
+        assert!(
+            w.names.len() <= 2 * 64 + w.events.len(),
+            "{}",
+            w.names.len()
+        );
+        let at = w.position(&format!("e{}", 10_000 - 3)).expect("kept");
+        assert_eq!(w.matching(at, &|_| true).count(), 2);
     }
 
     #[test]
