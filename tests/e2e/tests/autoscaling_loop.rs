@@ -161,6 +161,27 @@ fn balanced(open: &BTreeMap<IpAddr, usize>, pods: usize) -> Result<(), String> {
     }
 }
 
+/// Each pod's rebalancer figures and recoveries, through Prometheus, for failure messages.
+async fn rebalance_view(prometheus: &str, ns: &str) -> String {
+    let mut out = Vec::new();
+    for metric in [
+        "eventrouter_connections",
+        "eventrouter_rebalance_fleet_size",
+        "eventrouter_rebalance_fleet_mean",
+        "eventrouter_rebalance_shed_total",
+        "eventrouter_recoveries_active",
+        "eventrouter_recoveries_waiting",
+    ] {
+        let query = format!("{metric}{{namespace=\"{ns}\"}}");
+        let shown = match chart_support::instant_query(prometheus, &query).await {
+            Ok(r) => format!("{:?}", loop_support::by_pod(&r)),
+            Err(e) => format!("({e})"),
+        };
+        out.push(format!("{metric} {shown}"));
+    }
+    out.join("; ")
+}
+
 /// The most reconnects after a close of kind `after` in any one-second window from `from`.
 fn peak_rate(reconnects: &[Reconnect], after: Ended, from: Instant) -> usize {
     let mut per_second: BTreeMap<u64, usize> = BTreeMap::new();
@@ -362,10 +383,36 @@ async fn autoscaling_loop_scales_out_rebalances_and_scales_in_on_connection_load
     .await;
 
     // 2. Rebalancing moves connections onto the new pods, paced.
+    // The pods' own view, refreshed every few seconds for the failure message.
+    let pods_view: std::sync::Mutex<Option<(Instant, String)>> = std::sync::Mutex::new(None);
     let (_, balanced_at) = until(
         "the pods to be balanced",
         Duration::from_secs(120),
-        || async { balanced(&shared.open_by_ip(), MAX_REPLICAS) },
+        || async {
+            match balanced(&shared.open_by_ip(), MAX_REPLICAS) {
+                Ok(()) => Ok(()),
+                // What the pods say, so a timeout shows why they did not shed.
+                Err(clients) => {
+                    let stale = pods_view
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(5));
+                    if stale {
+                        let view = rebalance_view(&prometheus_url, &ns).await;
+                        *pods_view.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some((Instant::now(), view));
+                    }
+                    let view = pods_view
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    Err(format!("clients' view {clients}; pods' view {view}"))
+                }
+            }
+        },
     )
     .await;
     let balanced_counts = shared.open_by_ip();
