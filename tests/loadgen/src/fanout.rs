@@ -156,6 +156,7 @@ pub async fn run(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     drain(&subs.stats, received_before, expected, args).await;
     let after = Snapshot::after(args).await;
     subs.readers.abort_all();
+    subs.latency_thread.stop();
     Ok(report(
         args,
         subs,
@@ -171,6 +172,7 @@ struct Subscribers {
     stats: Arc<Vec<SubStats>>,
     samples: Samples,
     readers: JoinSet<()>,
+    latency_thread: LatencyThread,
     failures: BTreeMap<String, u64>,
     first_failure: Option<String>,
 }
@@ -200,24 +202,111 @@ async fn subscribe(args: &FanoutArgs, epoch: Instant) -> anyhow::Result<Subscrib
     );
     let samples: Samples = Arc::new(Mutex::new(Vec::new()));
     let mut readers = JoinSet::new();
+    let mut latency_readers = Vec::new();
     for (slot, (_, sub)) in opened.connections.into_iter().enumerate() {
-        let sampler = (slot < args.latency_subscribers).then(|| Arc::clone(&samples));
+        if slot < args.latency_subscribers {
+            latency_readers.push((slot, sub));
+            continue;
+        }
         readers.spawn(subscriber(
             sub,
             slot,
             Arc::clone(&stats),
-            sampler,
+            None,
             epoch,
             args.read_buffer,
         ));
     }
+    let latency_thread = LatencyThread::start(
+        latency_readers,
+        Arc::clone(&stats),
+        Arc::clone(&samples),
+        epoch,
+        args.read_buffer,
+    )?;
     Ok(Subscribers {
         stats,
         samples,
         readers,
+        latency_thread,
         failures: opened.failures,
         first_failure: opened.first_failure,
     })
+}
+
+/// The subscribers that timestamp arrivals, on a thread of their own: the other subscribers
+/// share the load generator's workers, and a sample taken when one of those threads gets round
+/// to a socket among thousands would measure the load generator, not the service.
+struct LatencyThread {
+    stop: Arc<tokio::sync::Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LatencyThread {
+    fn start(
+        subs: Vec<(usize, Subscribed)>,
+        stats: Arc<Vec<SubStats>>,
+        samples: Samples,
+        epoch: Instant,
+        read_buffer: usize,
+    ) -> anyhow::Result<Self> {
+        // Sockets move between runtimes as std sockets and register with the new one there.
+        let mut moved = Vec::with_capacity(subs.len());
+        for (slot, sub) in subs {
+            let std = sub
+                .stream
+                .into_std()
+                .context("detaching a latency subscriber")?;
+            moved.push((slot, std, sub.scanner, sub.messages_after_ack));
+        }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("latency-subscribers".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let mut tasks = JoinSet::new();
+                    for (slot, std, scanner, messages_after_ack) in moved {
+                        let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
+                            continue;
+                        };
+                        let sub = Subscribed {
+                            stream,
+                            scanner,
+                            messages_after_ack,
+                        };
+                        tasks.spawn(subscriber(
+                            sub,
+                            slot,
+                            Arc::clone(&stats),
+                            Some(Arc::clone(&samples)),
+                            epoch,
+                            read_buffer,
+                        ));
+                    }
+                    stop2.notified().await;
+                    tasks.abort_all();
+                });
+            })
+            .context("starting the latency-subscriber thread")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.stop.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The service's counters and both processes' CPU time at one instant.
