@@ -99,6 +99,10 @@ pub struct Config {
     #[arg(long, env = env::SLOW_CONSUMER_POLICY, value_enum, default_value = "disconnect")]
     pub slow_consumer_policy: SlowConsumerPolicy,
 
+    /// Write events that arrive one at a time straight into the sockets of connections waiting for nothing else, from group writers, instead of waking each connection's task (`false`: always wake the task).
+    #[arg(long, env = env::DIRECT_WRITES, default_value_t = true, action = clap::ArgAction::Set)]
+    pub direct_writes: bool,
+
     /// Largest frame or message accepted from a client; larger closes with 1009.
     #[arg(long, env = env::MAX_FRAME_BYTES, default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,

@@ -18,11 +18,14 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use std::os::fd::RawFd;
+
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
     config::SlowConsumerPolicy,
+    direct::{self, Sent},
     history::{
         Kept, Turn, id_hash,
         merge::{Admit, Hold},
@@ -34,6 +37,11 @@ use crate::{
 /// every critical section here is a few field updates).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+thread_local! {
+    /// Where a group writer copies several frames for one `send` (see `direct`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One frame waiting to be written.
@@ -66,6 +74,9 @@ pub enum Pushed {
     Closed,
     /// Not queued: a recovery already delivered this event to the connection.
     Duplicate,
+    /// Queued for the group writer (see `direct`): the caller hands the connection to
+    /// [`crate::direct::Writers::mark`].
+    ForWriter,
 }
 
 /// Why the server wants a connection closed (set by other tasks, acted on by the session).
@@ -93,6 +104,15 @@ struct OutQueue {
     hold: Option<Box<Hold>>,
     /// Missed events the writer takes before the frames queued after the recovery finished.
     replay: Option<Box<Replay>>,
+    /// The socket, while the connection's task is parked with nothing buffered: frames are then
+    /// written into it straight away (see `direct`). `None` whenever the task is running.
+    direct: Option<RawFd>,
+    /// What a direct write left unwritten; the task writes it before anything else.
+    partial: Option<Vec<u8>>,
+    /// On its group writer's list (see `direct`).
+    marked: bool,
+    /// A group writer is writing frames it took from this queue into the socket.
+    writing: bool,
 }
 
 /// Replayed events taken by the writer a slice at a time (see [`ConnShared::finish_hold`]).
@@ -165,7 +185,7 @@ impl ConnShared {
     /// control replies and replayed events: a recovery's hold does not apply to them.
     pub fn push(&self, out: Outgoing, limits: QueueLimits) -> Pushed {
         let mut q = lock(&self.queue);
-        let (pushed, wake) = self.push_locked(&mut q, out, limits);
+        let (pushed, wake) = self.push_locked(&mut q, out, limits, false);
         drop(q);
         if wake {
             self.waker.wake();
@@ -177,6 +197,19 @@ impl ConnShared {
     /// recovery runs the event is held for it (counted against the same bound), and an event the
     /// last recovery already replayed is dropped as a duplicate.
     pub fn push_event(&self, out: Outgoing, id: u64, limits: QueueLimits) -> Pushed {
+        self.push_event_with(out, id, limits, false)
+    }
+
+    /// [`ConnShared::push_event`]; with `direct`, a parked connection's frame is left to its
+    /// group writer ([`Pushed::ForWriter`]: the caller marks the connection) instead of waking
+    /// the connection's task.
+    pub(crate) fn push_event_with(
+        &self,
+        out: Outgoing,
+        id: u64,
+        limits: QueueLimits,
+        direct: bool,
+    ) -> Pushed {
         let mut q = lock(&self.queue);
         if let Some(hold) = q.hold.as_mut() {
             match hold.admit(id, Instant::now()) {
@@ -189,7 +222,7 @@ impl ConnShared {
                 Admit::Hold => return self.hold_locked(&mut q, id, out, limits),
             }
         }
-        let (pushed, wake) = self.push_locked(&mut q, out, limits);
+        let (pushed, wake) = self.push_locked(&mut q, out, limits, direct);
         drop(q);
         if wake {
             self.waker.wake();
@@ -239,6 +272,7 @@ impl ConnShared {
 
     /// Clears the queue and asks the connection to close as a slow consumer.
     fn overflow(&self, q: &mut MutexGuard<'_, OutQueue>) {
+        q.direct = None;
         q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
         q.frames = VecDeque::new();
         q.replay = None;
@@ -253,6 +287,7 @@ impl ConnShared {
         q: &mut MutexGuard<'_, OutQueue>,
         out: Outgoing,
         limits: QueueLimits,
+        direct: bool,
     ) -> (Pushed, bool) {
         let len = out.frame.len();
         if q.closed {
@@ -288,6 +323,16 @@ impl ConnShared {
         q.frames.push_back(out);
         q.bytes += len;
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        if q.direct.is_some() && q.replay.is_none() && q.partial.is_none() {
+            // The task is parked with nothing buffered: the group writer writes this.
+            if direct && !q.marked {
+                q.marked = true;
+                return (Pushed::ForWriter, false);
+            }
+            if direct {
+                return (Pushed::Queued { dropped_oldest }, false);
+            }
+        }
         (Pushed::Queued { dropped_oldest }, was_empty)
     }
 
@@ -322,7 +367,7 @@ impl ConnShared {
         let mut wake = false;
         let mut pushed = Vec::new();
         if let Some(reply) = reply {
-            let (p, w) = self.push_locked(&mut q, reply, limits);
+            let (p, w) = self.push_locked(&mut q, reply, limits, false);
             wake |= w;
             pushed.push(p);
         }
@@ -347,7 +392,7 @@ impl ConnShared {
             None => Vec::new(),
         };
         for out in rest {
-            let (p, w) = self.push_locked(&mut q, out, limits);
+            let (p, w) = self.push_locked(&mut q, out, limits, false);
             wake |= w;
             pushed.push(p);
         }
@@ -356,6 +401,108 @@ impl ConnShared {
             self.waker.wake();
         }
         pushed
+    }
+
+    /// The group writer's turn (see `direct`): writes what is queued straight into the socket
+    /// while the task is parked; wakes the task when the socket did not take it all.
+    pub(crate) fn write_direct(&self, latency: &prometheus::local::LocalHistogram) {
+        let (fd, mut frames) = {
+            let mut q = lock(&self.queue);
+            q.marked = false;
+            let Some(fd) = q.direct else {
+                // The task took over; it writes what is queued.
+                return;
+            };
+            if q.frames.is_empty() || q.replay.is_some() || q.closed || q.writing {
+                return;
+            }
+            // Written outside the lock (fan-out keeps pushing meanwhile); `writing` keeps the
+            // task off the socket until this write is accounted for.
+            q.writing = true;
+            (fd, std::mem::take(&mut q.frames))
+        };
+        let sent = SCRATCH.with_borrow_mut(|scratch| {
+            direct::send_texts(fd, frames.len(), |i| frames[i].frame.as_bytes(), scratch)
+        });
+        let (whole, rest) = match sent {
+            Sent::Frames(n) => (n, None),
+            Sent::Partial(n, rest) => (n, Some(rest)),
+        };
+        let now = SystemTime::now();
+        let mut written = 0usize;
+        let cut = whole + usize::from(rest.is_some());
+        for out in frames.drain(..cut.min(frames.len())) {
+            written += out.frame.len();
+            if let Some(t) = out.published {
+                latency.observe(now.duration_since(t).unwrap_or_default().as_secs_f64());
+            }
+        }
+        let mut q = lock(&self.queue);
+        q.writing = false;
+        if let Some(rest) = rest {
+            // The rest of the cut frame is the task's to write first; it counts until taken.
+            q.bytes += rest.len();
+            q.partial = Some(rest);
+        }
+        q.bytes = q.bytes.saturating_sub(written);
+        if !frames.is_empty() {
+            // Not taken by the socket: back in front of what was queued meanwhile.
+            frames.append(&mut q.frames);
+            q.frames = frames;
+        } else if q.frames.is_empty() && frames.capacity() <= 64 {
+            // Keep the small allocation for the next events.
+            q.frames = frames;
+        }
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        if q.bytes == 0 {
+            self.stalled.store(false, Ordering::Relaxed);
+        }
+        if q.partial.is_some() || q.direct.is_none() || (!q.frames.is_empty() && !q.marked) {
+            // The socket is full, or the task wants it back, or frames queued meanwhile have
+            // no writer coming: the task writes the rest.
+            q.direct = None;
+            drop(q);
+            self.waker.wake();
+        }
+    }
+
+    /// The connection's task parks with nothing buffered: frames may be written straight into
+    /// `fd` until [`ConnShared::stop_direct`]. Refused (false) when frames are queued or a
+    /// replay is pending (the task has more to write: it was woken for that).
+    pub(crate) fn start_direct(&self, fd: RawFd) -> bool {
+        let mut q = lock(&self.queue);
+        if q.closed || !q.frames.is_empty() || q.replay.is_some() || q.partial.is_some() {
+            return false;
+        }
+        q.direct = Some(fd);
+        true
+    }
+
+    /// The connection's task is about to use its socket: no more direct writes. `Err(())`
+    /// while a group writer is still writing: the task must not touch the socket yet, and is
+    /// woken when the writer is done. Otherwise returns what a direct write left unwritten (to
+    /// write before anything else); its bytes count as written.
+    #[allow(clippy::result_unit_err)]
+    pub(crate) fn stop_direct(&self) -> Result<Option<Vec<u8>>, ()> {
+        let mut q = lock(&self.queue);
+        q.direct = None;
+        if q.writing {
+            return Err(());
+        }
+        let Some(rest) = q.partial.take() else {
+            return Ok(None);
+        };
+        q.bytes = q.bytes.saturating_sub(rest.len());
+        self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
+        Ok(Some(rest))
+    }
+
+    /// [`ConnShared::stop_direct`] for a task that is going away: waits out a write in progress
+    /// (one non-blocking `sendmsg`), so the socket is never closed under it.
+    pub(crate) fn stop_direct_for_good(&self) {
+        while self.stop_direct().is_err() {
+            std::thread::yield_now();
+        }
     }
 
     /// Bytes queued plus bytes a recovery holds.
@@ -439,6 +586,8 @@ impl ConnShared {
     pub(crate) fn close_queue(&self) -> u64 {
         let mut q = lock(&self.queue);
         q.closed = true;
+        q.direct = None;
+        q.partial = None;
         let n = q.frames.len() as u64
             + q.hold.take().map_or(0, |mut h| h.discard())
             + q.replay

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::{
     connection::{ConnShared, Outgoing, Pushed, QueueLimits, lock},
+    direct::Writers,
     event::Event,
     history::{History, Kept, id_hash},
     protocol,
@@ -34,6 +35,10 @@ use crate::{
 };
 
 type Subscribers = HashMap<u64, Arc<ConnShared>>;
+
+/// Group writers (see `direct`): enough that every worker thread finds some to run during a
+/// large fan-out, few enough that each serves many connections per wake-up.
+const WRITER_GROUPS: usize = 32;
 
 #[derive(Default)]
 struct BindState {
@@ -52,10 +57,13 @@ pub struct Hub {
     received_amqp: IntCounter,
     /// Publish time (ms since the epoch) of the last event dispatched; 0 before the first.
     dispatched_ms: AtomicU64,
+    /// The group writers of parked connections (see `direct`).
+    writers: Arc<Writers>,
 }
 
 impl Hub {
     pub fn new(metrics: ServiceMetrics, limits: QueueLimits) -> Self {
+        let writers = Writers::new(WRITER_GROUPS, metrics.delivery_latency.clone());
         Self {
             index: RwLock::new(TopicTrie::new()),
             binds: Mutex::new(HashMap::new()),
@@ -70,6 +78,7 @@ impl Hub {
             metrics,
             limits,
             dispatched_ms: AtomicU64::new(0),
+            writers,
         }
     }
 
@@ -142,6 +151,7 @@ impl Hub {
                 self.metrics.dropped(DropReason::SlowConsumer, discarded);
                 0
             }
+            Pushed::ForWriter => 1,
             Pushed::Closed | Pushed::Duplicate => 0,
         }
     }
@@ -268,6 +278,7 @@ impl Hub {
         id: u64,
         frame: &Utf8Bytes,
         published: SystemTime,
+        alone: bool,
         heavy: &mut Vec<Arc<dyn Drainable>>,
     ) -> u64 {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
@@ -286,14 +297,19 @@ impl Hub {
         let mut delivered = 0u64;
         let high_water = (self.limits.max_bytes / 2) as u64;
         let mut push = |conn: &Arc<ConnShared>| {
-            delivered += self.count_push(conn.push_event(
+            let pushed = conn.push_event_with(
                 Outgoing {
                     frame: frame.clone(),
                     published: Some(published),
                 },
                 id,
                 self.limits,
-            ));
+                alone,
+            );
+            if pushed == Pushed::ForWriter {
+                self.writers.mark(conn);
+            }
+            delivered += self.count_push(pushed);
             if conn.pending_bytes() > high_water && !conn.is_stalled() {
                 heavy.push(conn.clone());
             }
@@ -319,7 +335,11 @@ impl Hub {
 }
 
 impl EventSink for Hub {
-    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched {
+    fn flush(&self) {
+        self.writers.kick();
+    }
+
+    fn dispatch(&self, event: Event, origin: Origin, alone: bool) -> Dispatched {
         match origin {
             Origin::Memory => self.received_memory.inc(),
             Origin::Amqp => self.received_amqp.inc(),
@@ -349,7 +369,7 @@ impl EventSink for Hub {
             }));
         }
         let mut heavy = Vec::new();
-        let delivered = self.fan_out(&event.name, id, &frame, event.time, &mut heavy);
+        let delivered = self.fan_out(&event.name, id, &frame, event.time, alone, &mut heavy);
         let ms = event
             .time
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -415,12 +435,14 @@ mod tests {
         hub.dispatch(
             Event::new("order.created", Bytes::from_static(b"1")),
             Origin::Memory,
+            false,
         );
         assert_eq!(drain(&a).len(), 1);
         assert_eq!(drain(&b).len(), 1);
         hub.dispatch(
             Event::new("user.created", Bytes::from_static(b"2")),
             Origin::Memory,
+            false,
         );
         assert!(drain(&a).is_empty());
         assert_eq!(drain(&b).len(), 1);
@@ -462,6 +484,7 @@ mod tests {
         hub.dispatch(
             Event::new("busy.x", Bytes::from_static(b"1")),
             Origin::Memory,
+            false,
         );
         let got: usize = conns.iter().map(|c| drain(c).len()).sum();
         assert_eq!(got, 20);

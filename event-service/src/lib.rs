@@ -28,6 +28,8 @@
 //!   lingering close that lets the client read the close frame.
 //! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
 //!   socket samples, close requests; the registry of open connections.
+//! - [`direct`] — frames written straight into a parked connection's socket by the fan-out
+//!   (no task wake-up), and the socket wrapper that finishes a write cut short.
 //! - [`hub`] — fan-out of each event (encoded once) to matching connections; per-pattern reference
 //!   counts driving `bind`/`unbind` on the source.
 //! - [`source`] — where events come from: the embedded bus (`memory`) or RabbitMQ (`amqp`, whose
@@ -39,7 +41,8 @@
 //! - [`topics`] — pattern validation and the topic trie (RabbitMQ `*` / `#` semantics). Pure.
 //! - [`service_metrics`] — the Prometheus registry's contents (the AMQP source adds its broker
 //!   metrics).
-//! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; the crate's only `unsafe`.
+//! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; with `direct`'s `sendmsg`, the crate's only
+//!   `unsafe`.
 //! - [`rebalance`] — rebalancing after scale-out: the heartbeat instances exchange on the control
 //!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`rebalancer`] — the task that runs it: publishes this instance's heartbeat, reads the
@@ -68,6 +71,7 @@ pub(crate) mod client_limits;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod console;
+pub mod direct;
 pub mod event;
 pub mod fd_budget;
 #[cfg(any(test, feature = "fuzzing"))]

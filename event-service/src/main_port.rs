@@ -36,6 +36,7 @@ use crate::{
     },
     client_limits::IpRefusal,
     connection::ConnShared,
+    direct::ConnStream,
     event::{Event, EventNameError, validate_event_name},
     service_metrics::RejectReason,
     session,
@@ -256,7 +257,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
         let stream = io.into_inner();
         let fd = stream.as_raw_fd();
         let ws = WebSocketStream::from_partially_read(
-            stream,
+            ConnStream::new(stream),
             leftover,
             Role::Server,
             Some(shared2.ws_config),
@@ -276,7 +277,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
 }
 
 async fn run_session(
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ConnStream>,
     fd: std::os::fd::RawFd,
     peer: SocketAddr,
     shared: Arc<Shared>,

@@ -107,6 +107,7 @@ impl Shared {
                 ping_interval: config.ping_interval,
                 idle_timeout: config.idle_timeout,
                 socket_sample_interval: config.socket_sample_interval,
+                direct_writes: config.direct_writes,
                 max_subscriptions: config.max_subscriptions,
                 max_pattern_length: config.max_pattern_length,
                 auth: access.auth.clone(),

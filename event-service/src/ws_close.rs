@@ -17,13 +17,13 @@ use eventrouter_runtime::linger::{
     self, Discarded, LINGER_MAX_BYTES, LINGER_TIMEOUT, poll_discard_ready,
 };
 use futures_util::SinkExt;
-use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
+use tokio::{io::AsyncWriteExt, time::Instant};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{Error as WsError, error::ProtocolError},
 };
 
-use crate::service_metrics::DisconnectReason;
+use crate::{direct::ConnStream, service_metrics::DisconnectReason};
 
 /// The close frame the server sends for a client's read error, and why the connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub fn close_frame_bytes(code: u16, reason: &str) -> Vec<u8> {
 /// the write side and discards what the client still sends until it closes, within
 /// [`LINGER_TIMEOUT`] and [`LINGER_MAX_BYTES`] in all.
 pub(crate) async fn finish(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<ConnStream>,
     unsent_close: Option<(u16, &'static str)>,
     conn: u64,
 ) {
@@ -110,7 +110,7 @@ pub(crate) async fn finish(
                 return Poll::Ready(result.is_ok());
             }
             if !eof && discarded < LINGER_MAX_BYTES {
-                match poll_discard_ready(ws.get_mut(), cx, LINGER_MAX_BYTES - discarded) {
+                match poll_discard_ready(ws.get_mut().tcp_mut(), cx, LINGER_MAX_BYTES - discarded) {
                     Discarded::Complete(n) => {
                         discarded += n;
                         eof = true;
@@ -131,7 +131,8 @@ pub(crate) async fn finish(
         );
         return;
     }
-    let stream = ws.get_mut();
+    // Flushed: nothing of a direct write is left in the wrapper.
+    let stream = ws.get_mut().tcp_mut();
     if let Some((code, reason)) = unsent_close {
         let frame = close_frame_bytes(code, reason);
         if !matches!(

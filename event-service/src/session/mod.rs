@@ -29,7 +29,6 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt, future::poll_fn};
 use tokio::{
-    net::TcpStream,
     task::JoinHandle,
     time::{Instant, Sleep},
 };
@@ -45,6 +44,7 @@ use crate::{
     auth::{Auth, Verified},
     client_limits::TokenBucket,
     connection::{CloseRequest, ConnShared, Outgoing},
+    direct::ConnStream,
     hub::Hub,
     protocol::{self, ClientOp, ErrorCode},
     service_metrics::{DisconnectReason, FrameKind, ServiceMetrics},
@@ -72,6 +72,8 @@ pub struct SessionSettings {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub socket_sample_interval: Duration,
+    /// Event frames may be written by group writers while the task is parked (see `direct`).
+    pub direct_writes: bool,
     pub max_subscriptions: usize,
     pub max_pattern_length: usize,
     /// Connection tokens; `None` when authentication is off.
@@ -99,7 +101,7 @@ enum Step {
 /// upgrade request's `Authorization` header carried, already verified (boxed: an async fn keeps
 /// its arguments for its whole life, and most connections have none).
 pub async fn run(
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ConnStream>,
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
@@ -119,6 +121,8 @@ pub async fn run(
         },
     };
     let mut session = Session {
+        direct: DirectGuard(conn.clone()),
+        direct_on: false,
         auth,
         frames: TokenBucket::full(settings.frame_burst, now.into_std()),
         rate_limited_in_row: 0,
@@ -169,12 +173,26 @@ pub async fn run(
     reason
 }
 
+/// Ends direct writes into the socket before the socket closes, also when the session is
+/// dropped without finishing (runtime shutdown): the first field of [`Session`], so it is
+/// dropped before `ws`.
+struct DirectGuard(Arc<ConnShared>);
+
+impl Drop for DirectGuard {
+    fn drop(&mut self) {
+        self.0.stop_direct_for_good();
+    }
+}
+
 struct Session {
+    direct: DirectGuard,
+    /// Direct writes may be on (see `direct`): the task last parked with nothing buffered.
+    direct_on: bool,
     auth: AuthState,
     /// The text-frame rate limit.
     frames: TokenBucket,
     rate_limited_in_row: u32,
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ConnStream>,
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
@@ -265,6 +283,20 @@ impl Session {
     }
 
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        if self.direct_on {
+            // A group writer may have written into the socket; from here on only this task does.
+            self.conn.register_waker(cx.waker());
+            match self.direct.0.stop_direct() {
+                Ok(rest) => {
+                    self.direct_on = false;
+                    if let Some(rest) = rest {
+                        self.ws.get_mut().set_prefix(rest);
+                    }
+                }
+                // A writer is mid-write; it wakes this task when done.
+                Err(()) => return Poll::Pending,
+            }
+        }
         if self.closing.is_none()
             && let Some(request) = self.conn.close_requested()
         {
@@ -291,8 +323,28 @@ impl Session {
                     self.sample_due = false;
                     self.sample_socket();
                 }
+                self.park_direct(cx);
                 Poll::Pending
             }
+        }
+    }
+
+    /// About to park: when nothing is buffered anywhere (queue, batch, the WebSocket layer, the
+    /// socket wrapper), the fan-out may write frames straight into the socket until this task
+    /// runs again (see `direct`).
+    fn park_direct(&mut self, cx: &mut Context<'_>) {
+        if !self.settings.direct_writes
+            || self.closing.is_some()
+            || self.peer_closed
+            || self.unflushed
+            || self.replay_more
+            || !self.batch.is_empty()
+        {
+            return;
+        }
+        // Also writes out a pong the reader queued; Ready(Ok) means nothing is left buffered.
+        if let Poll::Ready(Ok(())) = self.ws.poll_flush_unpin(cx) {
+            self.direct_on = self.direct.0.start_direct(self.fd);
         }
     }
 

@@ -33,16 +33,22 @@ impl MemorySource {
             let Some(sink) = self.sink.upgrade() else {
                 return 0;
             };
-            let dispatched = sink.dispatch(event, Origin::Memory);
-            drop(sink);
+            let dispatched = sink.dispatch(event, Origin::Memory, n == 1);
             since_yield += usize::try_from(dispatched.delivered).unwrap_or(usize::MAX);
             if let Some(backlog) = dispatched.backlog {
+                sink.flush();
+                drop(sink);
                 backlog.drained().await;
                 since_yield = 0;
             } else if since_yield >= YIELD_EVERY_DELIVERIES {
+                sink.flush();
+                drop(sink);
                 tokio::task::yield_now().await;
                 since_yield = 0;
             }
+        }
+        if let Some(sink) = self.sink.upgrade() {
+            sink.flush();
         }
         n
     }

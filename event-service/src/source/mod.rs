@@ -115,7 +115,16 @@ pub struct Dispatched {
 
 /// Receives events from a source. Implemented by the hub; must not block (fan-out only enqueues).
 pub trait EventSink: Send + Sync + 'static {
-    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched;
+    /// `alone`: the event arrived on its own, not in a batch (a RabbitMQ delivery, a publish of
+    /// one event). Connections waiting for nothing else then get it from a group writer, one
+    /// `send` each without a task wake-up; a batch is left to the connections' own tasks, which
+    /// write everything it queued at once (see `direct`).
+    fn dispatch(&self, event: Event, origin: Origin, alone: bool) -> Dispatched;
+
+    /// Starts writing what the dispatches since the last call queued for connections that wait
+    /// for nothing else (see `direct`). A source calls it after a lone event, and before it
+    /// waits or yields in a batch.
+    fn flush(&self) {}
 }
 
 /// Why a source could not do what was asked.

@@ -53,8 +53,9 @@ pub struct Collector {
 }
 
 impl EventSink for Collector {
-    fn dispatch(&self, event: Event, origin: Origin) -> Dispatched {
+    fn dispatch(&self, event: Event, origin: Origin, alone: bool) -> Dispatched {
         assert_eq!(origin, Origin::Amqp);
+        assert!(alone, "RabbitMQ delivers events one at a time");
         self.events.lock().expect("collector lock").push(event);
         self.arrived.notify_waiters();
         Dispatched {

@@ -464,7 +464,9 @@ async fn consume(source: &AmqpSource, consumer: &mut Consumer) -> String {
             // delivery, so a burst stays at the broker (within the prefetch) instead of
             // overflowing every client's queue.
             Ok(event) => {
-                if let Some(backlog) = sink.dispatch(event, Origin::Amqp).backlog {
+                let dispatched = sink.dispatch(event, Origin::Amqp, true);
+                sink.flush();
+                if let Some(backlog) = dispatched.backlog {
                     backlog.drained().await;
                 }
             }
