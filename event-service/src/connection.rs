@@ -428,14 +428,19 @@ impl ConnShared {
             Sent::Frames(n) => (n, None),
             Sent::Partial(n, rest) => (n, Some(rest)),
         };
-        let now = SystemTime::now();
         let mut written = 0usize;
         let cut = whole + usize::from(rest.is_some());
+        let mut oldest: Option<SystemTime> = None;
         for out in frames.drain(..cut.min(frames.len())) {
             written += out.frame.len();
             if let Some(t) = out.published {
-                latency.observe(now.duration_since(t).unwrap_or_default().as_secs_f64());
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
             }
+        }
+        if let Some(t) = oldest {
+            // Like the task's writer: once per write, for its oldest event.
+            let age = SystemTime::now().duration_since(t).unwrap_or_default();
+            latency.observe(age.as_secs_f64());
         }
         let mut q = lock(&self.queue);
         q.writing = false;

@@ -102,6 +102,48 @@ pub struct ServiceCounters {
     pub drops_by_reason: BTreeMap<String, f64>,
     pub disconnects_by_reason: BTreeMap<String, f64>,
     pub connections_at_end: f64,
+    /// The service's own publish→written latency (`eventrouter_delivery_latency_seconds`, one
+    /// observation per socket write for its oldest event), p50 and p99 interpolated within the
+    /// histogram's buckets as Prometheus' `histogram_quantile` does, in milliseconds.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+/// `histogram_quantile(q, ...)` over cumulative bucket counts keyed by their `le` label.
+pub fn histogram_quantile(q: f64, buckets: &BTreeMap<String, f64>) -> Option<f64> {
+    let mut bounds: Vec<(f64, f64)> = buckets
+        .iter()
+        .filter_map(|(le, count)| {
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, *count))
+        })
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = bounds.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in bounds {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let inside = count - below;
+            return Some(if inside > 0.0 {
+                lower + (le - lower) * (rank - below) / inside
+            } else {
+                le
+            });
+        }
+        (lower, below) = (le, count);
+    }
+    None
 }
 
 /// Builds one `/publish` body: a JSON array of `batch` events whose `data` is exactly
@@ -570,7 +612,20 @@ fn service_counters(before: &Scrape, after: &Scrape) -> ServiceCounters {
             &after.by_label(m::DISCONNECTS, "reason"),
         ),
         connections_at_end: after.sum(m::CONNECTIONS),
+        latency_p50_ms: latency_quantile(before, after, 0.50),
+        latency_p99_ms: latency_quantile(before, after, 0.99),
     }
+}
+
+/// A quantile of the service's delivery-latency histogram over the run, in milliseconds.
+fn latency_quantile(before: &Scrape, after: &Scrape, q: f64) -> Option<f64> {
+    let name = format!("{}_bucket", m::DELIVERY_LATENCY);
+    let (b, a) = (before.by_label(&name, "le"), after.by_label(&name, "le"));
+    let run: BTreeMap<String, f64> = a
+        .iter()
+        .map(|(le, v)| (le.clone(), v - b.get(le).copied().unwrap_or(0.0)))
+        .collect();
+    histogram_quantile(q, &run).map(|s| s * 1000.0)
 }
 
 async fn scrape_opt(admin: Option<std::net::SocketAddr>) -> Option<Scrape> {
@@ -598,6 +653,26 @@ fn nanos_since(epoch: Instant) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_quantiles_interpolate_within_the_bucket_like_prometheus() {
+        let buckets: BTreeMap<String, f64> = [
+            ("0.01", 50.0),
+            ("0.02", 90.0),
+            ("0.05", 100.0),
+            ("+Inf", 100.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        // Rank 50 is the top of the first bucket; rank 70 halfway through the second.
+        assert_eq!(histogram_quantile(0.5, &buckets), Some(0.01));
+        let p70 = histogram_quantile(0.7, &buckets).expect("p70");
+        assert!((p70 - 0.015).abs() < 1e-12, "{p70}");
+        let p99 = histogram_quantile(0.99, &buckets).expect("p99");
+        assert!((p99 - 0.047).abs() < 1e-12, "{p99}");
+        assert_eq!(histogram_quantile(0.5, &BTreeMap::new()), None);
+    }
 
     #[test]
     fn batch_body_pads_data_to_size() {

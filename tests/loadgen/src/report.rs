@@ -135,6 +135,12 @@ pub fn fanout(r: &FanoutReport) -> String {
             s.disconnects_by_reason,
             s.connections_at_end
         );
+        let _ = writeln!(
+            out,
+            "service latency      p50 {} p99 {} (its own histogram: publish→written, per socket write)",
+            ms(s.latency_p50_ms),
+            ms(s.latency_p99_ms)
+        );
     }
     let _ = writeln!(
         out,
