@@ -1,4 +1,5 @@
-//! Kernel socket queue depths of one TCP connection: the crate's only `unsafe`.
+//! Kernel socket queue depths of one TCP connection (with `direct`'s `sendmsg`, the crate's only
+//! `unsafe`).
 //!
 //! `ioctl(SIOCINQ)` returns the bytes received but not yet read by the application (netstat's
 //! Recv-Q) and `ioctl(SIOCOUTQ)` the bytes sent but not yet acknowledged by the peer (Send-Q).
