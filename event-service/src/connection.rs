@@ -105,7 +105,7 @@ struct OutQueue {
     /// Missed events the writer takes before the frames queued after the recovery finished.
     replay: Option<Box<Replay>>,
     /// The socket, while the connection's task is parked with nothing buffered: frames are then
-    /// written into it straight away (see `direct`). `None` whenever the task is running.
+    /// written into it by its group writer (see `direct`). `None` whenever the task is running.
     direct: Option<RawFd>,
     /// What a direct write left unwritten; the task writes it before anything else.
     partial: Option<Vec<u8>>,
@@ -471,7 +471,7 @@ impl ConnShared {
         }
     }
 
-    /// The connection's task parks with nothing buffered: frames may be written straight into
+    /// The connection's task parks with nothing buffered: its group writer may write frames into
     /// `fd` until [`ConnShared::stop_direct`]. Refused (false) when frames are queued or a
     /// replay is pending (the task has more to write: it was woken for that).
     pub(crate) fn start_direct(&self, fd: RawFd) -> bool {

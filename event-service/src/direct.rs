@@ -22,7 +22,10 @@ use std::{
     io,
     os::fd::RawFd,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -30,6 +33,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
+
+use crate::connection::ConnShared;
 
 /// The header of an unmasked, final text frame carrying `len` payload bytes (RFC 6455 5.2):
 /// the buffer and how many of its bytes are used.
@@ -185,12 +190,12 @@ pub(crate) struct Writers {
 #[derive(Default)]
 struct Group {
     /// Connections with frames for this group's writer, and whether a writer task is scheduled.
-    marked: std::sync::Mutex<(Vec<std::sync::Arc<crate::connection::ConnShared>>, bool)>,
+    marked: std::sync::Mutex<(Vec<Arc<ConnShared>>, bool)>,
 }
 
 impl Writers {
-    pub(crate) fn new(groups: usize, latency: prometheus::Histogram) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
+    pub(crate) fn new(groups: usize, latency: prometheus::Histogram) -> Arc<Self> {
+        Arc::new(Self {
             groups: (0..groups.clamp(1, 64)).map(|_| Group::default()).collect(),
             pending: AtomicU64::new(0),
             latency,
@@ -198,7 +203,7 @@ impl Writers {
     }
 
     /// `conn` has frames for its group's writer, which starts at the next [`Writers::kick`].
-    pub(crate) fn mark(&self, conn: &std::sync::Arc<crate::connection::ConnShared>) {
+    pub(crate) fn mark(&self, conn: &Arc<ConnShared>) {
         let g = (conn.id % self.groups.len() as u64) as usize;
         crate::connection::lock(&self.groups[g].marked)
             .0
@@ -209,7 +214,7 @@ impl Writers {
     /// Starts the writers of the groups marked since the last kick. Sources kick after each
     /// dispatch of a lone event and once per slice of a batch, so a writer carries everything
     /// a batch queued for a connection in one write instead of chasing the fan-out.
-    pub(crate) fn kick(self: &std::sync::Arc<Self>) {
+    pub(crate) fn kick(self: &Arc<Self>) {
         let mut pending = self.pending.swap(0, Ordering::AcqRel);
         while pending != 0 {
             let g = pending.trailing_zeros() as usize;
@@ -226,50 +231,40 @@ impl Writers {
         }
     }
 
-    fn start(self: &std::sync::Arc<Self>, g: usize) {
+    fn start(self: &Arc<Self>, g: usize) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // Unreachable in practice: only a parked session (inside the runtime) is marked,
+            // and sources kick from their tasks.
+            tracing::error!(group = g, "group writer kicked outside the runtime");
+            crate::connection::lock(&self.groups[g].marked).1 = false;
+            return;
+        };
         let writers = self.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    // A slice of connections per poll: the writer must not keep a worker thread
-                    // from the tasks that publish (nor from other groups' writers) for long.
-                    let mut batch = Vec::new();
-                    while writers.take(g, &mut batch) {
-                        let latency = writers.latency.local();
-                        while !batch.is_empty() {
-                            let at = batch.len().saturating_sub(CONNS_PER_POLL);
-                            for conn in batch.drain(at..) {
-                                conn.write_direct(&latency);
-                            }
-                            if !batch.is_empty() {
-                                latency.flush();
-                                tokio::task::yield_now().await;
-                            }
-                        }
-                        drop(latency);
-                        tokio::task::yield_now().await;
-                    }
-                });
-            }
-            Err(_) => {
-                let mut batch = Vec::new();
-                let latency = self.latency.local();
-                while self.take(g, &mut batch) {
-                    for conn in batch.drain(..) {
+        rt.spawn(async move {
+            // A slice of connections per poll: the writer must not keep a worker thread from the
+            // tasks that publish (nor from other groups' writers) for long.
+            let mut batch = Vec::new();
+            while writers.take(g, &mut batch) {
+                let latency = writers.latency.local();
+                while !batch.is_empty() {
+                    let at = batch.len().saturating_sub(CONNS_PER_POLL);
+                    for conn in batch.drain(at..) {
                         conn.write_direct(&latency);
                     }
+                    if !batch.is_empty() {
+                        latency.flush();
+                        tokio::task::yield_now().await;
+                    }
                 }
+                drop(latency);
+                tokio::task::yield_now().await;
             }
-        }
+        });
     }
 
     /// Moves the group's marked connections into `batch`; false (and the writer ends) when
     /// there are none.
-    fn take(
-        &self,
-        g: usize,
-        batch: &mut Vec<std::sync::Arc<crate::connection::ConnShared>>,
-    ) -> bool {
+    fn take(&self, g: usize, batch: &mut Vec<Arc<ConnShared>>) -> bool {
         let mut marked = crate::connection::lock(&self.groups[g].marked);
         if marked.0.is_empty() {
             marked.1 = false;

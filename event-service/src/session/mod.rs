@@ -121,7 +121,7 @@ pub async fn run(
         },
     };
     let mut session = Session {
-        direct: DirectGuard(conn.clone()),
+        _direct: DirectGuard(conn.clone()),
         direct_on: false,
         auth,
         frames: TokenBucket::full(settings.frame_burst, now.into_std()),
@@ -185,7 +185,8 @@ impl Drop for DirectGuard {
 }
 
 struct Session {
-    direct: DirectGuard,
+    /// Only for its `Drop`; the session itself goes through `conn`.
+    _direct: DirectGuard,
     /// Direct writes may be on (see `direct`): the task last parked with nothing buffered.
     direct_on: bool,
     auth: AuthState,
@@ -286,7 +287,7 @@ impl Session {
         if self.direct_on {
             // A group writer may have written into the socket; from here on only this task does.
             self.conn.register_waker(cx.waker());
-            match self.direct.0.stop_direct() {
+            match self.conn.stop_direct() {
                 Ok(rest) => {
                     self.direct_on = false;
                     if let Some(rest) = rest {
@@ -330,7 +331,7 @@ impl Session {
     }
 
     /// About to park: when nothing is buffered anywhere (queue, batch, the WebSocket layer, the
-    /// socket wrapper), the fan-out may write frames straight into the socket until this task
+    /// socket wrapper), group writers may write frames straight into the socket until this task
     /// runs again (see `direct`).
     fn park_direct(&mut self, cx: &mut Context<'_>) {
         if !self.settings.direct_writes
@@ -344,7 +345,7 @@ impl Session {
         }
         // Also writes out a pong the reader queued; Ready(Ok) means nothing is left buffered.
         if let Poll::Ready(Ok(())) = self.ws.poll_flush_unpin(cx) {
-            self.direct_on = self.direct.0.start_direct(self.fd);
+            self.direct_on = self.conn.start_direct(self.fd);
         }
     }
 
