@@ -8,7 +8,14 @@
 //! The upgrade is written here rather than taken from a WebSocket server library because the
 //! session needs the raw `TcpStream` (its fd, for the kernel queue samples), which those hide.
 
-use std::{convert::Infallible, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
 use eventrouter_contract::http as paths;
@@ -22,7 +29,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::OwnedSemaphorePermit,
+};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role},
@@ -34,7 +44,7 @@ use crate::{
         Verified,
         publish::{PublishAuthError, bearer},
     },
-    client_limits::IpRefusal,
+    client_limits::{IpRefusal, IpSlot},
     connection::ConnShared,
     direct::ConnStream,
     event::{Event, EventNameError, validate_event_name},
@@ -233,8 +243,6 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
     let on_upgrade = hyper::upgrade::on(&mut req);
     let shared2 = shared.clone();
     tokio::spawn(async move {
-        let _permit = permit;
-        let _ip_slot = ip_slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(error) => {
@@ -263,7 +271,16 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
             Some(shared2.ws_config),
         )
         .await;
-        run_session(ws, fd, peer, shared2, token).await;
+        // The connection gets a task of its own, sized to the session alone; this one (and the
+        // upgrade's state) ends here.
+        tokio::spawn(Connection::start(
+            ws,
+            fd,
+            peer,
+            shared2,
+            token,
+            (permit, ip_slot),
+        ));
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -276,34 +293,62 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
     r
 }
 
-async fn run_session(
-    ws: WebSocketStream<ConnStream>,
-    fd: std::os::fd::RawFd,
+/// One connection's task: its session, then the bookkeeping when it ends. The slots (the
+/// connection limit's permit, the per-address slot) are held for the connection's life.
+struct Connection {
+    session: session::SessionTask,
+    id: u64,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    token: Option<Box<Verified>>,
-) {
-    let id = shared.next_conn_id();
-    let conn = Arc::new(ConnShared::new(id, peer));
-    shared.conns.insert(conn.clone());
-    shared.metrics.connections.inc();
-    shared.metrics.connections_accepted.inc();
-    tracing::debug!(conn = id, %peer, "connected");
-    let reason = session::run(
-        ws,
-        fd,
-        conn,
-        shared.hub.clone(),
-        shared.metrics.clone(),
-        shared.session.clone(),
-        token,
-    )
-    .await;
-    shared.conns.remove(id);
-    shared.metrics.connections.dec();
-    shared.metrics.disconnect(reason);
-    shared.conn_closed.notify_waiters();
-    tracing::debug!(conn = id, %peer, reason = reason.as_str(), "disconnected");
+    _slots: (OwnedSemaphorePermit, Option<IpSlot>),
+}
+
+impl Connection {
+    fn start(
+        ws: WebSocketStream<ConnStream>,
+        fd: std::os::fd::RawFd,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        token: Option<Box<Verified>>,
+        slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    ) -> Self {
+        let id = shared.next_conn_id();
+        let conn = Arc::new(ConnShared::new(id, peer));
+        shared.conns.insert(conn.clone());
+        shared.metrics.connections.inc();
+        shared.metrics.connections_accepted.inc();
+        tracing::debug!(conn = id, %peer, "connected");
+        let session = session::run(
+            ws,
+            fd,
+            conn,
+            shared.hub.clone(),
+            shared.session.clone(),
+            token,
+        );
+        Self {
+            session,
+            id,
+            peer,
+            shared,
+            _slots: slots,
+        }
+    }
+}
+
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let reason = std::task::ready!(Pin::new(&mut self.session).poll(cx));
+        let (id, peer, shared) = (self.id, self.peer, &self.shared);
+        shared.conns.remove(id);
+        shared.metrics.connections.dec();
+        shared.metrics.disconnect(reason);
+        shared.conn_closed.notify_waiters();
+        tracing::debug!(conn = id, %peer, reason = reason.as_str(), "disconnected");
+        Poll::Ready(())
+    }
 }
 
 #[derive(Deserialize)]

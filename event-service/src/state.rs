@@ -18,10 +18,12 @@ use crate::{
     service_metrics::ServiceMetrics, session::SessionSettings,
 };
 
-/// Per-connection read buffer. tokio-tungstenite's default (128 KiB) would dominate the memory
-/// of an idle connection; client frames are small (a ping is ~20 bytes, so one read still takes
-/// ~100 of them) and a larger frame just grows the buffer while it is read.
-pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// Per-connection read buffer, and the most one read takes from the socket. Held for the
+/// connection's whole life, so it is a large share of an idle connection's memory
+/// (tokio-tungstenite's default, 128 KiB, would dwarf everything else; 2 KiB was a third of the
+/// total). Client frames are small (subscribe ~60 bytes, a pong 6): one read still takes a
+/// frame or two. A larger frame grows the buffer to its size, and the connection keeps that.
+pub const READ_BUFFER_BYTES: usize = 128;
 
 /// Bytes tungstenite buffers before writing through to the socket within one batch.
 pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;

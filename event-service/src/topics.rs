@@ -154,6 +154,7 @@ impl<T> Node<T> {
         }
     }
 
+    #[cfg(test)]
     fn child(&self, word: &str) -> Option<&Node<T>> {
         match word {
             "*" => self.star.as_deref(),
@@ -229,6 +230,7 @@ impl<T> TopicTrie<T> {
         node.value.get_or_insert_with(make)
     }
 
+    #[cfg(test)]
     pub fn get(&self, pattern: &str) -> Option<&T> {
         let canon = canonical(pattern);
         let mut node = &self.root;

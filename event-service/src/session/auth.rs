@@ -81,7 +81,7 @@ impl Session {
             self.rate_limited_in_row = 0;
             return true;
         }
-        self.metrics.frame(FrameKind::RateLimited);
+        self.metrics().frame(FrameKind::RateLimited);
         self.rate_limited_in_row += 1;
         if self.rate_limited_in_row >= MAX_INVALID_IN_ROW {
             self.start_close(
@@ -124,7 +124,7 @@ impl Session {
         };
         match auth.verify(token) {
             Ok(verified) => {
-                self.metrics.auth_checks.with_label_values(&["ok"]).inc();
+                self.metrics().auth_checks.with_label_values(&["ok"]).inc();
                 self.hub.reply(
                     &self.conn,
                     protocol::authenticated(id.as_ref(), verified.subject.as_deref(), verified.exp),
@@ -133,7 +133,7 @@ impl Session {
                 self.reset_timer();
             }
             Err(error) => {
-                self.metrics
+                self.metrics()
                     .auth_checks
                     .with_label_values(&[error.label()])
                     .inc();
@@ -156,7 +156,7 @@ impl Session {
     /// A refused `refresh`: counted under `label`, answered `unauthorized`; the connection and
     /// its current token stay.
     fn refuse_refresh(&mut self, id: Option<&RequestId>, label: &str, message: &str) {
-        self.metrics.auth_checks.with_label_values(&[label]).inc();
+        self.metrics().auth_checks.with_label_values(&[label]).inc();
         self.hub.reply(
             &self.conn,
             protocol::error(id, ErrorCode::Unauthorized, message, &[]),
@@ -194,7 +194,7 @@ impl Session {
                 return self.refuse_refresh(id.as_ref(), error.label(), &error.to_string());
             }
         };
-        self.metrics.auth_checks.with_label_values(&["ok"]).inc();
+        self.metrics().auth_checks.with_label_values(&["ok"]).inc();
         let removed: Vec<String> = crate::connection::lock(&self.conn.patterns)
             .iter()
             .filter(|p| !verified.allows(p))
@@ -244,7 +244,7 @@ impl Session {
                     "authentication required: send {\"op\":\"auth\",\"token\":\"…\"} first",
                     &[],
                 );
-                self.metrics
+                self.metrics()
                     .auth_checks
                     .with_label_values(&["missing"])
                     .inc();

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures_util::{SinkExt, StreamExt, future::poll_fn};
+use futures_util::{SinkExt, StreamExt};
 use tokio::{
     task::JoinHandle,
     time::{Instant, Sleep},
@@ -97,18 +97,21 @@ enum Step {
     WriteFailed(WsError),
 }
 
-/// Drives one upgraded connection until it ends; returns why it ended. `token` is the token the
-/// upgrade request's `Authorization` header carried, already verified (boxed: an async fn keeps
-/// its arguments for its whole life, and most connections have none).
-pub async fn run(
+/// Drives one upgraded connection until it ends; resolves to why it ended. `token` is the token
+/// the upgrade request's `Authorization` header carried, already verified (boxed: most
+/// connections have none).
+///
+/// A hand-written future rather than an `async fn`: every handler is synchronous, and an async
+/// state machine would keep its arguments beside the session it moved them into (the task's
+/// memory is a large share of an idle connection's).
+pub fn run(
     ws: WebSocketStream<ConnStream>,
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
-    metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
     token: Option<Box<Verified>>,
-) -> DisconnectReason {
+) -> SessionTask {
     let now = Instant::now();
     let auth = match (&settings.auth, token) {
         (None, _) => AuthState::Open,
@@ -120,7 +123,7 @@ pub async fn run(
                 .then(|| now + settings.auth_timeout),
         },
     };
-    let mut session = Session {
+    SessionTask(Some(Session {
         _direct: DirectGuard(conn.clone()),
         direct_on: false,
         auth,
@@ -134,7 +137,6 @@ pub async fn run(
         fd,
         conn,
         hub,
-        metrics,
         settings,
         batch: VecDeque::new(),
         unflushed: false,
@@ -147,30 +149,30 @@ pub async fn run(
         peer_closed: false,
         sample_due: false,
         unsent_close: None,
-    };
-    let reason = session.drive().await;
-    // Subscriptions are removed by a task of their own: it waits for an in-flight subscribe to
-    // finish first, so nothing it binds is left behind.
-    let Session {
-        mut ws,
-        inflight,
-        conn,
-        hub,
-        unsent_close,
-        ..
-    } = session;
-    conn.close_queue();
-    let id = conn.id;
-    tokio::spawn(async move {
-        if let Some(op) = inflight {
-            let _ = op.await;
+    }))
+}
+
+/// The future [`run`] returns. `None` once it has resolved.
+pub struct SessionTask(Option<Session>);
+
+impl Future for SessionTask {
+    type Output = DisconnectReason;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<DisconnectReason> {
+        let Some(session) = self.0.as_mut() else {
+            // Polled after it resolved: it never resolves again.
+            return Poll::Pending;
+        };
+        loop {
+            let step = std::task::ready!(session.poll_step(cx));
+            if let Some(reason) = session.on_step(step) {
+                if let Some(session) = self.0.take() {
+                    session.finish();
+                }
+                return Poll::Ready(reason);
+            }
         }
-        hub.remove_connection(&conn).await;
-    });
-    // The client reads the close frame before the socket closes (no reset while it still
-    // sends). The session is over: that bounded linger runs on its own and is not waited for.
-    tokio::spawn(async move { ws_close::finish(&mut ws, unsent_close, id).await });
-    reason
+    }
 }
 
 /// Ends direct writes into the socket before the socket closes, also when the session is
@@ -197,7 +199,6 @@ struct Session {
     fd: RawFd,
     conn: Arc<ConnShared>,
     hub: Arc<Hub>,
-    metrics: ServiceMetrics,
     settings: Arc<SessionSettings>,
     /// Frames taken from the queue and not yet handed to the WebSocket.
     batch: VecDeque<Outgoing>,
@@ -222,56 +223,75 @@ struct Session {
 }
 
 impl Session {
-    async fn drive(&mut self) -> DisconnectReason {
-        loop {
-            let step = poll_fn(|cx| self.poll_step(cx)).await;
-            match step {
-                Step::Close(CloseRequest::Drain) => self.start_close(
-                    close::GOING_AWAY,
-                    "server draining",
-                    DisconnectReason::Drain,
-                ),
-                Step::Close(CloseRequest::SlowConsumer) => self.start_close(
-                    close::SLOW_CONSUMER,
-                    "slow consumer: outbound queue full",
-                    DisconnectReason::SlowConsumer,
-                ),
-                Step::Close(CloseRequest::Rebalance) => self.start_close(
-                    close::REBALANCE,
-                    "rebalancing: reconnect now",
-                    DisconnectReason::Rebalance,
-                ),
-                Step::OpDone => self.start_next_op(),
-                Step::Timer => {
-                    if let Some(reason) = self.on_timer() {
-                        return reason;
-                    }
+    /// Handles what [`Session::poll_step`] found; returns a reason when the connection ends.
+    fn on_step(&mut self, step: Step) -> Option<DisconnectReason> {
+        match step {
+            Step::Close(CloseRequest::Drain) => self.start_close(
+                close::GOING_AWAY,
+                "server draining",
+                DisconnectReason::Drain,
+            ),
+            Step::Close(CloseRequest::SlowConsumer) => self.start_close(
+                close::SLOW_CONSUMER,
+                "slow consumer: outbound queue full",
+                DisconnectReason::SlowConsumer,
+            ),
+            Step::Close(CloseRequest::Rebalance) => self.start_close(
+                close::REBALANCE,
+                "rebalancing: reconnect now",
+                DisconnectReason::Rebalance,
+            ),
+            Step::OpDone => self.start_next_op(),
+            Step::Timer => return self.on_timer(),
+            Step::WriteFailed(error) => {
+                tracing::debug!(conn = self.conn.id, %error, "write failed");
+                return Some(self.end_reason(DisconnectReason::Error));
+            }
+            Step::Incoming(None) => return Some(self.end_reason(DisconnectReason::ClientClosed)),
+            Step::Incoming(Some(Err(error))) => {
+                if self.closing.is_some() {
+                    return Some(self.end_reason(DisconnectReason::Error));
                 }
-                Step::WriteFailed(error) => {
-                    tracing::debug!(conn = self.conn.id, %error, "write failed");
-                    return self.end_reason(DisconnectReason::Error);
+                if let WsError::ConnectionClosed | WsError::AlreadyClosed = error {
+                    return Some(self.end_reason(DisconnectReason::ClientClosed));
                 }
-                Step::Incoming(None) => return self.end_reason(DisconnectReason::ClientClosed),
-                Step::Incoming(Some(Err(error))) => {
-                    if self.closing.is_some() {
-                        return self.end_reason(DisconnectReason::Error);
-                    }
-                    if let WsError::ConnectionClosed | WsError::AlreadyClosed = error {
-                        return self.end_reason(DisconnectReason::ClientClosed);
-                    }
-                    tracing::debug!(conn = self.conn.id, %error, "read failed");
-                    // 1009 too big, 1007 not UTF-8, 1002 protocol violation; else nobody to tell.
-                    match ws_close::for_read_error(&error) {
-                        Some(c) => self.start_close(c.code, c.reason, c.why),
-                        None => return self.end_reason(DisconnectReason::Error),
-                    }
-                }
-                Step::Incoming(Some(Ok(message))) => {
-                    self.last_rx = Instant::now();
-                    self.on_message(message);
+                tracing::debug!(conn = self.conn.id, %error, "read failed");
+                // 1009 too big, 1007 not UTF-8, 1002 protocol violation; else nobody to tell.
+                match ws_close::for_read_error(&error) {
+                    Some(c) => self.start_close(c.code, c.reason, c.why),
+                    None => return Some(self.end_reason(DisconnectReason::Error)),
                 }
             }
+            Step::Incoming(Some(Ok(message))) => {
+                self.last_rx = Instant::now();
+                self.on_message(message);
+            }
         }
+        None
+    }
+
+    /// The connection ended: subscriptions are removed by a task of their own (it waits for an
+    /// in-flight subscribe to finish first, so nothing it binds is left behind), and the close
+    /// handshake's bounded linger runs on its own too (the client reads the close frame before
+    /// the socket closes: no reset while it still sends).
+    fn finish(self) {
+        let Session {
+            mut ws,
+            inflight,
+            conn,
+            hub,
+            unsent_close,
+            ..
+        } = self;
+        conn.close_queue();
+        let id = conn.id;
+        tokio::spawn(async move {
+            if let Some(op) = inflight {
+                let _ = op.await;
+            }
+            hub.remove_connection(&conn).await;
+        });
+        tokio::spawn(async move { ws_close::finish(&mut ws, unsent_close, id).await });
     }
 
     /// Why the connection ended: the server's reason if it initiated the close, else `fallback`.
@@ -398,7 +418,7 @@ impl Session {
                     self.unflushed = false;
                     if let Some(t) = self.oldest_unflushed.take() {
                         let age = SystemTime::now().duration_since(t).unwrap_or_default();
-                        self.metrics.delivery_latency.observe(age.as_secs_f64());
+                        self.metrics().delivery_latency.observe(age.as_secs_f64());
                     }
                 }
                 Poll::Ready(Err(e)) => return Err(e),
@@ -440,6 +460,10 @@ impl Session {
     }
 
     /// Handles the timer; returns a reason when the connection must end now.
+    fn metrics(&self) -> &ServiceMetrics {
+        self.hub.metrics()
+    }
+
     fn on_timer(&mut self) -> Option<DisconnectReason> {
         let now = Instant::now();
         if let Some((deadline, why)) = self.closing {
@@ -515,7 +539,7 @@ impl Session {
                 }
             }
             Message::Binary(_) => {
-                self.metrics.frame(FrameKind::Binary);
+                self.metrics().frame(FrameKind::Binary);
                 self.start_close(
                     close::UNSUPPORTED_DATA,
                     "binary frames are not supported; send JSON text",
@@ -523,10 +547,10 @@ impl Session {
                 );
             }
             // tungstenite queues the pong itself; it goes out with the next read or write.
-            Message::Ping(_) => self.metrics.frame(FrameKind::WsPing),
-            Message::Pong(_) => self.metrics.frame(FrameKind::WsPong),
+            Message::Ping(_) => self.metrics().frame(FrameKind::WsPing),
+            Message::Pong(_) => self.metrics().frame(FrameKind::WsPong),
             Message::Close(_) => {
-                self.metrics.frame(FrameKind::Close);
+                self.metrics().frame(FrameKind::Close);
                 self.peer_closed = true;
             }
             Message::Frame(_) => {}
@@ -537,7 +561,7 @@ impl Session {
         match protocol::parse_client_frame(text, self.settings.max_subscriptions) {
             Ok(op) => {
                 self.invalid_in_row = 0;
-                self.metrics.frame(match op {
+                self.metrics().frame(match op {
                     ClientOp::Subscribe { .. } => FrameKind::Subscribe,
                     ClientOp::Unsubscribe { .. } => FrameKind::Unsubscribe,
                     ClientOp::Ping { .. } => FrameKind::Ping,
@@ -549,7 +573,7 @@ impl Session {
                 }
             }
             Err(error) => {
-                self.metrics.frame(FrameKind::Invalid);
+                self.metrics().frame(FrameKind::Invalid);
                 self.invalid_in_row += 1;
                 if self.invalid_in_row >= MAX_INVALID_IN_ROW {
                     self.start_close(
@@ -606,5 +630,21 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The session is most of an idle connection's task, which is most of its memory
+    /// (BENCHMARKS.md, memory per idle connection): growing it is a decision, not an accident.
+    #[test]
+    fn the_session_stays_within_its_memory_budget() {
+        let size = std::mem::size_of::<SessionTask>();
+        assert!(
+            size <= 640,
+            "SessionTask is {size} bytes; the budget is 640"
+        );
     }
 }
