@@ -454,10 +454,9 @@ impl ConnShared {
             // Not taken by the socket: back in front of what was queued meanwhile.
             frames.append(&mut q.frames);
             q.frames = frames;
-        } else if q.frames.is_empty() && frames.capacity() <= 64 {
-            // Keep the small allocation for the next events.
-            q.frames = frames;
         }
+        // Otherwise the drained `frames` is freed here: an idle connection keeps no queue
+        // allocation (the next event allocates one, a small cost beside the write).
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
         if q.bytes == 0 {
             self.stalled.store(false, Ordering::Relaxed);

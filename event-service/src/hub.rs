@@ -90,15 +90,14 @@ impl Subscribers {
 /// large fan-out, few enough that each serves many connections per wake-up.
 const WRITER_GROUPS: usize = 32;
 
-#[derive(Default)]
-struct BindState {
-    bound: bool,
-}
-
 /// The fan-out hub of one server.
 pub struct Hub {
     index: RwLock<TopicTrie<Subscribers>>,
-    binds: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<BindState>>>>,
+    /// One lock per pattern while a subscribe or unsubscribe of it runs: binding at the source
+    /// takes a round trip, and those of one pattern must not overlap. A pattern is bound while
+    /// it has an entry in `index` (it gets one right after its bind, loses it right before its
+    /// unbind), so no state outlives the operations here.
+    binds: Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>,
     source: OnceLock<Source>,
     history: OnceLock<History>,
     metrics: ServiceMetrics,
@@ -206,20 +205,22 @@ impl Hub {
         }
     }
 
-    fn bind_entry(&self, pattern: &str) -> Arc<tokio::sync::Mutex<BindState>> {
+    fn bind_entry(&self, pattern: &str) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.binds).entry(pattern.into()).or_default().clone()
     }
 
-    /// Drops the pattern's lock entry when nobody else holds or waits on it and it is unbound.
-    fn release_entry(&self, pattern: &str, entry: Arc<tokio::sync::Mutex<BindState>>) {
+    /// Drops the pattern's lock entry when nobody else holds or waits on it.
+    fn release_entry(&self, pattern: &str, entry: Arc<tokio::sync::Mutex<()>>) {
         let mut binds = lock(&self.binds);
         // Two references: the map's and ours. Anyone else waiting cloned it under this lock.
         if Arc::strong_count(&entry) == 2 {
-            let unbound = entry.try_lock().map(|s| !s.bound).unwrap_or(false);
-            if unbound {
-                binds.remove(pattern);
-            }
+            binds.remove(pattern);
         }
+    }
+
+    fn is_bound(&self, pattern: &str) -> bool {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.contains(pattern)
     }
 
     /// Adds `conn` as a subscriber of the canonical `pattern`, binding it at the source first if
@@ -231,8 +232,8 @@ impl Hub {
     ) -> Result<(), SourceError> {
         let entry = self.bind_entry(pattern);
         let result = {
-            let mut state = entry.lock().await;
-            let bound = if state.bound {
+            let _turn = entry.lock().await;
+            let bound = if self.is_bound(pattern) {
                 Ok(())
             } else {
                 let r = match self.source.get() {
@@ -240,7 +241,6 @@ impl Hub {
                     None => Err(SourceError::Unavailable(Unavailable::Starting)),
                 };
                 if r.is_ok() {
-                    state.bound = true;
                     self.metrics.bindings.inc();
                 }
                 r
@@ -248,6 +248,11 @@ impl Hub {
             if bound.is_ok() {
                 let mut held = lock(&conn.patterns);
                 if !held.iter().any(|p| &**p == pattern) {
+                    if held.len() == held.capacity() {
+                        // Most connections hold one pattern: no room for four kept spare.
+                        let more = held.len().max(1);
+                        held.reserve_exact(more);
+                    }
                     held.push(pattern.into());
                     drop(held);
                     let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
@@ -269,34 +274,33 @@ impl Hub {
     pub async fn unsubscribe(&self, conn: &ConnShared, pattern: &str) {
         let entry = self.bind_entry(pattern);
         {
-            let mut state = entry.lock().await;
+            let _turn = entry.lock().await;
             let removed = {
                 let mut held = lock(&conn.patterns);
                 let before = held.len();
                 held.retain(|p| &**p != pattern);
                 before != held.len()
             };
-            let now_empty = {
+            let last_left = {
                 let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-                let empty = match index.get_mut(pattern) {
+                let last = match index.get_mut(pattern) {
                     Some(subs) => removed && subs.remove(conn.id),
-                    None => true,
+                    None => false,
                 };
                 if removed {
                     self.metrics.subscriptions.dec();
                 }
-                if empty {
+                if last {
                     index.remove(pattern);
                 }
-                empty
+                last
             };
-            if now_empty && state.bound {
+            if last_left {
                 if let Some(source) = self.source.get()
                     && let Err(error) = source.unbind(pattern).await
                 {
                     tracing::warn!(%error, pattern, "unbind failed; the binding stays until the queue goes");
                 }
-                state.bound = false;
                 self.metrics.bindings.dec();
             }
         }

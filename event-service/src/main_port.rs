@@ -297,8 +297,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
 /// connection limit's permit, the per-address slot) are held for the connection's life.
 struct Connection {
     session: session::SessionTask,
-    id: u64,
-    peer: SocketAddr,
+    conn: Arc<ConnShared>,
     shared: Arc<Shared>,
     _slots: (OwnedSemaphorePermit, Option<IpSlot>),
 }
@@ -321,15 +320,14 @@ impl Connection {
         let session = session::run(
             ws,
             fd,
-            conn,
+            conn.clone(),
             shared.hub.clone(),
             shared.session.clone(),
             token,
         );
         Self {
             session,
-            id,
-            peer,
+            conn,
             shared,
             _slots: slots,
         }
@@ -341,7 +339,7 @@ impl Future for Connection {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let reason = std::task::ready!(Pin::new(&mut self.session).poll(cx));
-        let (id, peer, shared) = (self.id, self.peer, &self.shared);
+        let (id, peer, shared) = (self.conn.id, self.conn.peer, &self.shared);
         shared.conns.remove(id);
         shared.metrics.connections.dec();
         shared.metrics.disconnect(reason);

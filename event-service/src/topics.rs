@@ -121,7 +121,10 @@ pub fn canonical(pattern: &str) -> String {
 
 #[derive(Debug)]
 struct Node<T> {
-    literal: HashMap<Box<str>, Node<T>>,
+    /// Children by literal word; `None` for a leaf (most nodes: a user's own topic ends in one),
+    /// so a leaf costs a few words in its parent's map rather than an empty map's 48 bytes.
+    #[allow(clippy::box_collection)]
+    literal: Option<Box<HashMap<Box<str>, Node<T>>>>,
     star: Option<Box<Node<T>>>,
     hash: Option<Box<Node<T>>>,
     value: Option<T>,
@@ -130,7 +133,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Self {
-            literal: HashMap::new(),
+            literal: None,
             star: None,
             hash: None,
             value: None,
@@ -140,26 +143,26 @@ impl<T> Default for Node<T> {
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.value.is_none()
-            && self.literal.is_empty()
-            && self.star.is_none()
-            && self.hash.is_none()
+        self.value.is_none() && self.literal.is_none() && self.star.is_none() && self.hash.is_none()
     }
 
     fn child_mut(&mut self, word: &str) -> &mut Node<T> {
         match word {
             "*" => self.star.get_or_insert_with(Box::default),
             "#" => self.hash.get_or_insert_with(Box::default),
-            literal => self.literal.entry(literal.into()).or_default(),
+            literal => self
+                .literal
+                .get_or_insert_with(Box::default)
+                .entry(literal.into())
+                .or_default(),
         }
     }
 
-    #[cfg(test)]
     fn child(&self, word: &str) -> Option<&Node<T>> {
         match word {
             "*" => self.star.as_deref(),
             "#" => self.hash.as_deref(),
-            literal => self.literal.get(literal),
+            literal => self.literal.as_ref()?.get(literal),
         }
     }
 
@@ -183,10 +186,14 @@ impl<T> Node<T> {
                 }
             }
             literal => {
-                let child = self.literal.get_mut(literal)?;
+                let children = self.literal.as_mut()?;
+                let child = children.get_mut(literal)?;
                 removed = child.remove(rest);
                 if child.is_empty() {
-                    self.literal.remove(literal);
+                    children.remove(literal);
+                    if children.is_empty() {
+                        self.literal = None;
+                    }
                 }
             }
         }
@@ -230,7 +237,11 @@ impl<T> TopicTrie<T> {
         node.value.get_or_insert_with(make)
     }
 
-    #[cfg(test)]
+    /// True when `pattern` holds a value.
+    pub fn contains(&self, pattern: &str) -> bool {
+        self.get(pattern).is_some()
+    }
+
     pub fn get(&self, pattern: &str) -> Option<&T> {
         let canon = canonical(pattern);
         let mut node = &self.root;
@@ -247,7 +258,7 @@ impl<T> TopicTrie<T> {
             node = match word {
                 "*" => node.star.as_deref_mut()?,
                 "#" => node.hash.as_deref_mut()?,
-                literal => node.literal.get_mut(literal)?,
+                literal => node.literal.as_mut()?.get_mut(literal)?,
             };
         }
         node.value.as_mut()
@@ -280,7 +291,7 @@ fn walk<'a, T>(
             f(value);
         }
     } else {
-        if let Some(child) = node.literal.get(words[at]) {
+        if let Some(child) = node.literal.as_ref().and_then(|c| c.get(words[at])) {
             walk(child, words, at + 1, seen, f);
         }
         if let Some(child) = &node.star {

@@ -407,8 +407,9 @@ impl Session {
             if handed > 0 {
                 self.conn.written(handed);
             }
-            if self.batch.is_empty() && self.batch.capacity() > 256 {
-                // A burst grew the batch; an idle connection should not keep that memory.
+            if self.batch.is_empty() && self.batch.capacity() > 0 {
+                // An idle connection keeps no batch allocation (the next take brings the
+                // queue's): it would be a large share of its memory.
                 self.batch = VecDeque::new();
             }
         }
@@ -604,8 +605,12 @@ impl Session {
             );
             return;
         }
-        self.pending.push_back(op);
-        self.start_next_op();
+        if self.inflight.is_none() && self.pending.is_empty() {
+            // Nothing ahead of it: no queue (and no queue allocation kept afterwards).
+            self.start_op(op);
+        } else {
+            self.pending.push_back(op);
+        }
     }
 
     /// Starts queued requests in order: pings are answered at once (in their turn), subscribe
@@ -613,21 +618,29 @@ impl Session {
     fn start_next_op(&mut self) {
         while self.inflight.is_none() {
             let Some(op) = self.pending.pop_front() else {
+                if self.pending.capacity() > 0 {
+                    self.pending = VecDeque::new();
+                }
                 return;
             };
-            match op {
-                ClientOp::Ping { id } => self.hub.reply(&self.conn, protocol::pong(id.as_ref())),
-                ClientOp::Refresh { id, token } => self.refresh(id, &token),
-                // Answered as it arrives (see `on_text`), never queued.
-                ClientOp::Auth { .. } => {}
-                op => {
-                    let (hub, conn, settings) =
-                        (self.hub.clone(), self.conn.clone(), self.settings.clone());
-                    let grant = self.grant();
-                    self.inflight = Some(tokio::spawn(async move {
-                        run_op(&hub, &conn, &settings, grant, op).await;
-                    }));
-                }
+            self.start_op(op);
+        }
+    }
+
+    /// Answers a ping or refresh at once; starts a subscribe or unsubscribe task.
+    fn start_op(&mut self, op: ClientOp) {
+        match op {
+            ClientOp::Ping { id } => self.hub.reply(&self.conn, protocol::pong(id.as_ref())),
+            ClientOp::Refresh { id, token } => self.refresh(id, &token),
+            // Answered as it arrives (see `on_text`), never queued.
+            ClientOp::Auth { .. } => {}
+            op => {
+                let (hub, conn, settings) =
+                    (self.hub.clone(), self.conn.clone(), self.settings.clone());
+                let grant = self.grant();
+                self.inflight = Some(tokio::spawn(async move {
+                    run_op(&hub, &conn, &settings, grant, op).await;
+                }));
             }
         }
     }
