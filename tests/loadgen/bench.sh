@@ -31,6 +31,8 @@ scenario="${1:-all}"
 case "$scenario" in idle|fanout|all) ;; *) echo "usage: $0 [idle|fanout|all]" >&2; exit 2 ;; esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=tests/loadgen/bench-lib.sh
+source "$root/tests/loadgen/bench-lib.sh"
 RUNS="${RUNS:-3}"
 CONNECTIONS="${CONNECTIONS:-10000}"
 IDLE_HOLD="${IDLE_HOLD:-25s}"
@@ -57,9 +59,7 @@ if [ "$AUTH" = 1 ]; then
   auth_args=(--auth-secret-file "$RESULTS_DIR/hmac-secret" --publish-key "$publish_key")
 fi
 
-for tool in jq curl; do
-  command -v "$tool" >/dev/null || { echo "bench.sh needs $tool on PATH" >&2; exit 1; }
-done
+bench_require jq curl
 
 echo "building release binaries ..." >&2
 (cd "$root" && cargo build --release --quiet -p event-service -p eventrouter-loadgen)
@@ -68,55 +68,26 @@ service_bin="${SERVICE_BIN:-$target_dir/release/event-service}"
 loadgen_bin="$target_dir/release/loadgen"
 
 # Both processes hold one descriptor per connection.
-ulimit -n "$(ulimit -Hn)"
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((CONNECTIONS + 256)) ]; then
-  echo "warning: open-file limit $(ulimit -n) is below $CONNECTIONS connections (raise ulimit -Hn)" >&2
-fi
+bench_raise_nofile "$CONNECTIONS"
 
 service_pid=""
 stop_service() {
-  if [ -n "$service_pid" ] && kill -0 "$service_pid" 2>/dev/null; then
-    kill -TERM "$service_pid"
-    wait "$service_pid" 2>/dev/null || true
-  fi
+  bench_stop "$service_pid"
   service_pid=""
 }
 trap stop_service EXIT
 
 start_service() {
-  for p in "$PORT" "$ADMIN_PORT"; do
-    if ss -Hltn "sport = :$p" | grep -q .; then
-      echo "port $p is in use; set PORT/ADMIN_PORT" >&2
-      exit 1
-    fi
-  done
+  bench_ports_free "$PORT" "$ADMIN_PORT"
   # shellcheck disable=SC2086 # SERVICE_ARGS is a list of flags
   "$service_bin" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
     --log warn --drain-duration 1s $SERVICE_ARGS >"$RESULTS_DIR/service.log" 2>&1 &
   service_pid=$!
-  for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; then
-      sleep 1 # let the allocator and runtime settle before the baseline RSS
-      return
-    fi
-    kill -0 "$service_pid" 2>/dev/null || { cat "$RESULTS_DIR/service.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "event-service did not become healthy; log: $RESULTS_DIR/service.log" >&2
-  exit 1
+  bench_wait_healthy "http://127.0.0.1:$PORT/healthz" "$service_pid" "$RESULTS_DIR/service.log" event-service
 }
 
-# stats FIELD DIGITS FILE... : "median (range min–max, n)" of a numeric field over the run
-# reports, rounded to DIGITS decimals.
-stats() {
-  local field="$1" digits="$2"; shift 2
-  jq -rs --arg f "$field" --argjson d "$digits" '
-    def r: (. * pow(10; $d) | round) / pow(10; $d);
-    map(getpath($f | split(".")) // empty) | sort
-    | if length == 0 then "n/a"
-      else "\(.[(length / 2 | floor)] | r) (range \(.[0] | r)–\(.[-1] | r), n=\(length))"
-      end' "$@"
-}
+# stats FIELD DIGITS FILE... : "median (range min–max, n)" of a numeric field over the run reports.
+stats() { bench_stats "$@"; }
 
 common=(--addr "127.0.0.1:$PORT" --admin "127.0.0.1:$ADMIN_PORT" "${auth_args[@]}")
 

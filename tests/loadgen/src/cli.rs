@@ -3,7 +3,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 
 /// Load generator for the event service: idle-connection memory and fan-out throughput.
 #[derive(Debug, Parser)]
@@ -31,6 +32,41 @@ pub enum Scenario {
     Fanout(FanoutArgs),
 }
 
+/// The server under test and so the protocol spoken to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Peer {
+    /// The event service: `{"op":"subscribe"}` on `/ws`, events posted to `/publish`.
+    #[default]
+    Eventrouter,
+    /// `tests/loadgen/peers/bun-pubsub.js`: Bun's WebSocket server speaking the event service's
+    /// protocol (same frames, same `/ws` and `/publish`).
+    Bun,
+    /// Centrifugo's JSON client protocol on `/connection/websocket` (`connect`, `subscribe`,
+    /// publications as `push` replies, `{}` pings answered with `{}`), events posted to its HTTP
+    /// server API (`/api/publish`, `/api/batch` for batches) with `--publish-key` as `X-API-Key`.
+    Centrifugo,
+}
+
+impl Peer {
+    /// The WebSocket endpoint's default path.
+    pub fn default_ws_path(self) -> &'static str {
+        match self {
+            Peer::Eventrouter | Peer::Bun => eventrouter_contract::http::WS_PATH,
+            Peer::Centrifugo => crate::centrifugo::WS_PATH,
+        }
+    }
+
+    /// The name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Eventrouter => "eventrouter",
+            Peer::Bun => "bun",
+            Peer::Centrifugo => "centrifugo",
+        }
+    }
+}
+
 /// Options shared by every scenario.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
@@ -38,9 +74,13 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
 
-    /// Path of the WebSocket endpoint.
-    #[arg(long, default_value = eventrouter_contract::http::WS_PATH)]
-    pub ws_path: String,
+    /// The server under test: the event service, the Bun peer (same protocol) or Centrifugo.
+    #[arg(long, value_enum, default_value_t = Peer::Eventrouter)]
+    pub peer: Peer,
+
+    /// Path of the WebSocket endpoint [default: /ws; /connection/websocket with --peer centrifugo].
+    #[arg(long)]
+    pub ws_path: Option<String>,
 
     /// The service's admin port; when given, `/metrics` is scraped before and after to cross-check.
     #[arg(long)]
@@ -65,13 +105,23 @@ pub struct Common {
     #[arg(long)]
     pub auth_secret_file: Option<std::path::PathBuf>,
 
-    /// With publish keys on: the key sent as `Authorization: Bearer` on every `POST /publish`.
+    /// With publish keys on: the key sent as `Authorization: Bearer` on every `POST /publish`
+    /// (with `--peer centrifugo`: Centrifugo's HTTP API key, sent as `X-API-Key`).
     #[arg(long)]
     pub publish_key: Option<String>,
 
     /// Time allowed for one connection's connect, upgrade and subscription ack.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+}
+
+impl Common {
+    /// The WebSocket endpoint's path: `--ws-path`, or the peer's default.
+    pub fn ws_path(&self) -> String {
+        self.ws_path
+            .clone()
+            .unwrap_or_else(|| self.peer.default_ws_path().to_owned())
+    }
 }
 
 /// The `idle` scenario.
@@ -125,7 +175,8 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
 
-    /// Events per `POST /publish` request.
+    /// Events per `POST /publish` request (Centrifugo: 1 posts each to `/api/publish`, more posts
+    /// that many publish commands to `/api/batch`).
     #[arg(long, default_value_t = 10)]
     pub batch: usize,
 

@@ -5,6 +5,10 @@
 //! parsing headers only (see [`crate::frame`]) so that, on a machine shared with the service, the
 //! client is not the bottleneck. A few subscribers also read each event's publish timestamp to
 //! sample latency. The service's `/metrics` is scraped before and after as a cross-check.
+//!
+//! With `--peer centrifugo` the same events (same `data`, same timestamps) go to Centrifugo's
+//! HTTP API, and subscribers read each message to count the publications packed into it (see
+//! [`crate::ws::Protocol`]).
 
 use std::{
     collections::BTreeMap,
@@ -26,13 +30,14 @@ use tokio::{
 };
 
 use crate::{
-    cli::FanoutArgs,
-    frame::{self, opcode},
+    centrifugo,
+    cli::{FanoutArgs, Peer},
+    frame,
     http::HttpClient,
     metrics::{self, Scrape},
     open::open_subscribed,
     procfs,
-    ws::{self, Subscribed},
+    ws::{Subscribed, Tally},
 };
 
 mod tasks;
@@ -56,6 +61,8 @@ type Samples = Arc<Mutex<Vec<u32>>>;
 /// The fan-out report.
 #[derive(Debug, Serialize)]
 pub struct FanoutReport {
+    /// The server under test.
+    pub peer: Peer,
     pub subscribers_requested: usize,
     pub subscribers: usize,
     pub connect_failures: BTreeMap<String, u64>,
@@ -90,6 +97,9 @@ pub struct FanoutReport {
     pub latency_max_ms: Option<f64>,
     pub service: Option<ServiceCounters>,
     pub service_cpu_seconds: Option<f64>,
+    /// The server process's CPU time (user + system, from `/proc/<pid>/stat`) per delivery
+    /// received, in microseconds: service_cpu_seconds / received.
+    pub service_cpu_us_per_delivery: Option<f64>,
     pub loadgen_cpu_seconds: Option<f64>,
 }
 
@@ -146,6 +156,18 @@ pub fn histogram_quantile(q: f64, buckets: &BTreeMap<String, f64>) -> Option<f64
     None
 }
 
+/// One event's `data`: `{"t":<t_ns>,"seq":<seq>,"pad":"xx…"}`, exactly `payload_bytes` long
+/// when that is at least the unpadded size.
+pub fn event_data(payload_bytes: usize, seq: u64, t_ns: u64) -> String {
+    let head = format!(r#"{{"t":{t_ns},"seq":{seq},"pad":""#);
+    let pad = payload_bytes.saturating_sub(head.len() + 2);
+    let mut data = String::with_capacity(head.len() + pad + 2);
+    data.push_str(&head);
+    data.extend(std::iter::repeat_n('x', pad));
+    data.push_str("\"}");
+    data
+}
+
 /// Builds one `/publish` body: a JSON array of `batch` events whose `data` is exactly
 /// `payload_bytes` long (when that is at least the unpadded size), stamped with `t_ns`.
 pub fn batch_body(event: &str, batch: usize, payload_bytes: usize, seq: u64, t_ns: u64) -> String {
@@ -156,16 +178,75 @@ pub fn batch_body(event: &str, batch: usize, payload_bytes: usize, seq: u64, t_n
         if k > 0 {
             body.push(',');
         }
-        let head = format!(r#"{{"t":{t_ns},"seq":{},"pad":""#, seq + k);
-        let pad = payload_bytes.saturating_sub(head.len() + 2);
         let _ = write!(
             body,
-            r#"{{"event":{event_json},"data":{head}{}"}}}}"#,
-            "x".repeat(pad)
+            r#"{{"event":{event_json},"data":{}}}"#,
+            event_data(payload_bytes, seq + k, t_ns)
         );
     }
     body.push(']');
     body
+}
+
+/// The path and body of one publish request of `batch` events to `peer`: the event service's
+/// (and the Bun peer's) `POST /publish` with an array of events; Centrifugo's `/api/publish` for
+/// one event and `/api/batch` for more. Every peer gets the same `data`.
+pub fn publish_request(
+    peer: Peer,
+    event: &str,
+    batch: usize,
+    payload_bytes: usize,
+    seq: u64,
+    t_ns: u64,
+) -> (&'static str, String) {
+    match peer {
+        Peer::Eventrouter | Peer::Bun => (
+            PUBLISH_PATH,
+            batch_body(event, batch, payload_bytes, seq, t_ns),
+        ),
+        Peer::Centrifugo if batch == 1 => (
+            centrifugo::PUBLISH_PATH,
+            centrifugo::publish_body(event, &event_data(payload_bytes, seq, t_ns)),
+        ),
+        Peer::Centrifugo => {
+            let data: Vec<String> = (0..batch as u64)
+                .map(|k| event_data(payload_bytes, seq + k, t_ns))
+                .collect();
+            (
+                centrifugo::BATCH_PATH,
+                centrifugo::batch_body(event, data.iter().map(String::as_str)),
+            )
+        }
+    }
+}
+
+/// How many events of a publish request of `batch` the server accepted, from its answer, and the
+/// errors by kind for those it did not: 202 `{"accepted":n}` from the event service and the Bun
+/// peer; 200 with results or errors from Centrifugo (see [`centrifugo::api_outcome`]).
+pub fn publish_outcome(
+    peer: Peer,
+    status: u16,
+    body: &[u8],
+    batch: usize,
+) -> (u64, BTreeMap<String, u64>) {
+    let failed = |kind: String| (0, BTreeMap::from([(kind, 1)]));
+    match (peer, status) {
+        (Peer::Eventrouter | Peer::Bun, 202) => {
+            let n = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("accepted").and_then(serde_json::Value::as_u64))
+                .unwrap_or(batch as u64);
+            (n, BTreeMap::new())
+        }
+        (Peer::Centrifugo, 200) => match centrifugo::api_outcome(body) {
+            Ok(outcome) => (outcome.accepted, outcome.errors),
+            Err(error) => {
+                tracing::warn!(%error, "unreadable Centrifugo API answer");
+                failed("bad_answer".into())
+            }
+        },
+        (_, status) => failed(format!("http_{status}")),
+    }
 }
 
 /// Finds the publish timestamp in an event frame's payload (`"data":{"t":<ns>,`).
@@ -299,7 +380,7 @@ impl LatencyThread {
                 .stream
                 .into_std()
                 .context("detaching a latency subscriber")?;
-            moved.push((slot, std, sub.scanner, sub.messages_after_ack));
+            moved.push((slot, std, sub.scanner, sub.protocol, sub.messages_after_ack));
         }
         let stop = Arc::new(tokio::sync::Notify::new());
         let stop2 = Arc::clone(&stop);
@@ -314,13 +395,14 @@ impl LatencyThread {
                 };
                 rt.block_on(async move {
                     let mut tasks = JoinSet::new();
-                    for (slot, std, scanner, messages_after_ack) in moved {
+                    for (slot, std, scanner, protocol, messages_after_ack) in moved {
                         let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
                             continue;
                         };
                         let sub = Subscribed {
                             stream,
                             scanner,
+                            protocol,
                             messages_after_ack,
                         };
                         tasks.spawn(subscriber(
@@ -427,12 +509,9 @@ async fn measure(
     let accepted = Arc::new(AtomicU64::new(0));
     let mut publishers = JoinSet::new();
     for p in 0..args.publishers {
-        let mut client = HttpClient::connect(args.common.addr)
+        let client = connect_publisher(args)
             .await
             .context("connecting a publisher")?;
-        if let Some(key) = &args.common.publish_key {
-            client.set_bearer(key).context("the publish key")?;
-        }
         publishers.spawn(publish(
             p,
             client,
@@ -457,6 +536,18 @@ async fn measure(
         start_ns,
         per_second,
     })
+}
+
+/// A publisher's keep-alive connection, carrying the publish key the way the peer expects it.
+async fn connect_publisher(args: &FanoutArgs) -> Result<HttpClient, crate::http::HttpError> {
+    let mut client = HttpClient::connect(args.common.addr).await?;
+    if let Some(key) = &args.common.publish_key {
+        match args.common.peer {
+            Peer::Eventrouter | Peer::Bun => client.set_bearer(key)?,
+            Peer::Centrifugo => client.set_api_key(key)?,
+        }
+    }
+    Ok(client)
 }
 
 /// Report phase: turns the counters, samples and snapshots into the report.
@@ -489,7 +580,12 @@ fn report(
         })
     };
     let accepted = published.accepted;
+    let service_cpu_seconds = before
+        .service_cpu
+        .zip(after.service_cpu)
+        .map(|(b, a)| a - b);
     FanoutReport {
+        peer: args.common.peer,
         subscribers_requested: args.subscribers,
         subscribers: stats.len(),
         connect_failures: subs.failures,
@@ -530,10 +626,10 @@ fn report(
             (Some(b), Some(a)) => Some(service_counters(&b, &a)),
             _ => None,
         },
-        service_cpu_seconds: before
-            .service_cpu
-            .zip(after.service_cpu)
-            .map(|(b, a)| a - b),
+        service_cpu_seconds,
+        service_cpu_us_per_delivery: service_cpu_seconds
+            .filter(|_| received > 0)
+            .map(|cpu| cpu * 1e6 / received as f64),
         loadgen_cpu_seconds: before
             .loadgen_cpu
             .zip(after.loadgen_cpu)
@@ -688,6 +784,78 @@ mod tests {
                 100
             );
         }
+    }
+
+    #[test]
+    fn every_peer_gets_the_same_data() {
+        let data = event_data(100, 7, 123);
+        assert_eq!(data.len(), 100);
+        assert!(data.starts_with(r#"{"t":123,"seq":7,"pad":"xx"#), "{data}");
+        let (path, body) = publish_request(Peer::Eventrouter, "bench.x", 2, 100, 7, 123);
+        assert_eq!(path, "/publish");
+        assert_eq!(body, batch_body("bench.x", 2, 100, 7, 123));
+        assert_eq!(
+            publish_request(Peer::Bun, "bench.x", 2, 100, 7, 123),
+            (path, body)
+        );
+
+        let (path, body) = publish_request(Peer::Centrifugo, "bench.x", 1, 100, 7, 123);
+        assert_eq!(path, "/api/publish");
+        let one: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(one["channel"], "bench.x");
+        assert_eq!(
+            one["data"],
+            serde_json::from_str::<serde_json::Value>(&data).expect("JSON")
+        );
+
+        let (path, body) = publish_request(Peer::Centrifugo, "bench.x", 3, 100, 7, 123);
+        assert_eq!(path, "/api/batch");
+        let batch: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let commands = batch["commands"].as_array().expect("commands");
+        assert_eq!(commands.len(), 3);
+        for (k, c) in commands.iter().enumerate() {
+            assert_eq!(c["publish"]["channel"], "bench.x");
+            assert_eq!(c["publish"]["data"]["seq"], 7 + k as u64);
+            assert_eq!(c["publish"]["data"]["t"], 123);
+        }
+    }
+
+    #[test]
+    fn publish_answers_per_peer() {
+        let none = BTreeMap::new();
+        assert_eq!(
+            publish_outcome(Peer::Eventrouter, 202, br#"{"accepted":25}"#, 25),
+            (25, none.clone())
+        );
+        assert_eq!(
+            publish_outcome(Peer::Bun, 202, br#"{"accepted":3}"#, 25),
+            (3, none.clone())
+        );
+        assert_eq!(
+            publish_outcome(Peer::Bun, 400, br#"{"error":"x"}"#, 25),
+            (0, BTreeMap::from([("http_400".to_owned(), 1)]))
+        );
+        assert_eq!(
+            publish_outcome(Peer::Centrifugo, 200, br#"{"result":{}}"#, 1),
+            (1, none.clone())
+        );
+        assert_eq!(
+            publish_outcome(
+                Peer::Centrifugo,
+                200,
+                br#"{"replies":[{"publish":{}},{"error":{"code":102,"message":"unknown channel"}}]}"#,
+                2
+            ),
+            (1, BTreeMap::from([("api_102".to_owned(), 1)]))
+        );
+        assert_eq!(
+            publish_outcome(Peer::Centrifugo, 401, b"Unauthorized", 1),
+            (0, BTreeMap::from([("http_401".to_owned(), 1)]))
+        );
+        assert_eq!(
+            publish_outcome(Peer::Centrifugo, 200, b"nonsense", 1),
+            (0, BTreeMap::from([("bad_answer".to_owned(), 1)]))
+        );
     }
 
     #[test]

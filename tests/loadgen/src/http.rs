@@ -33,8 +33,9 @@ pub enum HttpError {
 pub struct HttpClient {
     addr: SocketAddr,
     sender: http1::SendRequest<Full<Bytes>>,
-    /// `Authorization` sent with every request (a publish key).
-    authorization: Option<header::HeaderValue>,
+    /// A header sent with every request: `Authorization` with a publish key, or Centrifugo's
+    /// `X-API-Key`.
+    credential: Option<(header::HeaderName, header::HeaderValue)>,
 }
 
 impl HttpClient {
@@ -57,15 +58,24 @@ impl HttpClient {
         Ok(Self {
             addr,
             sender,
-            authorization: None,
+            credential: None,
         })
     }
 
     /// Sends `Authorization: Bearer <key>` with every request from now on.
     pub fn set_bearer(&mut self, key: &str) -> Result<(), HttpError> {
-        let value = header::HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|e| HttpError::Request(e.into()))?;
-        self.authorization = Some(value);
+        self.set_credential(header::AUTHORIZATION, &format!("Bearer {key}"))
+    }
+
+    /// Sends `X-API-Key: <key>` (Centrifugo's HTTP API key) with every request from now on.
+    pub fn set_api_key(&mut self, key: &str) -> Result<(), HttpError> {
+        self.set_credential(header::HeaderName::from_static("x-api-key"), key)
+    }
+
+    fn set_credential(&mut self, name: header::HeaderName, value: &str) -> Result<(), HttpError> {
+        let value =
+            header::HeaderValue::from_str(value).map_err(|e| HttpError::Request(e.into()))?;
+        self.credential = Some((name, value));
         Ok(())
     }
 
@@ -83,8 +93,8 @@ impl HttpClient {
         if let Some(ct) = content_type {
             builder = builder.header(header::CONTENT_TYPE, ct);
         }
-        if let Some(auth) = &self.authorization {
-            builder = builder.header(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.credential {
+            builder = builder.header(name, value.clone());
         }
         let request = builder.body(Full::new(body))?;
         self.sender.ready().await?;

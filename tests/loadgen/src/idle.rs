@@ -23,12 +23,11 @@ use tokio::{
 };
 
 use crate::{
-    cli::IdleArgs,
-    frame::opcode,
+    cli::{IdleArgs, Peer},
     metrics,
     open::open_subscribed,
     procfs::{self, PortQueues, ProcMemory, TcpSockstat},
-    ws::{self, Subscribed},
+    ws::{Subscribed, Tally},
 };
 
 /// What each holder task counts.
@@ -59,6 +58,8 @@ pub struct Snapshot {
 /// The idle scenario's report.
 #[derive(Debug, Serialize)]
 pub struct IdleReport {
+    /// The server under test.
+    pub peer: Peer,
     pub requested: usize,
     pub established: usize,
     pub failures: BTreeMap<String, u64>,
@@ -153,6 +154,7 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
         (established > 0).then(|| (after as f64 - before as f64) / established as f64)
     };
     Ok(IdleReport {
+        peer: args.common.peer,
         requested: args.connections,
         established,
         failures: opened.failures,
@@ -179,6 +181,7 @@ async fn hold(sub: Subscribed, answer_pings: bool, stats: Arc<HoldStats>) {
     let Subscribed {
         mut stream,
         mut scanner,
+        mut protocol,
         messages_after_ack,
     } = sub;
     stats
@@ -199,33 +202,30 @@ async fn hold(sub: Subscribed, answer_pings: bool, stats: Arc<HoldStats>) {
                 return;
             }
         };
-        let mut closed = false;
-        let fed = scanner.feed(&buf[..n], |header, payload| match header.opcode {
-            opcode::PING => {
-                stats.pings.fetch_add(1, Ordering::Relaxed);
-                if answer_pings {
-                    replies.extend(ws::pong(payload));
-                    stats.pongs_sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            opcode::CLOSE => closed = true,
-            _ if header.ends_message() => {
-                stats.unexpected_messages.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
+        let mut tally = Tally::default();
+        let fed = scanner.feed(&buf[..n], |header, payload| {
+            protocol.on_frame(header, payload, &mut tally, &mut replies, |_| {});
         });
+        stats.pings.fetch_add(tally.pings, Ordering::Relaxed);
+        stats
+            .unexpected_messages
+            .fetch_add(tally.events, Ordering::Relaxed);
         if fed.is_err() {
             stats.read_errors.fetch_add(1, Ordering::Relaxed);
             return;
+        }
+        if !answer_pings {
+            replies.clear();
         }
         if !replies.is_empty() {
             if stream.write_all(&replies).await.is_err() {
                 stats.read_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            stats.pongs_sent.fetch_add(tally.pings, Ordering::Relaxed);
             replies.clear();
         }
-        if closed {
+        if tally.close.is_some() {
             stats.closed_by_server.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`cli`] — subcommands and flags; every knob has a default.
+//! - [`cli`] — subcommands and flags; every knob has a default; `--peer` picks the server.
+//! - [`centrifugo`] — Centrifugo's JSON client protocol and HTTP API (`--peer centrifugo`).
 //! - [`frame`] — WebSocket frame headers: the cheap scanner the subscribers count with.
 //! - [`ws`] — the raw-socket WebSocket client: upgrade, subscribe, pongs.
 //! - [`open`] — opening many subscribed connections at bounded concurrency.
@@ -19,6 +20,7 @@
 
 pub mod amqp_bench;
 pub mod auth;
+pub mod centrifugo;
 pub mod cli;
 pub mod fanout;
 pub mod frame;

@@ -44,8 +44,9 @@ pub async fn open_subscribed(
     let started = Instant::now();
     let target = Target {
         addr: common.addr,
-        path: common.ws_path.clone(),
+        path: common.ws_path(),
     };
+    let peer = common.peer;
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     let token: Option<Arc<str>> = match &common.auth_secret_file {
         None => None,
@@ -86,7 +87,7 @@ pub async fn open_subscribed(
                     tokio::time::timeout(timeout, ws::connect(&target, source))
                         .await
                         .map_err(|_| ws::WsError::Timeout)??;
-                ws::subscribe(stream, leftover, &patterns, token.as_deref(), timeout).await
+                ws::subscribe(stream, leftover, peer, &patterns, token.as_deref(), timeout).await
             }
             .await;
             drop(permit);

@@ -11,7 +11,7 @@ fn opt(v: Option<f64>, unit: &str) -> String {
 /// The idle report as text.
 pub fn idle(r: &IdleReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "== idle connections ==");
+    let _ = writeln!(out, "== idle connections ({}) ==", r.peer.as_str());
     let _ = writeln!(
         out,
         "established          {} of {} in {:.1}s; failures {:?}",
@@ -78,7 +78,7 @@ pub fn idle(r: &IdleReport) -> String {
 /// The fan-out report as text.
 pub fn fanout(r: &FanoutReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "== fan-out ==");
+    let _ = writeln!(out, "== fan-out ({}) ==", r.peer.as_str());
     let _ = writeln!(
         out,
         "subscribers          {} of {}; connect failures {:?}",
@@ -144,8 +144,10 @@ pub fn fanout(r: &FanoutReport) -> String {
     }
     let _ = writeln!(
         out,
-        "CPU                  service {} s, loadgen {} s",
+        "CPU                  service {} s ({} µs per delivery), loadgen {} s",
         r.service_cpu_seconds
+            .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
+        r.service_cpu_us_per_delivery
             .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}")),
         r.loadgen_cpu_seconds
             .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"))

@@ -3,6 +3,10 @@
 //!
 //! A full client library would decode every message; the load generator's subscribers must not,
 //! so after the handshake they keep the bare socket and scan frame headers (see [`crate::frame`]).
+//!
+//! With `--peer centrifugo` the handshake is Centrifugo's (`connect`, then `subscribe` per
+//! channel, see [`crate::centrifugo`]), and [`Protocol`] counts publications inside each message
+//! (Centrifugo packs several replies into one) and answers its `{}` pings as well.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -15,7 +19,11 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use crate::frame::{self, FrameError, Scanner, opcode};
+use crate::{
+    centrifugo::{self, Line},
+    cli::Peer,
+    frame::{self, FrameError, Scanner, opcode},
+};
 
 /// The sample nonce of RFC 6455 §1.3 and its accept value. Every connection may send the same
 /// key: it only proves the server speaks WebSocket, and using the RFC's pair lets the client
@@ -74,6 +82,8 @@ pub struct Target {
 pub struct Subscribed {
     pub stream: TcpStream,
     pub scanner: Scanner,
+    /// How to read the frames that follow.
+    pub protocol: Protocol,
     /// Messages that arrived in the same read as the ack (already counted off the wire).
     pub messages_after_ack: u64,
 }
@@ -86,6 +96,90 @@ pub fn mask() -> [u8; 4] {
 /// Encodes a pong answering a ping with `payload`.
 pub fn pong(payload: &[u8]) -> Vec<u8> {
     frame::encode_client_frame(opcode::PONG, payload, mask())
+}
+
+/// Encodes the `{}` text frame that answers a Centrifugo ping.
+pub fn centrifugo_pong() -> Vec<u8> {
+    frame::encode_client_frame(opcode::TEXT, centrifugo::PONG, mask())
+}
+
+/// What the frames of one read amounted to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Events delivered.
+    pub events: u64,
+    /// Pings received (WebSocket pings, and Centrifugo's `{}`); each answer went to `replies`.
+    pub pings: u64,
+    /// The close code, when the server sent a close frame (0: a close frame without a code).
+    pub close: Option<u16>,
+}
+
+/// A subscribed connection's reading of its peer's protocol: which frames deliver events, which
+/// are pings and how they are answered.
+#[derive(Debug, Default)]
+pub struct Protocol {
+    pub peer: Peer,
+    message: centrifugo::Reassembler,
+}
+
+impl Protocol {
+    pub fn new(peer: Peer) -> Self {
+        Self {
+            peer,
+            message: centrifugo::Reassembler::default(),
+        }
+    }
+
+    /// Whether the scanner must capture data payloads to count events: Centrifugo packs several
+    /// replies into one message, so its messages are read, not just counted.
+    pub fn needs_payloads(&self) -> bool {
+        self.peer == Peer::Centrifugo
+    }
+
+    /// Handles one complete frame: adds to `tally`, appends the answer to a ping to `replies`, and
+    /// calls `on_event` with each event's bytes (the frame's payload, empty when it was not
+    /// captured; for Centrifugo the publication's line).
+    pub fn on_frame(
+        &mut self,
+        header: &frame::Header,
+        payload: &[u8],
+        tally: &mut Tally,
+        replies: &mut Vec<u8>,
+        mut on_event: impl FnMut(&[u8]),
+    ) {
+        match header.opcode {
+            opcode::PING => {
+                tally.pings += 1;
+                replies.extend(pong(payload));
+            }
+            opcode::CLOSE => {
+                tally
+                    .close
+                    .get_or_insert(frame::close_code(payload).unwrap_or(0));
+            }
+            opcode::PONG => {}
+            _ if self.peer == Peer::Centrifugo => self.message.feed(header, payload, |message| {
+                for line in centrifugo::lines(message) {
+                    match line {
+                        Line::Publication(line) => {
+                            tally.events += 1;
+                            on_event(line);
+                        }
+                        Line::Ping => {
+                            tally.pings += 1;
+                            replies.extend(centrifugo_pong());
+                        }
+                        Line::Push(_) | Line::Reply { .. } | Line::Unknown(_) => {}
+                    }
+                }
+            }),
+            _ if header.ends_message() => {
+                tally.events += 1;
+                on_event(payload);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Connects (from `source` when given, so connections can spread over several loopback
@@ -190,34 +284,45 @@ pub fn auth_op(token: &str) -> String {
     format!(r#"{{"op":"auth","id":0,"token":{token}}}"#)
 }
 
-/// Sends `auth` (when a token is given) and `subscribe`, and reads until the `subscribed` ack,
-/// answering pings on the way. An `auth` refusal arrives as an `error` op and fails the call.
+/// The frames that open a subscription: `auth` (when a token is given) and `subscribe` for the
+/// event service's protocol; `connect` (with the token) and one `subscribe` per channel for
+/// Centrifugo's.
+fn handshake_frames(peer: Peer, patterns: &[String], token: Option<&str>) -> Vec<u8> {
+    let mut messages = Vec::new();
+    match peer {
+        Peer::Eventrouter | Peer::Bun => {
+            messages.extend(token.map(auth_op));
+            messages.push(subscribe_op(1, patterns));
+        }
+        Peer::Centrifugo => {
+            messages.push(centrifugo::connect_command(token));
+            for (id, channel) in (centrifugo::FIRST_SUBSCRIBE_ID..).zip(patterns) {
+                messages.push(centrifugo::subscribe_command(id, channel));
+            }
+        }
+    }
+    messages
+        .iter()
+        .flat_map(|m| frame::encode_client_frame(opcode::TEXT, m.as_bytes(), mask()))
+        .collect()
+}
+
+/// Sends the handshake (see [`handshake_frames`]) and reads until the subscription is
+/// acknowledged (`subscribed`; for Centrifugo, a reply to `connect` and to every `subscribe`),
+/// answering pings on the way. A refusal (an `error` op or error reply) fails the call.
 pub async fn subscribe(
     mut stream: TcpStream,
     leftover: Vec<u8>,
+    peer: Peer,
     patterns: &[String],
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<Subscribed, WsError> {
-    let op = subscribe_op(1, patterns);
-    let auth = token.map(auth_op);
+    let first = handshake_frames(peer, patterns, token);
+    let mut state = AckState::new(peer, patterns.len());
     let work = async move {
-        let mut first = Vec::new();
-        if let Some(auth) = &auth {
-            first.extend(frame::encode_client_frame(
-                opcode::TEXT,
-                auth.as_bytes(),
-                mask(),
-            ));
-        }
-        first.extend(frame::encode_client_frame(
-            opcode::TEXT,
-            op.as_bytes(),
-            mask(),
-        ));
         stream.write_all(&first).await?;
         let mut scanner = Scanner::capturing();
-        let mut state = AckState::default();
         let mut buf = vec![0u8; 4096];
         let mut chunk = leftover;
         loop {
@@ -231,10 +336,11 @@ pub async fn subscribe(
                     return Err(err);
                 }
                 if state.acked {
-                    scanner.capture_data = false;
+                    scanner.capture_data = state.protocol.needs_payloads();
                     return Ok(Subscribed {
                         stream,
                         scanner,
+                        protocol: state.protocol,
                         messages_after_ack: state.messages_after_ack,
                     });
                 }
@@ -251,8 +357,10 @@ pub async fn subscribe(
         .map_err(|_| WsError::Timeout)?
 }
 
-#[derive(Default)]
 struct AckState {
+    protocol: Protocol,
+    /// Centrifugo: the ids of the commands whose replies are still awaited.
+    pending: Vec<u32>,
     acked: bool,
     messages_after_ack: u64,
     pongs: Vec<u8>,
@@ -260,12 +368,66 @@ struct AckState {
 }
 
 impl AckState {
+    fn new(peer: Peer, channels: usize) -> Self {
+        let pending = match peer {
+            Peer::Centrifugo => (centrifugo::CONNECT_ID..).take(1 + channels).collect(),
+            Peer::Eventrouter | Peer::Bun => Vec::new(),
+        };
+        Self {
+            protocol: Protocol::new(peer),
+            pending,
+            acked: false,
+            messages_after_ack: 0,
+            pongs: Vec::new(),
+            error: None,
+        }
+    }
+
     fn on_frame(&mut self, header: &frame::Header, payload: &[u8]) {
         match header.opcode {
             opcode::PING => self.pongs.extend(pong(payload)),
             opcode::CLOSE => {
                 self.error
                     .get_or_insert(WsError::Closed(frame::close_code(payload)));
+            }
+            opcode::PONG => {}
+            _ if self.protocol.peer == Peer::Centrifugo => {
+                let Self {
+                    protocol,
+                    pending,
+                    acked,
+                    messages_after_ack,
+                    pongs,
+                    error,
+                } = self;
+                protocol.message.feed(header, payload, |message| {
+                    for line in centrifugo::lines(message) {
+                        match line {
+                            Line::Reply {
+                                id,
+                                error: Some(why),
+                            } => {
+                                let command = if id == centrifugo::CONNECT_ID {
+                                    "connect"
+                                } else {
+                                    "subscribe"
+                                };
+                                error.get_or_insert(WsError::SubscribeError(format!(
+                                    "{command} (id {id}): {why}"
+                                )));
+                            }
+                            Line::Reply { id, error: None } => {
+                                pending.retain(|p| *p != id);
+                                *acked = pending.is_empty();
+                            }
+                            // Counted whether or not every subscription is acknowledged yet: a
+                            // publication only follows its own channel's reply.
+                            Line::Publication(_) => *messages_after_ack += 1,
+                            Line::Ping => pongs.extend(centrifugo_pong()),
+                            Line::Push(_) | Line::Unknown(_) => {}
+                        }
+                    }
+                });
             }
             _ if header.ends_message() && self.acked => self.messages_after_ack += 1,
             opcode::TEXT => {
@@ -312,6 +474,207 @@ mod tests {
         assert_eq!(
             subscribe_op(1, &["bench.x".to_owned()]),
             r#"{"op":"subscribe","id":1,"events":["bench.x"]}"#
+        );
+    }
+
+    /// An unmasked server frame with FIN set.
+    fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126, "short frames only");
+        let mut out = vec![0x80 | op, payload.len() as u8];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The payloads of a run of short masked client frames.
+    fn client_payloads(mut bytes: &[u8]) -> Vec<(u8, String)> {
+        let mut out = Vec::new();
+        while let [b0, b1, rest @ ..] = bytes {
+            assert_eq!(b1 & 0x80, 0x80, "client frames are masked");
+            let (len, rest) = match b1 & 0x7F {
+                126 => (
+                    usize::from(u16::from_be_bytes([rest[0], rest[1]])),
+                    &rest[2..],
+                ),
+                len => (usize::from(len), rest),
+            };
+            let (mask, rest) = rest.split_at(4);
+            let payload: Vec<u8> = rest[..len]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
+            out.push((b0 & 0x0F, String::from_utf8(payload).expect("UTF-8")));
+            bytes = &rest[len..];
+        }
+        out
+    }
+
+    #[test]
+    fn handshakes_per_peer() {
+        let channels = ["bench.a".to_owned(), "bench.b".to_owned()];
+        for peer in [Peer::Eventrouter, Peer::Bun] {
+            assert_eq!(
+                client_payloads(&handshake_frames(peer, &channels[..1], None)),
+                vec![(
+                    opcode::TEXT,
+                    r#"{"op":"subscribe","id":1,"events":["bench.a"]}"#.to_owned()
+                )]
+            );
+        }
+        assert_eq!(
+            client_payloads(&handshake_frames(Peer::Centrifugo, &channels, None)),
+            vec![
+                (opcode::TEXT, r#"{"id":1,"connect":{}}"#.to_owned()),
+                (
+                    opcode::TEXT,
+                    r#"{"id":2,"subscribe":{"channel":"bench.a"}}"#.to_owned()
+                ),
+                (
+                    opcode::TEXT,
+                    r#"{"id":3,"subscribe":{"channel":"bench.b"}}"#.to_owned()
+                ),
+            ]
+        );
+    }
+
+    fn feed_ack(state: &mut AckState, bytes: &[u8]) {
+        Scanner::capturing()
+            .feed(bytes, |h, p| state.on_frame(h, p))
+            .expect("valid frames");
+    }
+
+    #[test]
+    fn centrifugo_ack_needs_every_reply() {
+        let mut state = AckState::new(Peer::Centrifugo, 2);
+        feed_ack(
+            &mut state,
+            &server_frame(
+                opcode::TEXT,
+                b"{\"id\":1,\"connect\":{\"client\":\"c\",\"ping\":20,\"pong\":true}}\n{}",
+            ),
+        );
+        assert!(!state.acked);
+        assert_eq!(
+            client_payloads(&state.pongs),
+            vec![(opcode::TEXT, "{}".to_owned())]
+        );
+        let mut rest = server_frame(opcode::TEXT, b"{\"id\":2,\"subscribe\":{}}");
+        rest.extend(server_frame(
+            opcode::TEXT,
+            b"{\"id\":3,\"subscribe\":{}}\n{\"push\":{\"channel\":\"bench.b\",\"pub\":{\"data\":1}}}",
+        ));
+        feed_ack(&mut state, &rest);
+        assert!(state.acked);
+        assert_eq!(state.messages_after_ack, 1);
+        assert!(state.error.is_none());
+    }
+
+    #[test]
+    fn centrifugo_refusals_and_closes_fail_the_handshake() {
+        let mut state = AckState::new(Peer::Centrifugo, 1);
+        feed_ack(
+            &mut state,
+            &server_frame(
+                opcode::TEXT,
+                b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"error\":{\"code\":103,\"message\":\"permission denied\"}}",
+            ),
+        );
+        let err = state.error.take().expect("refused");
+        assert_eq!(err.kind(), "subscribe_error");
+        assert!(
+            err.to_string().contains("subscribe (id 2): error 103"),
+            "{err}"
+        );
+
+        let mut state = AckState::new(Peer::Centrifugo, 1);
+        feed_ack(
+            &mut state,
+            &server_frame(opcode::CLOSE, &3501u16.to_be_bytes()),
+        );
+        assert_eq!(
+            state.error.map(|e| e.kind()),
+            Some("closed_3501".to_owned())
+        );
+    }
+
+    fn tally(
+        protocol: &mut Protocol,
+        capture: bool,
+        bytes: &[u8],
+    ) -> (Tally, Vec<Vec<u8>>, Vec<u8>) {
+        let mut scanner = Scanner::new();
+        scanner.capture_data = capture;
+        let (mut t, mut events, mut replies) = (Tally::default(), Vec::new(), Vec::new());
+        scanner
+            .feed(bytes, |h, p| {
+                protocol.on_frame(h, p, &mut t, &mut replies, |e| events.push(e.to_vec()))
+            })
+            .expect("valid frames");
+        (t, events, replies)
+    }
+
+    #[test]
+    fn event_service_frames_count_one_event_each() {
+        let mut bytes = server_frame(opcode::TEXT, br#"{"op":"event","data":{"t":1}}"#);
+        bytes.extend(server_frame(
+            opcode::TEXT,
+            br#"{"op":"event","data":{"t":2}}"#,
+        ));
+        bytes.extend(server_frame(opcode::PING, b"p"));
+        let mut protocol = Protocol::new(Peer::Bun);
+        assert!(!protocol.needs_payloads());
+        let (t, events, replies) = tally(&mut protocol, false, &bytes);
+        assert_eq!(
+            t,
+            Tally {
+                events: 2,
+                pings: 1,
+                close: None
+            }
+        );
+        assert_eq!(
+            events,
+            vec![Vec::<u8>::new(), Vec::new()],
+            "payloads not captured"
+        );
+        assert_eq!(
+            client_payloads(&replies),
+            vec![(opcode::PONG, "p".to_owned())]
+        );
+    }
+
+    #[test]
+    fn centrifugo_messages_count_their_publications_and_answer_pings() {
+        let publication = br#"{"push":{"channel":"bench.fanout","pub":{"data":{"t":7,"seq":1}}}}"#;
+        let mut message = publication.to_vec();
+        message.push(b'\n');
+        message.extend_from_slice(b"{}");
+        message.push(b'\n');
+        message.extend_from_slice(publication);
+        let mut bytes = server_frame(opcode::TEXT, &message[..100]);
+        bytes[0] &= 0x7F; // not the last frame of the message
+        bytes.extend(server_frame(opcode::CONTINUATION, &message[100..]));
+        bytes.extend(server_frame(opcode::CLOSE, &1001u16.to_be_bytes()));
+        let mut protocol = Protocol::new(Peer::Centrifugo);
+        assert!(protocol.needs_payloads());
+        let (t, events, replies) = tally(&mut protocol, true, &bytes);
+        assert_eq!(
+            t,
+            Tally {
+                events: 2,
+                pings: 1,
+                close: Some(1001)
+            }
+        );
+        assert_eq!(events, vec![publication.to_vec(), publication.to_vec()]);
+        assert_eq!(
+            client_payloads(&replies),
+            vec![(opcode::TEXT, "{}".to_owned())]
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| crate::fanout::timestamp_of(e) == Some(7))
         );
     }
 }

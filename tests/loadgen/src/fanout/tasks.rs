@@ -29,7 +29,8 @@ pub(super) async fn publish(
                 break;
             }
         }
-        let body = batch_body(
+        let (path, body) = publish_request(
+            args.common.peer,
             &args.event,
             args.batch,
             args.payload_bytes,
@@ -37,20 +38,19 @@ pub(super) async fn publish(
             nanos_since(epoch),
         );
         seq += args.batch as u64;
-        match client.post_json(PUBLISH_PATH, Bytes::from(body)).await {
-            Ok((202, body)) => {
-                let n = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("accepted").and_then(serde_json::Value::as_u64))
-                    .unwrap_or(args.batch as u64);
+        match client.post_json(path, Bytes::from(body)).await {
+            Ok((status, body)) => {
+                let (n, refused) = publish_outcome(args.common.peer, status, &body, args.batch);
                 accepted.fetch_add(n, Ordering::Relaxed);
+                for (kind, count) in refused {
+                    *errors.entry(kind).or_insert(0) += count;
+                }
             }
-            Ok((status, _)) => *errors.entry(format!("http_{status}")).or_insert(0) += 1,
             Err(error) => {
                 *errors.entry("io".into()).or_insert(0) += 1;
                 tracing::warn!(%error, "publish failed; reconnecting");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                match HttpClient::connect(args.common.addr).await {
+                match connect_publisher(&args).await {
                     Ok(c) => client = c,
                     Err(_) => break,
                 }
@@ -91,7 +91,7 @@ pub(super) async fn progress(
     per_second
 }
 
-/// One subscriber: reads raw bytes, counts message frames, answers pings, notes a close.
+/// One subscriber: reads raw bytes, counts events, answers pings, notes a close.
 pub(super) async fn subscriber(
     sub: Subscribed,
     slot: usize,
@@ -103,11 +103,12 @@ pub(super) async fn subscriber(
     let Subscribed {
         mut stream,
         mut scanner,
+        mut protocol,
         messages_after_ack,
     } = sub;
     let me = &stats[slot];
     me.messages.fetch_add(messages_after_ack, Ordering::Relaxed);
-    scanner.capture_data = sampler.is_some();
+    scanner.capture_data = sampler.is_some() || protocol.needs_payloads();
     let mut buf = vec![0u8; read_buffer.max(frame::MAX_HEADER_LEN)];
     let mut replies = Vec::new();
     let mut local_samples = Vec::new();
@@ -122,28 +123,20 @@ pub(super) async fn subscriber(
             Ok(n) => n,
         };
         let now_ns = nanos_since(epoch);
-        let mut messages = 0u64;
-        let mut close = None;
+        let mut tally = Tally::default();
         let fed = scanner.feed(&buf[..n], |header, payload| {
-            if header.ends_message() {
-                messages += 1;
+            protocol.on_frame(header, payload, &mut tally, &mut replies, |event| {
                 if sampler.is_some()
-                    && let Some(t) = timestamp_of(payload)
+                    && let Some(t) = timestamp_of(event)
                 {
                     let micros = now_ns.saturating_sub(t) / 1000;
                     local_samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
                 }
-                return;
-            }
-            match header.opcode {
-                opcode::PING => replies.extend(ws::pong(payload)),
-                opcode::CLOSE => close = Some(frame::close_code(payload).unwrap_or(0)),
-                _ => {}
-            }
+            });
         });
         me.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        if messages > 0 {
-            me.messages.fetch_add(messages, Ordering::Relaxed);
+        if tally.events > 0 {
+            me.messages.fetch_add(tally.events, Ordering::Relaxed);
             me.last_message_ns.store(now_ns, Ordering::Relaxed);
         }
         if let Some(sampler) = &sampler
@@ -158,7 +151,7 @@ pub(super) async fn subscriber(
                 .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
             return;
         }
-        if let Some(code) = close {
+        if let Some(code) = tally.close {
             me.closed.store(u64::from(code) + 1, Ordering::Relaxed);
             return;
         }
