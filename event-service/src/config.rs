@@ -266,6 +266,10 @@ pub struct Config {
     #[arg(long, env = env::SOCKET_SAMPLE_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
     pub socket_sample_interval: Duration,
 
+    /// How often to check whether 256 or more connections opened or closed since the memory they freed was last returned to the system (glibc `malloc_trim`); `0s` never returns it.
+    #[arg(long, env = env::HEAP_TRIM_INTERVAL, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heap_trim_interval: Duration,
+
     /// A connection whose Recv-Q, Send-Q or outbound queue exceeds this counts as "over threshold".
     #[arg(long, env = env::QUEUE_ALERT_THRESHOLD_BYTES, default_value_t = 64 * 1024)]
     pub queue_alert_threshold_bytes: u64,

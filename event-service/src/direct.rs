@@ -295,6 +295,11 @@ impl ConnStream {
         &mut self.tcp
     }
 
+    pub fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.tcp.as_raw_fd()
+    }
+
     /// Bytes to write before anything else.
     pub(crate) fn set_prefix(&mut self, rest: Vec<u8>) {
         debug_assert!(self.prefix.is_none());

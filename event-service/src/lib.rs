@@ -24,6 +24,8 @@
 //! - [`admin_port`] — the admin listener: `/metrics`, `/debug/connections`.
 //! - [`session`] — one WebSocket connection's task: always reads, writes in batches, pings, idle
 //!   timeout, socket sampling, subscribe/unsubscribe requests.
+//! - [`ws`] — the session's WebSocket: tungstenite's protocol over the socket, driven with the
+//!   session task's own context (no per-connection waker proxies).
 //! - [`ws_close`] — how a session ends: close codes for read errors (1009, 1007, 1002) and the
 //!   lingering close that lets the client read the close frame.
 //! - [`connection`] — what other tasks see of a connection: its bounded outbound queue (bytes),
@@ -41,8 +43,9 @@
 //! - [`topics`] — pattern validation and the topic trie (RabbitMQ `*` / `#` semantics). Pure.
 //! - [`service_metrics`] — the Prometheus registry's contents (the AMQP source adds its broker
 //!   metrics).
-//! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; with `direct`'s `sendmsg`, the crate's only
-//!   `unsafe`.
+//! - [`sockq`] — `SIOCINQ`/`SIOCOUTQ` ioctls; with `direct`'s `sendmsg` and `heap_trim`'s
+//!   `malloc_trim`, the crate's only `unsafe`.
+//! - [`heap_trim`] — returns the heap that connection churn freed to the system.
 //! - [`rebalance`] — rebalancing after scale-out: the heartbeat instances exchange on the control
 //!   exchange, the fleet view, and which connections to ask to reconnect (close 4002). Pure.
 //! - [`rebalancer`] — the task that runs it: publishes this instance's heartbeat, reads the
@@ -77,6 +80,7 @@ pub mod fd_budget;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod heap_trim;
 pub(crate) mod history;
 pub(crate) mod hub;
 pub(crate) mod main_port;
@@ -90,4 +94,5 @@ pub(crate) mod sockq;
 pub mod source;
 pub(crate) mod state;
 pub(crate) mod topics;
+pub(crate) mod ws;
 pub(crate) mod ws_close;

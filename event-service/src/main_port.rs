@@ -11,7 +11,6 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    os::fd::AsRawFd,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -33,10 +32,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::OwnedSemaphorePermit,
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{handshake::derive_accept_key, protocol::Role},
-};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -51,6 +47,7 @@ use crate::{
     service_metrics::RejectReason,
     session,
     state::Shared,
+    ws::Ws,
 };
 
 fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
@@ -263,23 +260,17 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
         let leftover = read_buf.to_vec();
         drop(read_buf);
         let stream = io.into_inner();
-        let fd = stream.as_raw_fd();
-        let ws = WebSocketStream::from_partially_read(
-            ConnStream::new(stream),
-            leftover,
-            Role::Server,
-            Some(shared2.ws_config),
-        )
-        .await;
+        let ws = Ws::new(ConnStream::new(stream), leftover, shared2.ws_config);
         // The connection gets a task of its own, sized to the session alone; this one (and the
         // upgrade's state) ends here.
         tokio::spawn(Connection::start(
             ws,
-            fd,
             peer,
             shared2,
             token,
-            (permit, ip_slot),
+            // Boxed: most servers set no per-address limits, and it would be 24 bytes more in
+            // every connection's task.
+            (permit, ip_slot.map(Box::new)),
         ));
     });
     let mut r = Response::new(Full::new(Bytes::new()));
@@ -293,43 +284,35 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) ->
     r
 }
 
-/// One connection's task: its session, then the bookkeeping when it ends. The slots (the
-/// connection limit's permit, the per-address slot) are held for the connection's life.
+/// One connection's task: its session, then the bookkeeping when it ends. The connection
+/// limit's slot (taken as a permit, kept as a count to keep the task small: returned in `Drop`)
+/// and the per-address slot are held for the connection's life.
 struct Connection {
     session: session::SessionTask,
-    conn: Arc<ConnShared>,
     shared: Arc<Shared>,
-    _slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    _ip_slot: Option<Box<IpSlot>>,
 }
 
 impl Connection {
     fn start(
-        ws: WebSocketStream<ConnStream>,
-        fd: std::os::fd::RawFd,
+        ws: Ws,
         peer: SocketAddr,
         shared: Arc<Shared>,
         token: Option<Box<Verified>>,
-        slots: (OwnedSemaphorePermit, Option<IpSlot>),
+        (permit, ip_slot): (OwnedSemaphorePermit, Option<Box<IpSlot>>),
     ) -> Self {
+        permit.forget();
         let id = shared.next_conn_id();
         let conn = Arc::new(ConnShared::new(id, peer));
         shared.conns.insert(conn.clone());
         shared.metrics.connections.inc();
         shared.metrics.connections_accepted.inc();
         tracing::debug!(conn = id, %peer, "connected");
-        let session = session::run(
-            ws,
-            fd,
-            conn.clone(),
-            shared.hub.clone(),
-            shared.session.clone(),
-            token,
-        );
+        let session = session::run(ws, conn, shared.hub.clone(), shared.session.clone(), token);
         Self {
             session,
-            conn,
             shared,
-            _slots: slots,
+            _ip_slot: ip_slot,
         }
     }
 }
@@ -338,14 +321,20 @@ impl Future for Connection {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let reason = std::task::ready!(Pin::new(&mut self.session).poll(cx));
-        let (id, peer, shared) = (self.conn.id, self.conn.peer, &self.shared);
-        shared.conns.remove(id);
+        let (reason, conn) = std::task::ready!(Pin::new(&mut self.session).poll(cx));
+        let shared = &self.shared;
+        shared.conns.remove(conn.id);
         shared.metrics.connections.dec();
         shared.metrics.disconnect(reason);
         shared.conn_closed.notify_waiters();
-        tracing::debug!(conn = id, %peer, reason = reason.as_str(), "disconnected");
+        tracing::debug!(conn = conn.id, peer = %conn.peer, reason = reason.as_str(), "disconnected");
         Poll::Ready(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.connection_slots.add_permits(1);
     }
 }
 

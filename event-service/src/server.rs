@@ -153,6 +153,12 @@ pub(crate) async fn serve_observed(
     });
     let rebalance_metrics = RebalanceMetrics::register(&registry)?;
     access.spawn_maintenance(config.auth_reload_interval, background.clone());
+    crate::heap_trim::spawn(
+        config.heap_trim_interval,
+        metrics.connections_accepted.clone(),
+        metrics.connections.clone(),
+        background.clone(),
+    );
     let shared = Arc::new(Shared::new(config, registry, metrics, hub, access));
     if let Source::Amqp(amqp) = &source {
         rebalancer::spawn(shared.clone(), amqp, rebalance_metrics, background.clone())?;

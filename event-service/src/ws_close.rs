@@ -16,14 +16,10 @@ use eventrouter_contract::close;
 use eventrouter_runtime::linger::{
     self, Discarded, LINGER_MAX_BYTES, LINGER_TIMEOUT, poll_discard_ready,
 };
-use futures_util::SinkExt;
 use tokio::{io::AsyncWriteExt, time::Instant};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{Error as WsError, error::ProtocolError},
-};
+use tokio_tungstenite::tungstenite::{Error as WsError, error::ProtocolError};
 
-use crate::{direct::ConnStream, service_metrics::DisconnectReason};
+use crate::{service_metrics::DisconnectReason, ws::Ws};
 
 /// The close frame the server sends for a client's read error, and why the connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,11 +90,7 @@ pub fn close_frame_bytes(code: u16, reason: &str) -> Vec<u8> {
 /// `unsent_close` straight to the socket when the WebSocket layer could not queue it, shuts down
 /// the write side and discards what the client still sends until it closes, within
 /// [`LINGER_TIMEOUT`] and [`LINGER_MAX_BYTES`] in all.
-pub(crate) async fn finish(
-    ws: &mut WebSocketStream<ConnStream>,
-    unsent_close: Option<(u16, &'static str)>,
-    conn: u64,
-) {
+pub(crate) async fn finish(ws: &mut Ws, unsent_close: Option<(u16, &'static str)>, conn: u64) {
     let deadline = Instant::now() + LINGER_TIMEOUT;
     let mut discarded = 0usize;
     let mut eof = false;
@@ -106,7 +98,7 @@ pub(crate) async fn finish(
     let flushed = tokio::time::timeout_at(
         deadline,
         poll_fn(|cx| {
-            if let Poll::Ready(result) = ws.poll_flush_unpin(cx) {
+            if let Poll::Ready(result) = ws.poll_flush(cx) {
                 return Poll::Ready(result.is_ok());
             }
             if !eof && discarded < LINGER_MAX_BYTES {

@@ -82,8 +82,8 @@ impl Session {
             return true;
         }
         self.metrics().frame(FrameKind::RateLimited);
-        self.rate_limited_in_row += 1;
-        if self.rate_limited_in_row >= MAX_INVALID_IN_ROW {
+        self.rate_limited_in_row = self.rate_limited_in_row.saturating_add(1);
+        if u32::from(self.rate_limited_in_row) >= MAX_INVALID_IN_ROW {
             self.start_close(
                 close::POLICY,
                 "frame rate limit exceeded",
