@@ -20,7 +20,13 @@ pub(super) async fn publish(
         Duration::from_secs_f64(args.batch as f64 * args.publishers as f64 / args.rate as f64)
     });
     let mut seq = (p as u64) << 40;
-    let mut next = publish_start;
+    // Publishers take turns: publisher p starts p/publishers of an interval late. Started
+    // together, their batches would reach the service at the same instants, and "one event per
+    // publish" would arrive as `publishers` events at once (fanned out in one write each).
+    let mut next = publish_start
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(p as f64 / args.publishers as f64)
+        });
     while Instant::now() < deadline {
         if let Some(interval) = interval {
             tokio::time::sleep_until(next.into()).await;
