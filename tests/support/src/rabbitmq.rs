@@ -100,21 +100,29 @@ impl Management {
     }
 
     /// GETs `/api/<path>` and parses the JSON answer; `None` when the object does not exist (404).
-    /// Path segments must be encoded with [`encode_segment`].
+    /// Path segments must be encoded with [`encode_segment`]. A 5xx answer is asked again a few
+    /// times: the API answers 500 for a moment while a stream queue's members are being set up.
     pub async fn get(&self, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
         let url = format!("{}/api/{}", self.base_url, path.trim_start_matches('/'));
-        let response = crate::http::request(
-            Method::GET,
-            &url,
-            &[(AUTHORIZATION, &self.authorization)],
-            Bytes::new(),
-        )
-        .await
-        .context("is the RabbitMQ node (with the management plugin) running?")?;
-        match response.status {
-            404 => Ok(None),
-            200..=299 => response.json().map(Some),
-            status => bail!("GET {url} answered {status}: {}", response.text()),
+        let mut retries = 5;
+        loop {
+            let response = crate::http::request(
+                Method::GET,
+                &url,
+                &[(AUTHORIZATION, &self.authorization)],
+                Bytes::new(),
+            )
+            .await
+            .context("is the RabbitMQ node (with the management plugin) running?")?;
+            match response.status {
+                404 => return Ok(None),
+                200..=299 => return response.json().map(Some),
+                500..=599 if retries > 0 => {
+                    retries -= 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                status => bail!("GET {url} answered {status}: {}", response.text()),
+            }
         }
     }
 
