@@ -3,7 +3,7 @@
 //!
 //! The hub pushes shared event frames into [`ConnShared`]'s queue from whatever task dispatches
 //! the event; the connection's own task (`session`) takes everything queued at once and writes it
-//! as one batch. The queue is a `Mutex<VecDeque>` touched by exactly those two parties, so a
+//! as one batch. The queue sits behind a mutex touched by exactly those two parties, so a
 //! delivery costs one uncontended lock, a refcount bump and — only when the queue was empty — one
 //! task wake-up. The bound is counted in bytes of encoded frames, including the batch the writer
 //! has taken but not yet handed to the socket.
@@ -22,6 +22,10 @@ use std::os::fd::RawFd;
 
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+mod frames;
+
+use frames::Frames;
 
 use crate::{
     config::SlowConsumerPolicy,
@@ -95,7 +99,7 @@ const CLOSE_REBALANCE: u8 = 3;
 
 #[derive(Default)]
 struct OutQueue {
-    frames: VecDeque<Outgoing>,
+    frames: Frames,
     /// Bytes of `frames` plus the batch the writer took and has not yet written.
     bytes: usize,
     closed: bool,
@@ -107,8 +111,9 @@ struct OutQueue {
     /// The socket, while the connection's task is parked with nothing buffered: frames are then
     /// written into it by its group writer (see `direct`). `None` whenever the task is running.
     direct: Option<RawFd>,
-    /// What a direct write left unwritten; the task writes it before anything else.
-    partial: Option<Vec<u8>>,
+    /// What a direct write left unwritten; the task writes it before anything else (a boxed
+    /// slice: the inline frame of `frames` took the room of a `Vec`).
+    partial: Option<Box<[u8]>>,
     /// On its group writer's list (see `direct`).
     marked: bool,
     /// A group writer is writing frames it took from this queue into the socket.
@@ -273,8 +278,8 @@ impl ConnShared {
     /// Clears the queue and asks the connection to close as a slow consumer.
     fn overflow(&self, q: &mut MutexGuard<'_, OutQueue>) {
         q.direct = None;
-        q.bytes -= q.frames.iter().map(|f| f.frame.len()).sum::<usize>();
-        q.frames = VecDeque::new();
+        q.bytes -= q.frames.bytes();
+        q.frames = Frames::default();
         q.replay = None;
         q.closed = true;
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
@@ -422,7 +427,12 @@ impl ConnShared {
             (fd, std::mem::take(&mut q.frames))
         };
         let sent = SCRATCH.with_borrow_mut(|scratch| {
-            direct::send_texts(fd, frames.len(), |i| frames[i].frame.as_bytes(), scratch)
+            direct::send_texts(
+                fd,
+                frames.len(),
+                |i| frames.get(i).map_or(&[], |o| o.frame.as_bytes()),
+                scratch,
+            )
         });
         let (whole, rest) = match sent {
             Sent::Frames(n) => (n, None),
@@ -431,7 +441,7 @@ impl ConnShared {
         let mut written = 0usize;
         let cut = whole + usize::from(rest.is_some());
         let mut oldest: Option<SystemTime> = None;
-        for out in frames.drain(..cut.min(frames.len())) {
+        for out in (0..cut).map_while(|_| frames.pop_front()) {
             written += out.frame.len();
             if let Some(t) = out.published {
                 oldest = Some(oldest.map_or(t, |o| o.min(t)));
@@ -447,12 +457,12 @@ impl ConnShared {
         if let Some(rest) = rest {
             // The rest of the cut frame is the task's to write first; it counts until taken.
             q.bytes += rest.len();
-            q.partial = Some(rest);
+            q.partial = Some(rest.into_boxed_slice());
         }
         q.bytes = q.bytes.saturating_sub(written);
         if !frames.is_empty() {
             // Not taken by the socket: back in front of what was queued meanwhile.
-            frames.append(&mut q.frames);
+            frames.append(std::mem::take(&mut q.frames));
             q.frames = frames;
         }
         // Otherwise the drained `frames` is freed here: an idle connection keeps no queue
@@ -498,7 +508,7 @@ impl ConnShared {
         };
         q.bytes = q.bytes.saturating_sub(rest.len());
         self.outbound_bytes.store(q.bytes as u64, Ordering::Relaxed);
-        Ok(Some(rest))
+        Ok(Some(rest.into_vec()))
     }
 
     /// [`ConnShared::stop_direct`] for a task that is going away: waits out a write in progress
@@ -532,15 +542,10 @@ impl ConnShared {
     pub(crate) fn take_all(&self, batch: &mut VecDeque<Outgoing>) -> bool {
         let mut q = lock(&self.queue);
         let Some(mut replay) = q.replay.take() else {
-            if batch.is_empty() {
-                std::mem::swap(&mut q.frames, batch);
-            } else {
-                batch.extend(q.frames.drain(..));
-            }
+            q.frames.move_all_into(batch);
             return false;
         };
-        let first = replay.before.min(q.frames.len());
-        batch.extend(q.frames.drain(..first));
+        q.frames.move_front_into(replay.before, batch);
         replay.before = 0;
         let end = (replay.next + REPLAY_SLICE).min(replay.events.len());
         let mut bytes = 0;
@@ -560,7 +565,7 @@ impl ConnShared {
         } else {
             // The replay is done: what was queued after it follows in the same batch (nothing
             // else would wake the writer for frames queued while the replay was pending).
-            batch.extend(q.frames.drain(..));
+            q.frames.move_all_into(batch);
             false
         }
     }
@@ -597,7 +602,7 @@ impl ConnShared {
             + q.replay
                 .take()
                 .map_or(0, |r| (r.events.len() - r.next) as u64);
-        q.frames = VecDeque::new();
+        q.frames = Frames::default();
         q.bytes = 0;
         self.outbound_bytes.store(0, Ordering::Relaxed);
         n
@@ -750,6 +755,15 @@ pub struct Movable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection allocates its shared state once (`Arc`: 16 bytes of counts; glibc adds
+    /// 8 and rounds to 16): up to 248 bytes it takes a 272-byte chunk, part of the idle
+    /// connection's budget (BENCHMARKS.md, memory per idle connection).
+    #[test]
+    fn the_shared_state_stays_within_its_memory_budget() {
+        let size = std::mem::size_of::<ConnShared>();
+        assert!(size <= 248, "ConnShared is {size} bytes; the budget is 248");
+    }
 
     fn out(s: &'static str) -> Outgoing {
         Outgoing {
