@@ -148,6 +148,12 @@ pub struct IdleArgs {
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub hold: Duration,
 
+    /// Hold until the process receives SIGUSR1 (`--hold`, when not 0, ends the hold at the
+    /// latest). Several load generators started together can then be measured while all of
+    /// them hold, and released together.
+    #[arg(long, default_value_t = false)]
+    pub hold_until_signal: bool,
+
     /// Answer server pings with pongs, as browsers do. Off: the client reads and answers nothing.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub answer_pings: bool,

@@ -12,6 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context;
@@ -19,6 +20,7 @@ use eventrouter_contract::metrics as m;
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
+    signal::unix::{SignalKind, signal},
     task::JoinSet,
 };
 
@@ -65,6 +67,10 @@ pub struct IdleReport {
     pub failures: BTreeMap<String, u64>,
     pub first_failure: Option<String>,
     pub open_seconds: f64,
+    /// When opening started and ended, in seconds since the Unix epoch: the connect rate of
+    /// several load generators running at once is their total over the span of all of them.
+    pub open_started_unix_s: f64,
+    pub open_finished_unix_s: f64,
     pub snapshots: Vec<Snapshot>,
     /// (RSS after − RSS before) / established, from VmRSS.
     pub rss_per_connection_bytes: Option<f64>,
@@ -112,16 +118,24 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     if let Some(pid) = args.common.service_pid {
         procfs::process_memory(pid).with_context(|| format!("reading the RSS of pid {pid}"))?;
     }
+    // Listening from the start, so a signal sent once "holding" is printed is never missed.
+    let mut release = if args.hold_until_signal {
+        Some(signal(SignalKind::user_defined1()).context("listening for SIGUSR1")?)
+    } else {
+        None
+    };
     let mut snapshots = vec![snapshot(args, "before").await];
     eprintln!(
         "idle: opening {} connections to {} ({} at a time)",
         args.connections, args.common.addr, args.common.connect_concurrency
     );
     let pattern = args.pattern.clone();
+    let open_started = unix_seconds();
     let opened = open_subscribed(&args.common, args.connections, |i| {
         vec![pattern.replace("{i}", &i.to_string())]
     })
     .await;
+    let open_finished = unix_seconds();
     if let Some(first) = &opened.first_failure {
         eprintln!("  first failure: {first}");
     }
@@ -135,7 +149,21 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
 
     tokio::time::sleep(args.settle).await;
     snapshots.push(snapshot(args, "established").await);
-    if !args.hold.is_zero() {
+    if let Some(release) = release.as_mut() {
+        eprintln!("  holding {established} connections until SIGUSR1");
+        let limit = async {
+            if args.hold.is_zero() {
+                std::future::pending().await
+            } else {
+                tokio::time::sleep(args.hold).await;
+            }
+        };
+        tokio::select! {
+            _ = release.recv() => {}
+            () = limit => eprintln!("  no SIGUSR1 within {:?}; releasing", args.hold),
+        }
+        snapshots.push(snapshot(args, "after hold").await);
+    } else if !args.hold.is_zero() {
         eprintln!("  holding {established} connections for {:?}", args.hold);
         tokio::time::sleep(args.hold).await;
         snapshots.push(snapshot(args, "after hold").await);
@@ -160,6 +188,8 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
         failures: opened.failures,
         first_failure: opened.first_failure,
         open_seconds: opened.elapsed.as_secs_f64(),
+        open_started_unix_s: open_started,
+        open_finished_unix_s: open_finished,
         rss_per_connection_bytes: per_conn(&|s| s.service_memory.map(|m| m.vm_rss_kib * 1024)),
         rss_anon_per_connection_bytes: per_conn(&|s| {
             s.service_memory.map(|m| m.rss_anon_kib * 1024)
@@ -174,6 +204,13 @@ pub async fn run(args: &IdleArgs) -> anyhow::Result<IdleReport> {
         closed_by_server: stats.closed_by_server.load(Ordering::Relaxed),
         read_errors: stats.read_errors.load(Ordering::Relaxed),
     })
+}
+
+/// Now, in seconds since the Unix epoch.
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Holds one connection: reads everything, answers pings (if asked), nothing else.
