@@ -3,19 +3,28 @@
 # Builds the release binaries, starts a dedicated RabbitMQ node, runs `amqp_bench` against it and
 # stops the node, in up to two placements:
 #
-#   shared  the broker, the service and the bench process (publisher + receiver) share every CPU,
-#           as on a developer laptop: the ratio then also says how much CPU the service takes
-#           away from the broker;
-#   pinned  the broker on CPU 0, the service and the bench process on the other CPUs, as in a
-#           cluster where the broker has cores of its own: the ratio says whether the service
-#           keeps up with everything the broker can hand out (skipped on a 1-CPU machine).
+#   shared  the broker, the service, the bench process (publisher + receiver) and the receiver
+#           processes share every CPU, as on a developer laptop: the ratio then also says how
+#           much CPU the service takes away from the broker;
+#   pinned  the broker on CPU 0, the service, the bench process and the receiver processes on
+#           the other CPUs, as in a cluster where the broker has cores of its own: the ratio says
+#           whether the service keeps up with everything the broker can hand out (skipped on a
+#           1-CPU machine).
 #
 # Usage: tests/loadgen/amqp-bench.sh [shared|pinned|both]      (default: both)
 #
 # Knobs (environment variables, with defaults):
 #   RUNS=5                  throughput runs per receiver per placement (medians are reported)
 #   AMQP_PORT=5690 MGMT_PORT=15690   loopback ports of the dedicated RabbitMQ node
+#   RECEIVERS=bare,service  receivers run in turn in every round (`amqp_bench --receivers`):
+#                           bare, lapin-process, minimal-process, service; the *-process ones run
+#                           in a process of their own and report its CPU per event
+#   PERF_DIR=""             when set: one extra lapin-process run per placement under
+#                           `perf record -g`, written to PERF_DIR/lapin-PLACEMENT.perf.data
 #   BENCH_ARGS=""           extra amqp_bench flags (see `amqp_bench --help`)
+#
+# The lapin consumer, the minimal consumer and the service, with their CPU per event:
+#   RUNS=3 RECEIVERS=lapin-process,minimal-process,service tests/loadgen/amqp-bench.sh
 set -euo pipefail
 
 mode="${1:-both}"
@@ -25,6 +34,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUNS="${RUNS:-5}"
 AMQP_PORT="${AMQP_PORT:-5690}"
 MGMT_PORT="${MGMT_PORT:-15690}"
+RECEIVERS="${RECEIVERS:-bare,service}"
+PERF_DIR="${PERF_DIR:-}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 node=amqpbench
 rabbitmq="$root/tests/infra/rabbitmq.sh"
@@ -43,9 +54,14 @@ trap '"$rabbitmq" stop "$node" >/dev/null 2>&1 || true' EXIT
 run() {
   echo "=== placement: $1 (broker on CPUs $2, service and bench on CPUs $3, $cpus CPUs) ==="
   taskset -c "$2" "$rabbitmq" start "$node" "$AMQP_PORT" "$MGMT_PORT" >/dev/null
+  local perf=()
+  if [[ -n "$PERF_DIR" ]]; then
+    mkdir -p "$PERF_DIR"
+    perf=(--perf-record "$PERF_DIR/lapin-$1.perf.data")
+  fi
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   taskset -c "$3" "$bench_bin" --amqp-url "amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" \
-    --runs "$RUNS" $BENCH_ARGS
+    --runs "$RUNS" --receivers "$RECEIVERS" "${perf[@]}" $BENCH_ARGS
   "$rabbitmq" stop "$node" >/dev/null 2>&1
 }
 

@@ -1,6 +1,7 @@
-//! The workload's two ends: the publisher, and the two receivers that get the identical
-//! workload — a bare lapin consumer with the service's queue arguments, prefetch and ack policy,
-//! and a WebSocket client of the service.
+//! The workload's two ends: the publisher, and the receivers that get the identical workload — a
+//! bare lapin consumer with the service's queue arguments, prefetch and ack policy (run in this
+//! process or, through [`super::process`], in one of its own), and a WebSocket client of the
+//! service. The minimal consumer is in [`super::minimal`].
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use super::{
     ACK_IDLE, IDLE_END, QUEUE_MAX_LENGTH, QUEUE_TTL_MS, Received, body, now_micros, sent_micros,
 };
 
-fn queue_args() -> FieldTable {
+pub(super) fn queue_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-max-length".into(),

@@ -2,9 +2,16 @@
 //! [`eventrouter_loadgen::amqp_bench`] and `tests/loadgen/amqp-bench.sh`).
 
 use clap::Parser;
-use eventrouter_loadgen::amqp_bench::{Args, run};
+use eventrouter_loadgen::amqp_bench::{Args, ProcessKind, run, run_minimal};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    run(Args::parse()).await
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The minimal receiver process runs on its only thread, without an async runtime.
+    if args.receive == Some(ProcessKind::Minimal) {
+        return run_minimal(&args);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
