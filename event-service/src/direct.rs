@@ -145,27 +145,15 @@ const SMALL_SEND_BYTES: usize = 512;
 /// One non-blocking send of `a` then `b`; the bytes written (0 on any error).
 #[cfg(target_os = "linux")]
 fn send_parts(fd: RawFd, a: &[u8], b: &[u8]) -> usize {
-    if b.is_empty() || a.len() + b.len() <= SMALL_SEND_BYTES {
+    if b.is_empty() {
+        return send_one(fd, a);
+    }
+    let n = a.len() + b.len();
+    if n <= SMALL_SEND_BYTES {
         let mut small = [0u8; SMALL_SEND_BYTES];
-        let bytes = if b.is_empty() {
-            a
-        } else {
-            small[..a.len()].copy_from_slice(a);
-            small[a.len()..a.len() + b.len()].copy_from_slice(b);
-            &small[..a.len() + b.len()]
-        };
-        // SAFETY: `bytes` is valid for reads of its length for the call. The caller holds the
-        // connection's queue lock while its task is parked, so `fd` is that connection's open
-        // socket.
-        let rc = unsafe {
-            libc::send(
-                fd,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        return usize::try_from(rc).unwrap_or(0);
+        small[..a.len()].copy_from_slice(a);
+        small[a.len()..n].copy_from_slice(b);
+        return send_one(fd, &small[..n]);
     }
     let mut iov = [
         libc::iovec {
@@ -183,8 +171,24 @@ fn send_parts(fd: RawFd, a: &[u8], b: &[u8]) -> usize {
     let rc = unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = if b.is_empty() { 1 } else { 2 };
+        msg.msg_iovlen = 2;
         libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    usize::try_from(rc).unwrap_or(0)
+}
+
+/// One non-blocking `send` of `bytes`; the bytes written (0 on any error).
+#[cfg(target_os = "linux")]
+fn send_one(fd: RawFd, bytes: &[u8]) -> usize {
+    // SAFETY: `bytes` is valid for reads of its length for the call. The caller holds the
+    // connection's queue lock while its task is parked, so `fd` is that connection's open socket.
+    let rc = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     };
     usize::try_from(rc).unwrap_or(0)
 }

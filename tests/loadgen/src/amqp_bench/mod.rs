@@ -479,6 +479,15 @@ impl Bench<'_> {
                     .map(|(b, a)| (a.saturating_sub(b)).as_secs_f64() * 1e6 / n),
                 switches: sw0.zip(sw1).map(|(b, a)| a.saturating_sub(b) as f64 / n),
             };
+        let publish_all = || {
+            publish(
+                self.publish_channel,
+                self.exchange,
+                args.messages,
+                rate,
+                self.pad,
+            )
+        };
         let (got, published, cpu) = if let Some(kind) = receiver.process_kind() {
             let mut process =
                 ReceiverProcess::start(self.own_bin, kind, args, self.exchange, latency).await?;
@@ -492,14 +501,7 @@ impl Bench<'_> {
                 _ => None,
             };
             let before = usage(process.pid());
-            let published = publish(
-                self.publish_channel,
-                self.exchange,
-                args.messages,
-                rate,
-                self.pad,
-            )
-            .await?;
+            let published = publish_all().await?;
             let got = process.result().await?;
             let cpu = per_event(before, usage(process.pid()));
             if let Some(perf) = perf {
@@ -522,14 +524,7 @@ impl Bench<'_> {
                     task
                 }
             };
-            let published = publish(
-                self.publish_channel,
-                self.exchange,
-                args.messages,
-                rate,
-                self.pad,
-            )
-            .await?;
+            let published = publish_all().await?;
             let got = task.await.context("the receiver task")?;
             let cpu = match receiver {
                 Receiver::Service => per_event(before, usage(service_pid)),
